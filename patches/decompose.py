@@ -1,0 +1,211 @@
+"""Exact decomposition of the last position's residual stream and logits into components.
+
+The residual stream entering the final norm is a sum of writes:
+
+    x = embed + sum_l [ sum_h head_lh + attn_bias_l + mlp_l ]
+
+With the final norm's scale frozen at its value in the real forward pass, the norm is linear in x,
+so the logits split the same way, plus one constant term (norm bias and unembedding bias):
+
+    logits = sum_c  norm_lin(c) @ W_U.T  +  (b_norm @ W_U.T + b_U)
+
+`norm_lin` centres c (LayerNorm only), divides by the frozen scale and multiplies by the norm
+weight. The parts add up to the model's own logits to float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .components import ComponentMap
+
+CONSTANT = "bias"  # final-norm bias + unembedding bias: no component owns it
+
+
+@dataclass
+class Decomposition:
+    """Per-component writes at one position of each prompt (float32).
+
+    names[i] labels resid[:, i]: "embed", "L{l}H{h}", "L{l}attn_bias" (when the projection has a
+    bias), "L{l}MLP" (the MLP's whole output, bias included).
+    """
+
+    names: list[str]
+    resid: torch.Tensor  # [batch, components, d_model]
+    neuron_acts: dict[int, torch.Tensor]  # layer -> [batch, d_mlp], inputs to the MLP output projection
+    final_resid: torch.Tensor  # [batch, d_model], what enters the final norm
+    norm_scale: torch.Tensor  # [batch], the final norm's divisor, frozen
+    logits: torch.Tensor  # [batch, vocab], the model's own logits at the position
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+
+def last_positions(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (works for left and right padding)."""
+    if attention_mask is None:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(dim=1)
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    for name in ("eps", "variance_epsilon", "epsilon"):
+        if hasattr(norm, name):
+            return float(getattr(norm, name))
+    raise ValueError(f"cannot find the epsilon of {type(norm).__name__}")
+
+
+def frozen_norm_scale(cmap: ComponentMap, x: torch.Tensor) -> torch.Tensor:
+    """The divisor the final norm applies to x: std (LayerNorm) or RMS (RMSNorm)."""
+    eps = _norm_eps(cmap.final_norm())
+    if cmap.spec.norm == "layernorm":
+        return torch.sqrt(x.var(dim=-1, unbiased=False) + eps)
+    return torch.sqrt(x.pow(2).mean(dim=-1) + eps)
+
+
+def norm_linear(cmap: ComponentMap, contributions: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The final norm applied to parts of x with its scale frozen: linear, so parts still add up.
+
+    contributions: [batch, ..., d_model]; scale: [batch].
+    """
+    if cmap.spec.norm == "layernorm":
+        contributions = contributions - contributions.mean(dim=-1, keepdim=True)
+    shape = (-1,) + (1,) * (contributions.dim() - 1)
+    return contributions / scale.view(shape) * cmap.final_norm().weight.float()
+
+
+def constant_logits(cmap: ComponentMap) -> torch.Tensor:
+    """Logits no component owns: the final norm's bias through the unembedding, plus its bias. [vocab]"""
+    unembed = cmap.unembed()
+    out = torch.zeros(unembed.weight.shape[0], dtype=torch.float32, device=unembed.weight.device)
+    norm_bias = getattr(cmap.final_norm(), "bias", None)
+    if norm_bias is not None:
+        out = out + unembed.weight.float() @ norm_bias.float()
+    if getattr(unembed, "bias", None) is not None:
+        out = out + unembed.bias.float()
+    return out
+
+
+def readout(cmap: ComponentMap, scale: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Directions r such that a write c adds c @ r[b, k] to the logit of token_ids[b, k]. [batch, k, d]"""
+    rows = cmap.unembed().weight.float()[token_ids] * cmap.final_norm().weight.float()
+    if cmap.spec.norm == "layernorm":
+        rows = rows - rows.mean(dim=-1, keepdim=True)
+    return rows / scale.view(-1, *([1] * (rows.dim() - 1)))
+
+
+def mean_readout(cmap: ComponentMap, scale: torch.Tensor) -> torch.Tensor:
+    """The readout of the mean logit over the vocabulary. [batch, d]"""
+    mean_row = (cmap.unembed().weight.float().mean(dim=0) * cmap.final_norm().weight.float())
+    if cmap.spec.norm == "layernorm":
+        mean_row = mean_row - mean_row.mean()
+    return mean_row.unsqueeze(0) / scale.unsqueeze(1)
+
+
+@torch.no_grad()
+def decompose(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    cmap: ComponentMap | None = None,
+) -> Decomposition:
+    """Run the model once and split the last real position's residual stream into components."""
+    cmap = cmap or ComponentMap(model)
+    shape = cmap.shape
+    rows = torch.arange(input_ids.shape[0])
+    pos = last_positions(attention_mask, input_ids).to(input_ids.device)
+    batch, seq = input_ids.shape
+
+    def at_pos(t: torch.Tensor) -> torch.Tensor:
+        # Some blocks (OPT's MLP) flatten batch and sequence; restore them before picking positions.
+        return t.reshape(batch, seq, -1)[rows, pos].float()
+
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+    hooks.append(cmap.block(0).register_forward_pre_hook(
+        lambda _m, args, kwargs: captured.__setitem__("embed", at_pos(first_arg(args, kwargs))),
+        with_kwargs=True,
+    ))
+    hooks.append(cmap.final_norm().register_forward_pre_hook(
+        lambda _m, args: captured.__setitem__("final", at_pos(args[0]))
+    ))
+    for layer in range(shape.num_layers):
+        hooks.append(cmap.attn_out(layer).register_forward_pre_hook(
+            lambda _m, args, layer=layer: captured.__setitem__(f"z{layer}", at_pos(args[0]))
+        ))
+
+        def mlp_hook(_m: nn.Module, args: tuple, output: torch.Tensor, layer: int = layer) -> None:
+            captured[f"act{layer}"] = at_pos(args[0])
+            captured[f"mlp{layer}"] = at_pos(output)
+
+        hooks.append(cmap.mlp_out(layer).register_forward_hook(mlp_hook))
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    names = ["embed"]
+    parts = [captured["embed"]]
+    d = shape.head_dim
+    for layer in range(shape.num_layers):
+        proj = cmap.attn_out(layer)
+        w_o = cmap.output_weight(proj).float()  # [d_model, heads * d]
+        z = captured[f"z{layer}"].view(-1, shape.num_heads, d)
+        heads = torch.einsum("bhd,mhd->bhm", z, w_o.view(w_o.shape[0], shape.num_heads, d))
+        names += cmap.heads(layer)
+        parts += list(heads.unbind(dim=1))
+        if getattr(proj, "bias", None) is not None:
+            names.append(f"L{layer}attn_bias")
+            parts.append(proj.bias.float().expand_as(parts[0]))
+        names.append(f"L{layer}MLP")
+        parts.append(captured[f"mlp{layer}"])
+
+    final = captured["final"]
+    return Decomposition(
+        names=names,
+        resid=torch.stack(parts, dim=1),
+        neuron_acts={layer: captured[f"act{layer}"] for layer in range(shape.num_layers)},
+        final_resid=final,
+        norm_scale=frozen_norm_scale(cmap, final),
+        logits=at_pos(out.logits),
+    )
+
+
+def component_logits(dec: Decomposition, cmap: ComponentMap) -> torch.Tensor:
+    """Every component's logits plus the constant term last. [batch, components + 1, vocab]
+
+    Summing over dim 1 gives the model's logits. Memory is components x vocab per prompt: for large
+    models use `direct_logit_attribution` on the tokens of interest instead.
+    """
+    w_u = cmap.unembed().weight.float()
+    per_component = norm_linear(cmap, dec.resid, dec.norm_scale) @ w_u.T
+    constant = constant_logits(cmap).expand(per_component.shape[0], 1, -1)
+    return torch.cat([per_component, constant], dim=1)
+
+
+def direct_logit_attribution(dec: Decomposition, cmap: ComponentMap, token_ids: torch.Tensor) -> torch.Tensor:
+    """Each component's push on token_ids[b] against the mean logit. [batch, components]"""
+    direction = readout(cmap, dec.norm_scale, token_ids.view(-1, 1))[:, 0] - mean_readout(cmap, dec.norm_scale)
+    return torch.einsum("bcd,bd->bc", dec.resid, direction)
+
+
+def neuron_attribution(
+    dec: Decomposition, cmap: ComponentMap, layer: int, token_ids: torch.Tensor
+) -> torch.Tensor:
+    """Each neuron of layer's MLP: its push on token_ids[b] against the mean logit. [batch, d_mlp]
+
+    Neuron n writes act_n * W_out[:, n]; its logit effect is that write read out through the frozen
+    norm. The MLP's bias is not a neuron's, so neurons sum to the MLP's output minus its bias.
+    """
+    direction = readout(cmap, dec.norm_scale, token_ids.view(-1, 1))[:, 0] - mean_readout(cmap, dec.norm_scale)
+    w_out = cmap.output_weight(cmap.mlp_out(layer)).float()  # [d_model, d_mlp]
+    return dec.neuron_acts[layer] * (direction @ w_out)

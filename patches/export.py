@@ -1,0 +1,188 @@
+"""Exporting a patch: a merged checkpoint, or a PEFT LoRA adapter that vLLM serves beside the base.
+
+Both read the base checkpoint from disk without loading the model: the fingerprint is checked on the
+tensors the patch touches, and the merged export rewrites only the shards that hold them, one shard
+at a time, so peak memory is one shard, not the model.
+
+LoRA: for a projection y = W x, a gain g on input features S is W' = W + W[:, S] (g - 1) E_S, where
+E_S selects S. That is a LoRA update B A with A = E_S (one-hot rows) and B = W[:, S] (g - 1),
+rank |S| = edited heads x head dim + edited neurons. With lora_alpha = r the scaling is 1.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+
+from .apply import TensorEdit, check_patch, scale_
+from .components import Component, ComponentMap
+from .io import PICKLE_SUFFIXES, atomic_directory, checkpoint_key, resolve_model_dir, safetensors_index
+from .patch import Patch, PatchError
+
+MAX_LORA_RANK = 512  # the largest rank vLLM accepts (max_lora_rank choices: 1, 8, ..., 320, 512)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+PATCH_FILE = "recallfix_patch.json"
+
+
+class LoraUnsupportedError(PatchError):
+    """LoRA cannot express this patch exactly (or vLLM cannot serve it): use the merged export."""
+
+
+class _Checkpoint:
+    """Lazy, read-only access to a safetensors checkpoint's tensors by model parameter name."""
+
+    def __init__(self, model_dir: Path, trust_remote_code: bool = False) -> None:
+        self.dir = model_dir
+        self.config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.cmap = ComponentMap.from_config(self.config)
+        self.index = safetensors_index(model_dir)
+
+    def key(self, name: str) -> str:
+        return checkpoint_key(name, self.index)
+
+    def has(self, name: str) -> bool:
+        try:
+            self.key(name)
+        except KeyError:
+            return False
+        return True
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self.key(name)
+        with safe_open(str(self.dir / self.index[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def check(self, patch: Patch) -> list[TensorEdit]:
+        try:
+            return check_patch(patch, self.cmap, self.get, self.has)
+        except PatchError:
+            raise
+        except ValueError as err:
+            raise PatchError(str(err)) from None
+
+
+def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
+    """Config, tokenizer, generation config, model card: everything but weights and pickles."""
+    for path in src.iterdir():
+        if path.name in skip or path.suffix in PICKLE_SUFFIXES or path.name.startswith("."):
+            continue
+        if path.is_file():
+            shutil.copy2(path, dst / path.name)
+
+
+def export_merged(model_dir: str | Path, patch: Patch, out: str | Path, *, overwrite: bool = False,
+                  trust_remote_code: bool = False) -> Path:
+    """Write a complete checkpoint with the patch folded into the weights. Atomic."""
+    ckpt = _Checkpoint(resolve_model_dir(model_dir), trust_remote_code)
+    edits = ckpt.check(patch)
+    by_shard: dict[str, list[TensorEdit]] = defaultdict(list)
+    for edit in edits:
+        by_shard[ckpt.index[ckpt.key(edit.tensor)]].append(edit)
+    shards = sorted(set(ckpt.index.values()))
+    with atomic_directory(Path(out), overwrite=overwrite) as tmp:
+        _copy_side_files(ckpt.dir, tmp, skip=set(shards))
+        for shard in shards:
+            if shard not in by_shard:
+                shutil.copy2(ckpt.dir / shard, tmp / shard)
+                continue
+            with safe_open(str(ckpt.dir / shard), framework="pt") as f:
+                metadata = f.metadata() or {}
+            tensors = load_file(ckpt.dir / shard)
+            for edit in by_shard[shard]:
+                scale_(tensors[ckpt.key(edit.tensor)], edit.index, edit.gain)
+            save_file(tensors, tmp / shard, metadata={"format": "pt", **metadata})
+            del tensors
+        (tmp / PATCH_FILE).write_text(patch.model_dump_json(indent=2) + "\n")
+    return Path(out)
+
+
+def lora_rank(cmap: ComponentMap, components: list[Component]) -> int:
+    """Rank of the exact adapter: edited heads x head dim + edited neurons (+ the smaller side of each
+    whole-MLP matrix). Every module is padded to it, so the adapter has one r."""
+    whole_mlp = min(cmap.shape.hidden_size, cmap.shape.intermediate_size)
+    sizes = {"head": cmap.shape.head_dim, "neuron": 1, "mlp": whole_mlp}
+    return sum(sizes[c.kind] for c in components)
+
+
+def lora_refusal(cmap: ComponentMap, patch: Patch, has_tensor) -> str | None:  # noqa: ANN001
+    """Why LoRA cannot carry this patch exactly, or None when it can."""
+    if not cmap.spec.lora_in_vllm:
+        return f"vLLM cannot serve LoRA adapters on {cmap.architecture}"
+    for c in patch.components:
+        if c.kind == "mlp" and has_tensor(f"{cmap.module_name(c)}.bias"):
+            return f"{c} scales the MLP output bias, and LoRA cannot change a bias"
+    rank = lora_rank(cmap, patch.components)
+    if rank > MAX_LORA_RANK:
+        return f"the exact adapter needs rank {rank}, above vLLM's maximum {MAX_LORA_RANK}"
+    return None
+
+
+def _lora_factors(
+    cmap: ComponentMap, weight: torch.Tensor, edits: list[TensorEdit]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [r, in] and B [out, r] with B @ A = W' - W for the edits of one projection."""
+    w = weight.float().T if cmap.spec.layout == "conv1d" else weight.float()  # [out, in]
+    a_rows, b_cols = [], []
+    for edit in edits:
+        if edit.component.kind == "mlp" and w.shape[0] < w.shape[1]:
+            # Whole matrix, rank = out: A carries the matrix, B is the identity.
+            a_rows.append(w * (edit.gain - 1.0))
+            b_cols.append(torch.eye(w.shape[0]))
+            continue
+        cols = torch.arange(w.shape[1])[cmap.input_slice(edit.component)]
+        a_rows.append(torch.nn.functional.one_hot(cols, w.shape[1]).float())
+        b_cols.append(w[:, cols] * (edit.gain - 1.0))
+    return torch.cat(a_rows, dim=0), torch.cat(b_cols, dim=1)
+
+
+def export_lora(model_dir: str | Path, patch: Patch, out: str | Path, *, overwrite: bool = False,
+                trust_remote_code: bool = False) -> Path:
+    """Write a PEFT LoRA adapter holding only the edited projections. Atomic.
+
+    Every module is padded to the adapter's rank r (zero rows/columns), so one `r` and
+    `lora_alpha = r` (scaling exactly 1) describe the whole adapter for PEFT and vLLM alike.
+    """
+    model_dir = resolve_model_dir(model_dir)
+    ckpt = _Checkpoint(model_dir, trust_remote_code)
+    edits = ckpt.check(patch)
+    reason = lora_refusal(ckpt.cmap, patch, ckpt.has)
+    if reason:
+        raise LoraUnsupportedError(f"cannot export as LoRA: {reason}; use --format merged")
+    weight_edits: dict[str, list[TensorEdit]] = defaultdict(list)
+    for edit in edits:
+        if edit.tensor.endswith(".weight"):
+            weight_edits[edit.tensor.removesuffix(".weight")].append(edit)
+    factors = {m: _lora_factors(ckpt.cmap, ckpt.get(f"{m}.weight"), e) for m, e in weight_edits.items()}
+    rank = lora_rank(ckpt.cmap, patch.components)
+    tensors = {}
+    for module, (a, b) in factors.items():
+        pad = rank - a.shape[0]
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.nn.functional.pad(a, (0, 0, 0, pad)).contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.nn.functional.pad(b, (0, pad)).contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(model_dir.resolve()),
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "target_modules": sorted(factors),
+    }
+    with atomic_directory(Path(out), overwrite=overwrite) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / PATCH_FILE).write_text(patch.model_dump_json(indent=2) + "\n")
+    return Path(out)

@@ -1,0 +1,65 @@
+"""The exact decomposition adds up to the model's own logits, for every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import ARCHITECTURES, PROMPTS, build_model
+
+from recallfix.patches import ComponentMap, decompose, direct_logit_attribution, neuron_attribution
+from recallfix.patches.decompose import component_logits
+
+
+@pytest.fixture(params=ARCHITECTURES, scope="module")
+def decomposed(request: pytest.FixtureRequest):
+    model, tokenizer = build_model(request.param)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    cmap = ComponentMap(model)
+    return model, batch, cmap, decompose(model, batch.input_ids, batch.attention_mask, cmap)
+
+
+def test_components_sum_to_residual_and_logits(decomposed) -> None:
+    model, batch, cmap, dec = decomposed
+    with torch.no_grad():
+        logits = model(**batch).logits[:, -1].float()
+    assert torch.allclose(dec.logits, logits)
+    assert (dec.resid.sum(dim=1) - dec.final_resid).abs().max() < 1e-4
+    assert (component_logits(dec, cmap).sum(dim=1) - logits).abs().max() < 1e-4
+
+
+def test_names_cover_every_head_and_mlp(decomposed) -> None:
+    _, _, cmap, dec = decomposed
+    shape = cmap.shape
+    assert dec.names[0] == "embed"
+    for layer in range(shape.num_layers):
+        assert all(f"L{layer}H{h}" in dec.names for h in range(shape.num_heads))
+        assert f"L{layer}MLP" in dec.names
+    assert len(dec.names) == len(set(dec.names)) == dec.resid.shape[1]
+
+
+def test_neurons_sum_to_mlp_minus_bias(decomposed) -> None:
+    _, _, cmap, dec = decomposed
+    layer = cmap.shape.num_layers - 1
+    target = dec.logits.argmax(dim=-1)
+    per_component = direct_logit_attribution(dec, cmap, target)
+    neurons = neuron_attribution(dec, cmap, layer, target)
+    mlp = per_component[:, dec.index(f"L{layer}MLP")]
+    bias = cmap.mlp_out(layer).bias
+    if bias is not None:  # the bias is the MLP's, not any neuron's
+        single = type(dec)(names=["b"], resid=bias.float().expand(len(target), 1, -1), neuron_acts={},
+                           final_resid=dec.final_resid, norm_scale=dec.norm_scale, logits=dec.logits)
+        mlp = mlp - direct_logit_attribution(single, cmap, target)[:, 0]
+    assert torch.allclose(neurons.sum(dim=-1), mlp, atol=1e-4)
+
+
+def test_attribution_matches_logit_difference(decomposed) -> None:
+    """DLA against the mean logit, summed over components, is the logit minus the mean logit
+    (up to the constant term, which no component owns)."""
+    _, _, cmap, dec = decomposed
+    target = dec.logits.argmax(dim=-1)
+    total = direct_logit_attribution(dec, cmap, target).sum(dim=-1)
+    parts = component_logits(dec, cmap)
+    constant = parts[:, -1]
+    expected = (dec.logits - constant).gather(1, target[:, None])[:, 0] - (dec.logits - constant).mean(dim=-1)
+    assert torch.allclose(total, expected, atol=1e-4)

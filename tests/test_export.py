@@ -1,0 +1,170 @@
+"""In memory, merged checkpoint and PEFT LoRA adapter: three ways to apply a patch, all equal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from tiny import ARCHITECTURES, PROMPTS
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from recallfix.patches import FingerprintMismatchError, Patch, apply_patch, make_patch
+from recallfix.patches.export import LoraUnsupportedError, export_lora, export_merged
+
+LORA_ARCHS = ["opt", "llama", "mistral", "qwen2", "qwen3"]
+EDITS = {"L1H0": 0.5, "L1H1": 1.5, "L1N3": 1.7, "L0N5": 0.2}
+
+
+def load(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, tokenizer) -> torch.Tensor:  # noqa: ANN001
+    tokenizer.padding_side = "left"
+    return model(**tokenizer(PROMPTS, return_tensors="pt", padding=True)).logits.float()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_in_memory_merged_and_lora_agree(arch: str, tiny_dirs, tmp_path) -> None:
+    base_dir = tiny_dirs[arch]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = load(base_dir)
+    patch = make_patch(model, EDITS)
+    base = logits(model, tokenizer)
+    with apply_patch(model, patch):
+        in_memory = logits(model, tokenizer)
+    assert (in_memory - base).abs().max() > 1e-2, "the patch should change the logits"
+
+    merged = logits(load(export_merged(base_dir, patch, tmp_path / "merged")), tokenizer)
+    assert (merged - in_memory).abs().max() <= 1e-5
+
+    if arch in LORA_ARCHS:
+        adapter = export_lora(base_dir, patch, tmp_path / "lora")
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        head_dim = model.config.hidden_size // model.config.num_attention_heads
+        assert config["r"] == config["lora_alpha"] == 2 * head_dim + 2
+        with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
+            modules = {k.split(".lora_")[0] for k in f.keys()}  # noqa: SIM118
+        assert len(modules) == 3, "only the edited projections of the edited layers"
+        peft_model = PeftModel.from_pretrained(load(base_dir), adapter).eval()
+        assert (logits(peft_model, tokenizer) - in_memory).abs().max() <= 1e-5
+    else:
+        with pytest.raises(LoraUnsupportedError, match=f"vLLM cannot serve LoRA adapters on {arch}.*merged"):
+            export_lora(base_dir, patch, tmp_path / "lora")
+        assert not (tmp_path / "lora").exists()
+
+
+def test_lora_refuses_a_whole_mlp_gain_on_a_biased_projection(tiny_dirs, tmp_path) -> None:
+    patch = make_patch(load(tiny_dirs["opt"]), {"L1MLP": 0.8})
+    with pytest.raises(LoraUnsupportedError, match="L1MLP scales the MLP output bias.*use --format merged"):
+        export_lora(tiny_dirs["opt"], patch, tmp_path / "lora")
+
+
+def test_lora_carries_a_whole_mlp_gain_without_bias(tiny_dirs, tmp_path) -> None:
+    base_dir = tiny_dirs["qwen3"]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = load(base_dir)
+    patch = make_patch(model, {"L1MLP": 0.7})
+    with apply_patch(model, patch):
+        in_memory = logits(model, tokenizer)
+    peft_model = PeftModel.from_pretrained(load(base_dir), export_lora(base_dir, patch, tmp_path / "lora")).eval()
+    assert (logits(peft_model, tokenizer) - in_memory).abs().max() <= 1e-5
+
+
+def test_lora_refuses_rank_above_512(tiny_dirs, tmp_path) -> None:
+    patch = make_patch(load(tiny_dirs["llama"]), {f"L1N{n}": 1.1 for n in range(256)} |
+                       {f"L0N{n}": 1.1 for n in range(256)} | {"L1H0": 0.9})
+    with pytest.raises(LoraUnsupportedError, match="rank 544, above vLLM's maximum 512"):
+        export_lora(tiny_dirs["llama"], patch, tmp_path / "lora")
+
+
+def test_merged_export_rewrites_only_shards_it_touches(tiny_dirs, tmp_path) -> None:
+    base_dir = tiny_dirs["llama"]
+    index = json.loads((base_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    patch = make_patch(load(base_dir), {"L1H2": 0.5})
+    out = export_merged(base_dir, patch, tmp_path / "merged")
+    touched = index["model.layers.1.self_attn.o_proj.weight"]
+    shards = sorted(set(index.values()))
+    assert len(shards) > 2
+    for shard in shards:
+        same = (base_dir / shard).read_bytes() == (out / shard).read_bytes()
+        assert same == (shard != touched), shard
+    assert Patch.load(out / "recallfix_patch.json") == patch
+    assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
+
+
+def test_refused_export_writes_nothing(tiny_dirs, tmp_path) -> None:
+    patch = make_patch(load(tiny_dirs["llama"]), {"L1H2": 0.5})
+    for fmt, export in (("merged", export_merged), ("lora", export_lora)):
+        with pytest.raises(FingerprintMismatchError):
+            export(tiny_dirs["mistral"], patch, tmp_path / fmt)  # same shapes, other weights
+        assert list(tmp_path.iterdir()) == [], "no output and no leftover temp directory"
+
+
+def test_export_will_not_overwrite_without_force(tiny_dirs, tmp_path) -> None:
+    patch = make_patch(load(tiny_dirs["gpt2"]), {"L0H1": 0.5})
+    out = export_merged(tiny_dirs["gpt2"], patch, tmp_path / "merged")
+    with pytest.raises(FileExistsError, match="--force"):
+        export_merged(tiny_dirs["gpt2"], patch, out)
+    export_merged(tiny_dirs["gpt2"], patch, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    from recallfix.patches.io import safetensors_index
+
+    with pytest.raises(ValueError, match="safetensors only"):
+        safetensors_index(tmp_path)
+
+
+def recallfix(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "recallfix.patches.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_new_inspect_export_and_apply_check(tiny_dirs, tmp_path) -> None:
+    model = tiny_dirs["llama"]
+    patch_file = tmp_path / "p.json"
+    done = recallfix("patch", "new", "--model", model, "--edit", "L1H0=0.5", "--edit", "L1N7=1.3",
+                     "--out", patch_file)
+    assert done.returncode == 0, done.stderr
+    assert [e.component for e in Patch.load(patch_file).edits] == ["L1H0", "L1N7"]
+
+    done = recallfix("patch", "inspect", patch_file, "--model", model)
+    assert done.returncode == 0 and "L1N7" in done.stdout and "LoRA export: yes" in done.stdout
+
+    done = recallfix("patch", "apply-check", "--model", model, "--patch", patch_file)
+    assert done.returncode == 0, done.stderr
+    diffs = {line.split(" max")[0].strip(): float(line.rsplit("=", 1)[1])
+             for line in done.stdout.splitlines() if "max |logit diff|" in line}
+    assert diffs["merged vs in-memory"] <= 1e-5 and diffs["lora vs in-memory"] <= 1e-5
+    assert diffs["in-memory vs base"] > 1e-3
+
+    done = recallfix("patch", "export", "--model", model, "--patch", patch_file, "--format", "lora",
+                     "--out", tmp_path / "lora")
+    assert done.returncode == 0 and (tmp_path / "lora" / "adapter_model.safetensors").exists()
+
+
+def test_cli_refusals_exit_nonzero_with_one_clear_line(tiny_dirs, tmp_path) -> None:
+    patch_file = tmp_path / "p.json"
+    assert recallfix("patch", "new", "--model", tiny_dirs["llama"], "--edit", "L1H0=0.5",
+                     "--out", patch_file).returncode == 0
+    done = recallfix("patch", "apply-check", "--model", tiny_dirs["gpt2"], "--patch", patch_file)
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("model.architecture: the patch was made for 'llama', this model has 'gpt2'")
+    assert "Traceback" not in done.stderr
+
+    done = recallfix("patch", "new", "--model", tiny_dirs["llama"], "--edit", "L1H0=nan", "--out", patch_file)
+    assert done.returncode == 2 and "gain must be finite" in done.stderr
+
+    done = recallfix("patch", "export", "--model", tiny_dirs["gpt2"], "--patch", patch_file, "--out", tmp_path / "x")
+    assert done.returncode == 2 and "model.architecture" in done.stderr and not (tmp_path / "x").exists()

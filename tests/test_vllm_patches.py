@@ -1,0 +1,79 @@
+"""A real vLLM engine (CPU build) serves what the exporters write, and agrees with Hugging Face.
+
+vLLM runs in a subprocess (tests/vllm_runner.py) because its engine core is spawned from __main__.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tiny import PROMPTS
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from recallfix.patches import apply_patch, make_patch
+from recallfix.patches.export import export_lora, export_merged
+
+RUNNER = Path(__file__).with_name("vllm_runner.py")
+TOLERANCE = 1e-3
+
+
+def run_vllm(model: Path, out: Path, loras: dict[str, Path] | None = None) -> dict:
+    cmd = [sys.executable, str(RUNNER), "--model", str(model), "--out", str(out)]
+    for name, path in (loras or {}).items():
+        cmd += ["--lora", f"{name}={path}"]
+    for prompt in PROMPTS:
+        cmd += ["--prompt", prompt]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+@torch.no_grad()
+def assert_matches_hf(results: list[dict], model: torch.nn.Module, tokenizer) -> None:  # noqa: ANN001
+    """Greedy tokens and top-k logprobs at every generated step equal HF's, teacher-forced."""
+    for result in results:
+        ids = tokenizer(result["prompt"], return_tensors="pt").input_ids[0].tolist()
+        for step in result["steps"]:
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+            top = {int(t): lp for t, lp in step["top"].items()}
+            assert set(top) == set(logprobs.topk(len(top)).indices.tolist())
+            assert step["token"] == int(logprobs.argmax())
+            for token, lp in top.items():
+                assert abs(lp - float(logprobs[token])) <= TOLERANCE, (result["prompt"], token)
+            ids.append(step["token"])
+
+
+def top_first_step(results: list[dict]) -> list[dict[str, float]]:
+    return [r["steps"][0]["top"] for r in results]
+
+
+def test_one_engine_serves_llama_base_and_lora_adapter(tiny_dirs, tmp_path) -> None:
+    base_dir = tiny_dirs["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    patch = make_patch(model, {"L1H0": 0.3, "L1H3": 1.8, "L1N5": 2.5})
+    adapter = export_lora(base_dir, patch, tmp_path / "adapter")
+
+    results = run_vllm(base_dir, tmp_path / "out.json", loras={"patched": adapter})
+    assert_matches_hf(results["base"], model, tokenizer)
+    with apply_patch(model, patch):
+        assert_matches_hf(results["patched"], model, tokenizer)
+    assert top_first_step(results["base"]) != top_first_step(results["patched"]), "adapter had no effect"
+
+
+def test_vllm_serves_a_gpt2_merged_export(tiny_dirs, tmp_path) -> None:
+    base_dir = tiny_dirs["gpt2"]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    patch = make_patch(model, {"L1H1": 0.2, "L1MLP": 1.4})
+    merged = export_merged(base_dir, patch, tmp_path / "merged")
+
+    results = run_vllm(merged, tmp_path / "out.json")
+    with apply_patch(model, patch):
+        assert_matches_hf(results["base"], model, tokenizer)
