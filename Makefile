@@ -55,7 +55,7 @@ demo: $(STAMP)
 	@exit 1
 
 bench: $(STAMP)
-	@echo "no benchmarks yet"
+	$(PY) bench/bench_export.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

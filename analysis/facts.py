@@ -81,7 +81,7 @@ class Fact:
 
 def shipped_facts_dir() -> Path:
     """The folder of the facts set shipped with the package (package data ``facts/*.json``)."""
-    return Path(__file__).resolve().parent / "facts"
+    return Path(__file__).resolve().parent / "data" / "facts"
 
 
 def load_shipped_facts() -> list[Fact]:

@@ -37,12 +37,12 @@ def _parse_edit(text: str) -> tuple[str, float]:
 
 def cmd_new(args: argparse.Namespace) -> int:
     from .apply import make_patch
-    from .io import load_causal_lm
+    from .io import load_model
 
     gains = dict(args.edit)
     if len(gains) != len(args.edit):
         raise ValueError("--edit: a component is given twice")
-    model, _ = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
     command = "recallfix " + shlex.join(sys.argv[1:])
     patch = make_patch(model, gains, command=command)
     patch.save(args.out)
@@ -96,7 +96,7 @@ def cmd_apply_check(args: argparse.Namespace) -> int:
 
     from .apply import apply_patch
     from .export import LoraUnsupportedError, export_lora, export_merged
-    from .io import load_causal_lm
+    from .io import load_causal_lm, load_model
     from .patch import Patch
 
     patch = Patch.load(args.patch)
@@ -113,14 +113,14 @@ def cmd_apply_check(args: argparse.Namespace) -> int:
     results = {"in-memory vs base": _max_diff(in_memory, base)}
     with tempfile.TemporaryDirectory() as tmp:
         merged_dir = export_merged(args.model, patch, Path(tmp) / "merged")
-        merged, _ = load_causal_lm(merged_dir)
+        merged = load_model(merged_dir)
         results["merged vs in-memory"] = _max_diff(logits(merged), in_memory)
         del merged
         try:
             from peft import PeftModel
 
             adapter = export_lora(args.model, patch, Path(tmp) / "lora")
-            peft_model = PeftModel.from_pretrained(load_causal_lm(args.model)[0], adapter).eval()
+            peft_model = PeftModel.from_pretrained(load_model(args.model), adapter).eval()
             results["lora vs in-memory"] = _max_diff(logits(peft_model), in_memory)
         except LoraUnsupportedError as err:
             print(f"lora: not available ({err})")

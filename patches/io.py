@@ -100,15 +100,23 @@ def checkpoint_key(param_name: str, index: dict[str, str]) -> str:
     raise KeyError(f"tensor {param_name} is not in the checkpoint")
 
 
+def load_model(
+    model: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False
+) -> torch.nn.Module:
+    """Load a Hugging Face causal LM from safetensors only, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(
+        resolve_model_dir(model), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    return lm.to(device).eval()
+
+
 def load_causal_lm(
     model: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False
 ) -> tuple[torch.nn.Module, object]:
-    """Load a Hugging Face causal LM and tokenizer from safetensors only, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a Hugging Face causal LM and its tokenizer (see `load_model`)."""
+    from transformers import AutoTokenizer
 
-    model_dir = resolve_model_dir(model)
-    lm = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    ).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    return lm.eval(), tokenizer
+    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return lm, AutoTokenizer.from_pretrained(resolve_model_dir(model), trust_remote_code=trust_remote_code)

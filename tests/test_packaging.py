@@ -1,0 +1,33 @@
+"""A normal (non-editable) install ships every module and data file of the three code folders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = {"patches": "recallfix/patches", "analysis": "recallfix/analysis", "server": "recallfix/server"}
+
+
+def test_wheel_contains_every_module_and_data_file(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT),
+         "-w", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("recallfix-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    expected = {
+        f"{package}/{path.relative_to(ROOT / folder).as_posix()}"
+        for folder, package in FOLDERS.items()
+        for pattern in ("*.py", "*.json")
+        for path in (ROOT / folder).rglob(pattern)
+        if "__pycache__" not in path.parts
+    }
+    assert expected - shipped == set()
+    entry_points = next(n for n in shipped if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "recallfix = recallfix.patches.cli:main" in text
