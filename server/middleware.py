@@ -1,0 +1,123 @@
+"""Admission, before any route runs: request id, API key, engine readiness, the concurrency limit,
+the request metrics of whatever comes out, and the catch-all for unexpected errors.
+
+A pure ASGI middleware (not Starlette's BaseHTTPMiddleware) so it sees a streamed reply to its end:
+a streaming request holds its concurrency slot, and is timed, until its last byte. The catch-all lives
+here rather than in an app exception handler so that a 500 also carries the request id, is counted,
+and is logged once (Starlette's own handler re-raises, and the server logs the trace a second time).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ApiError, internal_error, too_many_requests, unauthorized, unavailable
+from .metrics import NO_VARIANT, Metrics
+
+log = logging.getLogger(__name__)
+
+VARIANT_HEADER = "x-recallfix-variant"  # on every reply a variant was chosen for
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes need no key
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})  # count against --max-concurrency
+API_PATHS = frozenset({
+    "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/tokenizer_info",
+    "/v1/load_patch", "/v1/feedback",
+})
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def variant_of(scope: Scope) -> str:
+    """The variant a route recorded for this request (`request.state.variant`), if it chose one."""
+    return scope.get("state", {}).get("variant", NO_VARIANT)
+
+
+class Admission:
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_concurrency: int, metrics: Metrics,
+                 ready: Callable[[], bool]) -> None:
+        self.app = app
+        self._key = api_key.encode() if api_key else None
+        self._limit = max_concurrency
+        self._metrics = metrics
+        self._ready = ready
+        self._in_flight = 0
+        self._gauge = metrics.in_flight.labels(metrics.model)
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self._key is None:
+            return True
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                # compare_digest: the time taken does not reveal how much of the key matched.
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        request_id = next((v.decode() for k, v in scope["headers"] if k == b"x-request-id"), "")
+        if not REQUEST_ID.match(request_id):
+            request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status, status_sent = 500, False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, status_sent
+            if message["type"] == "http.response.start":
+                status, status_sent = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self._admit(path, scope, receive, send_with_id)
+        except Exception:
+            log.exception("request %s failed", request_id)
+            if status_sent:  # mid-stream: too late for an error reply; the connection just ends
+                raise
+            variant = variant_of(scope)
+            headers = {VARIANT_HEADER: variant} if variant != NO_VARIANT else {}
+            await internal_error(request_id).response(headers)(scope, receive, send_with_id)
+        finally:
+            if path not in OPEN_PATHS:
+                endpoint = path if path in API_PATHS else "other"  # unknown paths: one label value, bounded
+                self._metrics.observe_request(variant_of(scope), endpoint, status, time.perf_counter() - started)
+
+    async def _admit(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if path in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if not self._authorized(scope):
+            await self._refuse(unauthorized(), scope, receive, send)
+            return
+        if path in API_PATHS and not self._ready():
+            await self._refuse(unavailable("the engine is not ready (starting, or down); retry shortly"),
+                               scope, receive, send)
+            return
+        if path not in GENERATION_PATHS:
+            await self.app(scope, receive, send)
+            return
+        # No await between the check and the increment: the event loop cannot interleave another request.
+        if self._in_flight >= self._limit:
+            await self._refuse(too_many_requests(self._limit), scope, receive, send)
+            return
+        self._in_flight += 1
+        self._gauge.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._in_flight -= 1
+            self._gauge.dec()
+
+    @staticmethod
+    async def _refuse(error: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
+        await error.response()(scope, receive, send)
