@@ -49,10 +49,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Demo model (trained here, cached in .cache/demo-model) -> analysis -> learned patch -> report.
 demo: $(STAMP)
-	@echo "make demo: the end-to-end demo (demo model -> analysis -> patch -> report) arrives with issue 3."
-	@echo "Until then, try: $(VENV)/bin/recallfix patch --help"
-	@exit 1
+	$(VENV)/bin/recallfix demo --out runs/demo --force
+	@echo
+	@echo "Serve it, base and patched side by side (OpenAI API on 127.0.0.1:8000):"
+	@echo "  $(VENV)/bin/recallfix serve --model .cache/demo-model --patch runs/demo/patch.json --served-model-name demo"
 
 bench: $(STAMP)
 	$(PY) bench/bench_export.py

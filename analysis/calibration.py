@@ -1,0 +1,228 @@
+"""Calibration metrics, a cluster bootstrap for their intervals, and temperature scaling.
+
+Per prompt: confidence c = max_k p_k, correct y = [argmax = answer], p_a = p(answer).
+
+    accuracy    mean y
+    ECE         sum_b (n_b / N) |mean_b y - mean_b c|   over 15 equal-width bins of c, or 15 equal-mass bins
+    Brier       mean sum_k (p_k - 1[k = a])^2           (multi-class, over the whole vocabulary)
+    NLL         mean -log p_a
+    AUROC       P(c of a correct prompt > c of a wrong one), ties count 1/2 (Mann-Whitney)
+
+Intervals: percentile bootstrap resampling *subjects* (all prompts of one subject together, since the
+templates of one fact are not independent), the same resamples for every model so that differences
+are paired. Temperature scaling divides the logits by T fitted (NLL, Newton on 1/T) on the train split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+N_BINS = 15
+
+
+@dataclass
+class Outcomes:
+    """Per-prompt outcomes of one model on one set of prompts (numpy, [N])."""
+
+    confidence: np.ndarray
+    correct: np.ndarray  # bool
+    p_answer: np.ndarray
+    nll: np.ndarray
+    brier: np.ndarray
+
+    def take(self, rows: np.ndarray) -> Outcomes:
+        return Outcomes(self.confidence[rows], self.correct[rows], self.p_answer[rows], self.nll[rows],
+                        self.brier[rows])
+
+    def __len__(self) -> int:
+        return len(self.confidence)
+
+
+def _binned_ece(bins: np.ndarray, confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
+    # n_b |acc_b - conf_b| = |sum_b y - sum_b c|
+    sum_conf = np.bincount(bins, weights=confidence, minlength=n_bins)
+    sum_correct = np.bincount(bins, weights=correct.astype(np.float64), minlength=n_bins)
+    return float(np.abs(sum_correct - sum_conf).sum() / len(confidence))
+
+
+def ece_equal_width(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> float:
+    """Expected calibration error over n_bins equal-width confidence bins ([0, 1/n), ..., [(n-1)/n, 1])."""
+    if len(confidence) == 0:
+        return float("nan")
+    bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
+    return _binned_ece(bins, confidence, correct, n_bins)
+
+
+def ece_equal_mass(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> float:
+    """Expected calibration error over n_bins bins holding (as near as possible) equally many prompts
+    (consecutive in sorted confidence, sizes as `np.array_split`)."""
+    n = len(confidence)
+    if n == 0:
+        return float("nan")
+    order = np.argsort(confidence, kind="stable")
+    k = min(n_bins, n)
+    sizes = np.full(k, n // k) + (np.arange(k) < n % k)
+    bins = np.repeat(np.arange(k), sizes)
+    return _binned_ece(bins, confidence[order], correct[order], k)
+
+
+def auroc(score: np.ndarray, label: np.ndarray) -> float:
+    """Area under the ROC curve of `score` separating label True from False; NaN if one class is empty.
+
+    Mann-Whitney U from average ranks (ties get the mean of their ranks, i.e. count 1/2)."""
+    label = label.astype(bool)
+    n_pos, n_neg = int(label.sum()), int((~label).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based
+    ranks = average_rank[inverse]
+    return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+METRICS: dict[str, Callable[[Outcomes], float]] = {
+    "accuracy": lambda o: float(o.correct.mean()) if len(o) else float("nan"),
+    "mean_p_answer": lambda o: float(o.p_answer.mean()) if len(o) else float("nan"),
+    "mean_confidence": lambda o: float(o.confidence.mean()) if len(o) else float("nan"),
+    "ece_equal_width": lambda o: ece_equal_width(o.confidence, o.correct),
+    "ece_equal_mass": lambda o: ece_equal_mass(o.confidence, o.correct),
+    "brier": lambda o: float(o.brier.mean()) if len(o) else float("nan"),
+    "nll": lambda o: float(o.nll.mean()) if len(o) else float("nan"),
+    "auroc": lambda o: auroc(o.confidence, o.correct),
+}
+
+
+def metrics(o: Outcomes) -> dict[str, float]:
+    return {name: fn(o) for name, fn in METRICS.items()}
+
+
+def group_resamples(groups: Sequence[str], n_boot: int, seed: int) -> list[np.ndarray]:
+    """Row indices of n_boot cluster-bootstrap resamples: draw groups with replacement, keep their rows."""
+    keys = sorted(set(groups))
+    members: dict[str, list[int]] = {k: [] for k in keys}
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    rows = [np.asarray(members[k], dtype=np.int64) for k in keys]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_boot):
+        picks = rng.integers(0, len(keys), size=len(keys))
+        out.append(np.concatenate([rows[p] for p in picks]) if len(keys) else np.zeros(0, dtype=np.int64))
+    return out
+
+
+def percentile_interval(values: np.ndarray) -> tuple[float | None, float | None]:
+    """2.5 and 97.5 percentiles of the bootstrap values; None when most resamples leave the metric undefined
+    (e.g. AUROC with one class). ECE is biased upward in finite samples (resamples with repeated subjects
+    look less calibrated), so its point estimate can sit at or below the low end: compare models with the
+    paired differences, where the bias largely cancels."""
+    finite = values[np.isfinite(values)]
+    if len(finite) < max(10, len(values) // 2):
+        return None, None
+    lo, hi = np.percentile(finite, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+@dataclass
+class Estimate:
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+
+def _clean(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def bootstrap_samples(o: Outcomes, resamples: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every metric of `o` on every resample. {metric: [n_boot]}"""
+    out: dict[str, list[float]] = {name: [] for name in METRICS}
+    for rows in resamples:
+        sub = o.take(rows)
+        for name, fn in METRICS.items():
+            out[name].append(fn(sub))
+    return {name: np.asarray(values) for name, values in out.items()}
+
+
+def estimates(o: Outcomes, samples: dict[str, np.ndarray]) -> dict[str, Estimate]:
+    """Point values of `o` with the 95% percentile intervals of its bootstrap samples."""
+    point = metrics(o)
+    return {name: Estimate(_clean(point[name]), *percentile_interval(samples[name])) for name in METRICS}
+
+
+def differences(a: Outcomes, b: Outcomes, samples_a: dict[str, np.ndarray],
+                samples_b: dict[str, np.ndarray]) -> dict[str, Estimate]:
+    """metric(a) - metric(b) on the same prompts, with a paired 95% interval (same resamples)."""
+    pa, pb = metrics(a), metrics(b)
+    return {name: Estimate(_clean(pa[name] - pb[name]),
+                           *percentile_interval(samples_a[name] - samples_b[name]))
+            for name in METRICS}
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> list[dict[str, float]]:
+    """Equal-width bins for a reliability diagram: [{lo, hi, count, confidence, accuracy}], empty bins kept."""
+    bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
+    out = []
+    for b in range(n_bins):
+        sel = bins == b
+        out.append({
+            "lo": b / n_bins, "hi": (b + 1) / n_bins, "count": int(sel.sum()),
+            "confidence": float(confidence[sel].mean()) if sel.any() else None,
+            "accuracy": float(correct[sel].mean()) if sel.any() else None,
+        })
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Temperature scaling
+# ------------------------------------------------------------------------------------------------
+
+
+def _nll_moments(chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], beta: float,
+                 ) -> tuple[float, float, float]:
+    """Mean NLL of softmax(beta * z) and its first two derivatives in beta (float64)."""
+    value = grad = hess = 0.0
+    n = 0
+    for logits, answers in chunks():
+        z = logits.double()
+        rows = torch.arange(z.shape[0], device=z.device)
+        logp = (beta * z).log_softmax(dim=-1)
+        p = logp.exp()
+        mean_z = (p * z).sum(dim=-1)
+        var_z = (p * (z - mean_z[:, None]).pow(2)).sum(dim=-1)
+        value += float(-logp[rows, answers].sum())
+        grad += float((mean_z - z[rows, answers]).sum())
+        hess += float(var_z.sum())
+        n += z.shape[0]
+    return value / n, grad / n, hess / n
+
+
+def fit_temperature(chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
+                    max_iter: int = 50, tol: float = 1e-8) -> float:
+    """The T minimising the mean NLL of softmax(z / T); `chunks()` yields (logits, answer ids) batches.
+
+    NLL is convex in beta = 1/T, so damped Newton from beta = 1 converges in a few passes.
+    """
+    beta = 1.0
+    value, grad, hess = _nll_moments(chunks, beta)
+    for _ in range(max_iter):
+        step = grad / hess if hess > 1e-12 else grad
+        t = 1.0
+        while t > 1e-8:
+            candidate = beta - t * step
+            if candidate > 1e-6:
+                c_value, c_grad, c_hess = _nll_moments(chunks, candidate)
+                if c_value <= value:
+                    break
+            t /= 2
+        else:
+            break
+        converged = abs(candidate - beta) < tol * max(1.0, beta)
+        beta, value, grad, hess = candidate, c_value, c_grad, c_hess
+        if converged:
+            break
+    return 1.0 / beta

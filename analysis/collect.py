@@ -1,0 +1,262 @@
+"""Forward passes over the prompts: everything the analysis needs at the last position, reduced per batch.
+
+One pass per batch through `recallfix.patches.decompose` (hooks on the attention and MLP output
+projections, the first block and the final norm; only the last position is kept) gives the exact
+per-component writes; everything else (logit lens, DLA, neurons, the MLP regressions) is computed
+from them and reduced to a few numbers per prompt before the next batch. Attention patterns, needed
+for the mover heads only, come from a second pass with eager attention (the last row of each map).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from recallfix.patches.components import ComponentMap
+from recallfix.patches.decompose import decompose, direct_logit_attribution, neuron_attribution
+
+from .attribution import (
+    ablation_effect,
+    final_layer_names,
+    logprob_gradient,
+    neuron_logprob_attribution,
+    rescale_term,
+)
+from .batching import batches, num_batches
+from .lens import AnswerStats, answer_stats, layer_residuals, lens_logits, logit_lens
+from .movers import attention_to_subject, head_token_attribution
+from .regression import intercept_readout, regress_mlp_on_heads
+
+
+@dataclass
+class Dist:
+    """Per-prompt numbers of one next-token distribution (CPU, row order of the input). All [N]."""
+
+    p_answer: torch.Tensor
+    rank: torch.Tensor
+    confidence: torch.Tensor
+    prediction: torch.Tensor
+    nll: torch.Tensor
+    brier: torch.Tensor
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.rank == 1
+
+    @classmethod
+    def empty(cls, n: int) -> Dist:
+        zeros = torch.zeros(n)
+        return cls(zeros.clone(), torch.zeros(n, dtype=torch.long), zeros.clone(),
+                   torch.zeros(n, dtype=torch.long), zeros.clone(), zeros.clone())
+
+    def put(self, index: torch.Tensor, stats: AnswerStats) -> None:
+        for name in ("p_answer", "rank", "confidence", "prediction", "nll", "brier"):
+            getattr(self, name)[index] = getattr(stats, name).detach().to("cpu", getattr(self, name).dtype)
+
+    def take(self, rows: torch.Tensor) -> Dist:
+        return Dist(*(getattr(self, n)[rows] for n in ("p_answer", "rank", "confidence", "prediction", "nll", "brier")))
+
+
+@dataclass
+class Collected:
+    """What one pass over N prompts leaves behind (CPU, float32, input row order)."""
+
+    names: list[str]  # decomposition components (columns of dla)
+    output: Dist  # the model's own next-token distribution
+    before: Dist  # logit lens of the stream entering the final block
+    lens_p: torch.Tensor  # [N, L+1] p(answer) after each layer (0 = embeddings)
+    lens_rank: torch.Tensor  # [N, L+1]
+    x_final: torch.Tensor  # [N, d] residual stream entering the final norm
+    dla: torch.Tensor  # [N, components] DLA of every component to the answer
+    final_names: list[str]  # the final block's components (heads, attention bias, MLP)
+    final_effect: torch.Tensor  # [N, len(final_names)] effect on log p(answer) of removing each one's write
+    rescale: torch.Tensor  # [N] the final norm's change of scale, on the answer's logit against the mean
+    neuron_dla: torch.Tensor  # [N, d_mlp] DLA of the final MLP's neurons
+    neuron_effect: torch.Tensor  # [N, d_mlp] first-order effect of each final neuron on log p(answer)
+    # Mechanisms (only when asked for):
+    beta: torch.Tensor | None = None  # [N, L, H] MLP-on-heads regression coefficients
+    r2: torch.Tensor | None = None  # [N, L]
+    intercept_dla: torch.Tensor | None = None  # [N, L]
+    intercept_rank: torch.Tensor | None = None  # [N, L]
+    subject_attribution: torch.Tensor | None = None  # [N, L, H]; NaN where the subject is unknown
+    attention: torch.Tensor | None = None  # [N, L, H]; NaN where the subject is unknown
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Temporarily use the eager attention implementation (the only one that returns the weights)."""
+    previous = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if previous == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def collect(
+    model: nn.Module,
+    cmap: ComponentMap,
+    token_ids: Sequence[Sequence[int]],
+    answer_ids: torch.Tensor,
+    *,
+    pad: int,
+    batch_size: int,
+    subjects: Sequence[list[int] | None] | None = None,
+    mechanisms: bool = False,
+    progress: bool = False,
+    desc: str = "forward",
+) -> Collected:
+    """Run every prompt once and keep the per-prompt numbers of the analysis."""
+    shape = cmap.shape
+    n, num_layers, final = len(token_ids), shape.num_layers, shape.num_layers - 1
+    device = _device(model)
+    answer_ids = answer_ids.to(torch.long)
+    output, before = Dist.empty(n), Dist.empty(n)
+    lens_p = torch.zeros(n, num_layers + 1)
+    lens_rank = torch.zeros(n, num_layers + 1, dtype=torch.long)
+    x_final = torch.zeros(n, shape.hidden_size)
+    neuron_dla = torch.zeros(n, shape.intermediate_size)
+    neuron_effect = torch.zeros(n, shape.intermediate_size)
+    rescale = torch.zeros(n)
+    dla: torch.Tensor | None = None
+    final_effect: torch.Tensor | None = None
+    names: list[str] = []
+    final_names: list[str] = []
+    if mechanisms:
+        nan = float("nan")
+        beta = torch.zeros(n, num_layers, shape.num_heads)
+        r2 = torch.zeros(n, num_layers)
+        intercept_dla = torch.zeros(n, num_layers)
+        intercept_rank = torch.zeros(n, num_layers, dtype=torch.long)
+        subject_attribution = torch.full((n, num_layers, shape.num_heads), nan)
+
+    bar = tqdm(batches(token_ids, batch_size, pad, device), total=num_batches(n, batch_size), desc=desc,
+               disable=not progress, leave=False, dynamic_ncols=True)
+    for batch in bar:
+        rows = batch.index
+        answers = answer_ids[rows].to(device)
+        dec = decompose(model, batch.input_ids, batch.attention_mask, cmap)
+        names = dec.names
+        residuals = layer_residuals(dec, num_layers)
+        p, rank = logit_lens(cmap, residuals, answers)
+        lens_p[rows], lens_rank[rows] = p.cpu(), rank.cpu()
+        output.put(rows, answer_stats(dec.logits, answers))
+        before.put(rows, answer_stats(lens_logits(cmap, residuals[:, final]), answers))
+        x_final[rows] = dec.final_resid.cpu()
+        batch_dla = direct_logit_attribution(dec, cmap, answers).cpu()
+        if dla is None:
+            dla = torch.zeros(n, batch_dla.shape[1])
+        dla[rows] = batch_dla
+        neuron_dla[rows] = neuron_attribution(dec, cmap, final, answers).cpu()
+        final_names = final_layer_names(names, final)
+        writes = torch.stack([dec.resid[:, dec.index(c)] for c in final_names], dim=1)
+        batch_effect = ablation_effect(cmap, dec.final_resid, writes, answers).cpu()
+        if final_effect is None:
+            final_effect = torch.zeros(n, len(final_names))
+        final_effect[rows] = batch_effect
+        grad = logprob_gradient(cmap, dec.final_resid, answers)
+        neuron_effect[rows] = neuron_logprob_attribution(cmap, grad, dec.neuron_acts[final], final).cpu()
+        rescale[rows] = rescale_term(cmap, residuals[:, final], dec.final_resid, answers).cpu()
+        if mechanisms:
+            for layer in range(num_layers):
+                reg = regress_mlp_on_heads(dec, cmap, layer)
+                beta[rows, layer] = reg.beta.cpu()
+                r2[rows, layer] = reg.r2.cpu()
+                i_dla, i_rank = intercept_readout(cmap, dec, reg.intercept, answers)
+                intercept_dla[rows, layer], intercept_rank[rows, layer] = i_dla.cpu(), i_rank.cpu()
+            if subjects is not None:
+                first = [subjects[int(r)][0] if subjects[int(r)] else None for r in rows]
+                has = torch.tensor([f is not None for f in first])
+                if has.any():
+                    positions = torch.tensor([f or 0 for f in first], device=device)
+                    tokens = batch.input_ids[torch.arange(len(rows), device=device), positions]
+                    attribution = head_token_attribution(dec, cmap, tokens).cpu()
+                    subject_attribution[rows[has]] = attribution[has]
+    empty = torch.zeros(n, 0)
+    result = Collected(names=names, output=output, before=before, lens_p=lens_p, lens_rank=lens_rank,
+                       x_final=x_final, dla=dla if dla is not None else empty, final_names=final_names,
+                       final_effect=final_effect if final_effect is not None else empty, rescale=rescale,
+                       neuron_dla=neuron_dla, neuron_effect=neuron_effect)
+    if mechanisms:
+        result.beta, result.r2 = beta, r2
+        result.intercept_dla, result.intercept_rank = intercept_dla, intercept_rank
+        result.subject_attribution = subject_attribution
+        if subjects is not None:
+            try:
+                result.attention = collect_attention(model, cmap, token_ids, subjects, pad=pad,
+                                                     batch_size=batch_size, progress=progress,
+                                                     desc=f"{desc} (attention)")
+            except (ValueError, NotImplementedError) as err:  # a model without eager attention weights
+                warnings.warn(f"no attention patterns ({err}); mover heads are skipped", stacklevel=2)
+    return result
+
+
+@torch.no_grad()
+def collect_attention(
+    model: nn.Module,
+    cmap: ComponentMap,
+    token_ids: Sequence[Sequence[int]],
+    subjects: Sequence[list[int] | None],
+    *,
+    pad: int,
+    batch_size: int,
+    progress: bool = False,
+    desc: str = "attention",
+) -> torch.Tensor:
+    """Attention from the last position to the subject tokens, per layer and head. [N, L, H], NaN w/o subject."""
+    shape = cmap.shape
+    n = len(token_ids)
+    out = torch.full((n, shape.num_layers, shape.num_heads), float("nan"))
+    keep = [i for i in range(n) if subjects[i]]
+    if not keep:
+        return out
+    device = _device(model)
+    kept_ids = [token_ids[i] for i in keep]
+    with eager_attention(model):
+        bar = tqdm(batches(kept_ids, batch_size, pad, device), total=num_batches(len(keep), batch_size),
+                   desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+        for batch in bar:
+            rows = [keep[int(r)] for r in batch.index]
+            mask = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+            for r, i in enumerate(rows):
+                mask[r, subjects[i]] = True
+            result = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           output_attentions=True, use_cache=False)
+            out[torch.tensor(rows)] = attention_to_subject(result.attentions, batch.last, mask).cpu()
+    return out
+
+
+@torch.no_grad()
+def token_nll(
+    model: nn.Module, token_ids: Sequence[Sequence[int]], *, pad: int, batch_size: int,
+    progress: bool = False, desc: str = "neutral NLL",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL (nats) and number of predicted tokens of each text. Two [N]."""
+    n = len(token_ids)
+    sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long)
+    device = _device(model)
+    bar = tqdm(batches(token_ids, batch_size, pad, device), total=num_batches(n, batch_size), desc=desc,
+               disable=not progress, leave=False, dynamic_ncols=True)
+    for batch in bar:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logp = logits[:, :-1].float().log_softmax(dim=-1)
+        targets = batch.input_ids[:, 1:]
+        nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        valid = batch.attention_mask[:, 1:].bool()
+        sums[batch.index] = (nll * valid).sum(dim=1).double().cpu()
+        counts[batch.index] = valid.sum(dim=1).cpu()
+    return sums, counts

@@ -1,0 +1,99 @@
+"""Logit lens: read the residual stream after any layer through the model's own final norm and unembedding.
+
+    lens_l(x) = W_U · norm(x_l) + b_U,    x_l = embed + sum_{l' < l} (heads + attn bias + MLP of block l')
+
+x_0 is the embedding and x_L (after the last block) gives the model's own logits. The norm is applied
+with its own scale for each x_l (the real norm, not the frozen one of the decomposition), in float32,
+through `recallfix.patches.decompose`'s generic LayerNorm/RMSNorm formula, so there is no architecture
+code here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from recallfix.patches.components import ComponentMap
+from recallfix.patches.decompose import Decomposition, constant_logits, frozen_norm_scale, norm_linear
+
+_LAYER_RE = re.compile(r"^L(\d+)")
+
+
+def component_layers(names: list[str]) -> torch.Tensor:
+    """Layer of each decomposition component; the embedding gets -1. [components]"""
+    layers = []
+    for name in names:
+        match = _LAYER_RE.match(name)
+        layers.append(int(match.group(1)) if match else -1)
+    return torch.tensor(layers, dtype=torch.long)
+
+
+def layer_residuals(dec: Decomposition, num_layers: int) -> torch.Tensor:
+    """Residual stream at the position after each block, from the exact decomposition. [batch, L+1, d]
+
+    Index 0 is the embedding, index l the stream after block l-1, index L what enters the final norm.
+    """
+    layers = component_layers(dec.names).to(dec.resid.device)
+    per_layer = torch.zeros(dec.resid.shape[0], num_layers + 1, dec.resid.shape[2],
+                            dtype=dec.resid.dtype, device=dec.resid.device)
+    per_layer.index_add_(1, layers + 1, dec.resid)
+    return per_layer.cumsum(dim=1)
+
+
+def lens_logits(cmap: ComponentMap, x: torch.Tensor) -> torch.Tensor:
+    """Logits of residual vectors x [..., d] through the final norm (own scale) and unembedding. [..., vocab]"""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    normed = norm_linear(cmap, flat, frozen_norm_scale(cmap, flat))
+    weight = cmap.unembed().weight
+    logits = (normed.to(weight.dtype) @ weight.T).float() + constant_logits(cmap)
+    return logits.reshape(*x.shape[:-1], -1)
+
+
+@dataclass
+class AnswerStats:
+    """Per-prompt numbers of one next-token distribution, all [batch]."""
+
+    p_answer: torch.Tensor
+    rank: torch.Tensor  # 1 = the answer is the top token
+    confidence: torch.Tensor  # top-1 probability
+    prediction: torch.Tensor  # top-1 token
+    nll: torch.Tensor  # -log p(answer)
+    brier: torch.Tensor  # multi-class Brier score: sum_k (p_k - 1[k = answer])^2
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """Top-1 is the answer (ties count as wrong only when another token is strictly above)."""
+        return self.rank == 1
+
+
+def answer_stats(logits: torch.Tensor, answer_ids: torch.Tensor, temperature: float = 1.0) -> AnswerStats:
+    """p(answer), its rank, top-1 confidence and prediction, NLL and Brier of logits [batch, vocab] / T."""
+    logits = logits.float() / temperature
+    logp = logits.log_softmax(dim=-1)
+    p = logp.exp()
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    answer_logit = logits[rows, answer_ids]
+    logp_answer = logp[rows, answer_ids]
+    confidence, prediction = p.max(dim=-1)
+    p_answer = logp_answer.exp()
+    return AnswerStats(
+        p_answer=p_answer,
+        rank=(logits > answer_logit[:, None]).sum(dim=-1) + 1,
+        confidence=confidence,
+        prediction=prediction,
+        nll=-logp_answer,
+        brier=p.pow(2).sum(dim=-1) - 2 * p_answer + 1,
+    )
+
+
+def logit_lens(cmap: ComponentMap, residuals: torch.Tensor,
+               answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p(answer) and rank of the answer after every layer. residuals [batch, L+1, d] -> two [batch, L+1]."""
+    probs, ranks = [], []
+    for layer in range(residuals.shape[1]):
+        stats = answer_stats(lens_logits(cmap, residuals[:, layer]), answer_ids)
+        probs.append(stats.p_answer)
+        ranks.append(stats.rank)
+    return torch.stack(probs, dim=1), torch.stack(ranks, dim=1)

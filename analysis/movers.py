@@ -1,0 +1,83 @@
+"""Mover heads: heads that carry the subject to the last position (Lv et al. 2024, section 3).
+
+For every head, at the last position of each prompt:
+
+    attention_to_subject = sum_{j in subject tokens} A[last, j]
+    subject_attribution  = DLA of the head's write to the subject's first token (against the mean logit)
+
+A mover head attends to the subject and writes the subject's identity in proportion to how much it
+attends (as the name mover heads of Wang et al. 2022): high mean attention and a positive
+correlation between the two across prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from recallfix.patches.components import ComponentMap
+from recallfix.patches.decompose import Decomposition, direct_logit_attribution
+
+
+def attention_to_subject(attentions: tuple[torch.Tensor, ...], last: torch.Tensor,
+                         subject_mask: torch.Tensor) -> torch.Tensor:
+    """Attention of the last real position to the subject tokens, per layer and head. [batch, L, H]
+
+    attentions: per layer [batch, heads, query, key]; subject_mask [batch, seq] (bool).
+    """
+    rows = torch.arange(last.shape[0], device=last.device)
+    mask = subject_mask.to(attentions[0].dtype)
+    per_layer = [torch.einsum("bhk,bk->bh", a[rows, :, last].float(), mask.float()) for a in attentions]
+    return torch.stack(per_layer, dim=1)
+
+
+def head_token_attribution(dec: Decomposition, cmap: ComponentMap, token_ids: torch.Tensor) -> torch.Tensor:
+    """Each head's DLA to token_ids[b], shaped [batch, L, H]."""
+    dla = direct_logit_attribution(dec, cmap, token_ids)
+    shape = cmap.shape
+    columns = [dec.index(name) for layer in range(shape.num_layers) for name in cmap.heads(layer)]
+    return dla[:, columns].view(-1, shape.num_layers, shape.num_heads)
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of matching columns of x and y [n, ...] over dim 0; NaN where undefined."""
+    x = x.double() - x.double().mean(dim=0)
+    y = y.double() - y.double().mean(dim=0)
+    denom = (x.pow(2).sum(dim=0) * y.pow(2).sum(dim=0)).sqrt()
+    r = (x * y).sum(dim=0) / denom
+    return torch.where(denom > 0, r, torch.full_like(r, float("nan")))
+
+
+@dataclass
+class HeadMover:
+    name: str
+    mean_attention: float
+    mean_attribution: float
+    correlation: float | None
+    is_mover: bool
+
+
+def summarize_movers(attention: torch.Tensor, attribution: torch.Tensor, *,
+                     min_attention: float = 0.3) -> list[HeadMover]:
+    """Per head, sorted by mean attention to the subject (highest first). Inputs [prompts, L, H]."""
+    if attention.shape[0] == 0:
+        return []
+    mean_att = attention.mean(dim=0)
+    mean_attr = attribution.mean(dim=0)
+    r = pearson(attention, attribution) if attention.shape[0] > 2 else torch.full_like(mean_att, float("nan"))
+    out = []
+    num_layers, num_heads = mean_att.shape
+    for layer in range(num_layers):
+        for head in range(num_heads):
+            corr = float(r[layer, head])
+            corr_or_none = None if corr != corr else corr  # NaN -> None
+            out.append(HeadMover(
+                name=f"L{layer}H{head}",
+                mean_attention=float(mean_att[layer, head]),
+                mean_attribution=float(mean_attr[layer, head]),
+                correlation=corr_or_none,
+                is_mover=bool(mean_att[layer, head] >= min_attention and corr_or_none is not None and corr > 0
+                              and mean_attr[layer, head] > 0),
+            ))
+    return sorted(out, key=lambda h: -h.mean_attention)

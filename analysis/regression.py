@@ -1,0 +1,60 @@
+"""Regression decomposition of an MLP's write onto the writes of the heads upstream of it.
+
+At the last position of one prompt, with m the MLP's output and h_1..h_k the outputs of the heads of
+the same block (what the MLP reads, on top of the stream), least squares over the d coordinates:
+
+    m = sum_i beta_i h_i + e,        beta = pinv([h_1 .. h_k]) m
+
+beta_i > 1: the MLP amplifies what head i wrote; 0 < beta_i < 1: passes part of it; beta_i < 0: erases
+it. e (orthogonal to every h_i) is the regression's intercept: what the MLP adds on its own. Read
+through the logit lens (frozen final-norm scale, as the DLA) it shows whether the MLP adds a
+component pointing at the answer. R^2 = 1 - |e|^2 / |m|^2 (no constant term, so uncentred).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from recallfix.patches.components import ComponentMap
+from recallfix.patches.decompose import Decomposition, mean_readout, norm_linear, readout
+
+
+@dataclass
+class Regression:
+    beta: torch.Tensor  # [batch, k]
+    intercept: torch.Tensor  # [batch, d]
+    r2: torch.Tensor  # [batch]
+
+
+def regress(target: torch.Tensor, regressors: torch.Tensor) -> Regression:
+    """Per-row least squares of target [batch, d] on regressors [batch, k, d] (float64, rank-safe)."""
+    design = regressors.double().transpose(1, 2)  # [batch, d, k]
+    y = target.double()
+    beta = (torch.linalg.pinv(design) @ y.unsqueeze(-1)).squeeze(-1)
+    intercept = y - (design @ beta.unsqueeze(-1)).squeeze(-1)
+    total = y.pow(2).sum(dim=-1)
+    r2 = torch.where(total > 0, 1 - intercept.pow(2).sum(dim=-1) / total, torch.zeros_like(total))
+    return Regression(beta.float(), intercept.float(), r2.float())
+
+
+def regress_mlp_on_heads(dec: Decomposition, cmap: ComponentMap, layer: int) -> Regression:
+    """Regress layer's MLP write on the writes of that block's heads, at the decomposed position."""
+    heads = torch.stack([dec.resid[:, dec.index(name)] for name in cmap.heads(layer)], dim=1)
+    return regress(dec.resid[:, dec.index(f"L{layer}MLP")], heads)
+
+
+def intercept_readout(cmap: ComponentMap, dec: Decomposition, intercept: torch.Tensor,
+                      answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The intercept through the logit lens: its DLA to the answer and the answer's rank among its logits.
+
+    Uses the frozen final-norm scale of the decomposition, as DLA does. Returns two [batch] tensors.
+    """
+    direction = readout(cmap, dec.norm_scale, answer_ids.view(-1, 1))[:, 0] - mean_readout(cmap, dec.norm_scale)
+    dla = (intercept * direction).sum(dim=-1)
+    weight = cmap.unembed().weight
+    logits = (norm_linear(cmap, intercept, dec.norm_scale).to(weight.dtype) @ weight.T).float()
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    rank = (logits > logits[rows, answer_ids][:, None]).sum(dim=-1) + 1
+    return dla, rank

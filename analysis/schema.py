@@ -1,0 +1,277 @@
+"""The shape of RUN/analysis.json (pydantic), exported as `analysis.schema.json`.
+
+Numbers that can be undefined (an AUROC when every prompt is right, a statistic of an empty set) are
+null, never NaN, so the file is strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from recallfix.patches.io import atomic_write_text
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("analysis.schema.json")
+
+Num = float | None
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- setup ------------------------------------------------------------------------------------------
+class ModelInfo(Strict):
+    path: str
+    architecture: str
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    dtype: str
+    device: str
+
+
+class DataInfo(Strict):
+    facts_path: str
+    facts_sha256: str = Field(description="sha256 of the facts used, splits included (as in the patch)")
+    n_facts: int
+    n_dropped: int = Field(description="facts dropped because no answer token could be found")
+    splits: dict[str, int]
+    relations: dict[str, int]
+    unknown_path: str | None
+    n_unknown: int
+    neutral_source: str
+    n_neutral_fit: int
+    n_neutral_eval: int
+    seed: int
+
+
+# -- 1. logit lens ----------------------------------------------------------------------------------
+class LensCurve(Strict):
+    n: int
+    mean_p_answer: list[Num] = Field(description="index l: after l blocks (0 = embeddings, L = model output)")
+    median_rank: list[Num]
+    accuracy: list[Num]
+
+
+class LogitLens(Strict):
+    num_layers: int
+    all: LensCurve
+    by_relation: dict[str, LensCurve]
+
+
+# -- 2. final-layer decomposition ---------------------------------------------------------------------
+class ComponentRow(Strict):
+    name: str
+    mean_dla: Num = Field(description="mean DLA to the answer against the mean logit (frozen final norm)")
+    std_dla: Num
+    share_dla_negative: Num = Field(description="share of prompts where DLA < 0")
+    mean_effect: Num = Field(description="mean effect on log p(answer) of the write (real final norm)")
+    share_effect_negative: Num = Field(description="share of prompts where the effect on log p(answer) < 0")
+
+
+class FinalLayer(Strict):
+    layer: int
+    n_prompts: int
+    components: list[ComponentRow]
+    rescale: ComponentRow = Field(description="the final norm's change of scale (DLA columns only)")
+    mean_change_logit: Num = Field(description="mean change of z_answer - mean z across the block = sum DLA + rescale")
+    mean_change_logp: Num = Field(description="mean change of log p(answer) across the block")
+    neurons_suppressing: list[ComponentRow]
+    neurons_promoting: list[ComponentRow]
+
+
+# -- 3. mechanisms ----------------------------------------------------------------------------------
+class MoverRow(Strict):
+    name: str
+    mean_attention: Num = Field(description="attention from the last position to the subject tokens")
+    mean_subject_attribution: Num = Field(description="DLA of the head's write to the subject's first token")
+    correlation: Num = Field(description="Pearson r of the two over prompts")
+    is_mover: bool
+
+
+class Movers(Strict):
+    n_prompts: int
+    min_attention: float
+    heads: list[MoverRow]
+    movers: list[str]
+    scatter: dict[str, list[list[float]]] = Field(
+        description="per plotted head: [attention, attribution] of each prompt (a sample of at most 500)")
+
+
+class BetaRow(Strict):
+    name: str
+    mean_beta: Num
+    median_beta: Num
+    share_amplify: Num = Field(description="share of prompts with beta > 1")
+    share_erase: Num = Field(description="share of prompts with beta < 0")
+
+
+class InterceptRow(Strict):
+    mean_dla: Num = Field(description="mean DLA of the intercept to the answer")
+    share_dla_positive: Num
+    median_answer_rank: Num = Field(description="median rank of the answer among the intercept's lens logits")
+    share_answer_top10: Num
+
+
+class MlpRegression(Strict):
+    layer: int
+    name: str
+    mean_r2: Num
+    mean_mlp_dla: Num = Field(description="mean DLA of the whole MLP write to the answer")
+    heads: list[BetaRow]
+    intercept: InterceptRow
+
+
+class Mechanisms(Strict):
+    movers: Movers | None
+    mlp_regression: list[MlpRegression]
+    answer_mlp: str | None = Field(description="the MLP whose intercept points at the answer most (mean DLA)")
+
+
+# -- 4. verdict -------------------------------------------------------------------------------------
+class Suppression(Strict):
+    n: int
+    mean_p_before: Num = Field(description="p(answer) from the stream entering the final block (logit lens)")
+    mean_p_after: Num = Field(description="p(answer) of the model")
+    share_suppressed: Num = Field(description="share of prompts where p_after < p_before")
+    share_suppressed_ci: list[Num] = Field(description="95% bootstrap interval over subjects")
+    accuracy_before: Num
+    accuracy_after: Num
+    n_recalled: int = Field(description="prompts whose answer is top-1 before the final block")
+    share_suppressed_recalled: Num
+
+
+class Verdict(Strict):
+    test: Suppression
+    all: Suppression
+    top_suppressors: list[ComponentRow]
+    suppression_found: bool
+    text: str
+
+
+# -- 5. patch and evaluation ------------------------------------------------------------------------
+class EstimateModel(Strict):
+    value: Num
+    ci_low: Num
+    ci_high: Num
+
+
+Metrics = dict[str, EstimateModel]
+
+
+class ReliabilityBin(Strict):
+    lo: float
+    hi: float
+    count: int
+    confidence: Num
+    accuracy: Num
+
+
+class SetEvaluation(Strict):
+    n: int
+    n_groups: int = Field(description="subjects: the bootstrap resamples these")
+    models: dict[str, Metrics] = Field(description="base, patched, temperature -> metric -> estimate")
+    differences: dict[str, Metrics] = Field(description="patched_minus_base, patched_minus_temperature (paired)")
+    reliability: dict[str, list[ReliabilityBin]]
+
+
+class NeutralEvaluation(Strict):
+    n_lines: int
+    n_tokens: int
+    base_nll: float
+    patched_nll: float
+    relative_change: float
+    relative_change_ci: list[Num]
+
+
+class FitHistoryRow(Strict):
+    epoch: int
+    guard_weight: float = Field(description="weight of the guard during this epoch")
+    train_objective: Num
+    dev_objective: Num
+    dev_nll: Num
+    dev_kl_unrecalled: Num
+    dev_kl_neutral: Num
+    dev_confidence_rise_unrecalled: Num = Field(
+        description="mean rise of the top-1 probability on dev prompts the model does not recall (and nonce ones)")
+
+
+class PatchInfo(Strict):
+    file: str
+    id: str
+    selection_rule: str
+    candidates: list[ComponentRow] = Field(description="the selected components' training-split statistics")
+    gains: dict[str, float]
+    fit_config: dict[str, Any]
+    n_train: int
+    n_train_recalled: int
+    n_dev: int
+    n_nonce_train: int = Field(description="made-up-subject prompts from the train templates, KL-guarded")
+    n_nonce_dev: int
+    nonce_examples: list[str]
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    history: list[FitHistoryRow]
+    temperature: float = Field(description="the baseline's T, fitted on the same train split")
+    verified: bool = Field(description="the saved patch applied with apply_patch reproduces the fitted logits")
+    max_verify_error: float
+
+
+class Evaluation(Strict):
+    n_boot: int = Field(description="bootstrap resamples behind every interval")
+    test: SetEvaluation
+    unknown: SetEvaluation | None
+    neutral: NeutralEvaluation | None
+    suppression_after_patch: Suppression = Field(description="the verdict's numbers on the test split, patched")
+
+
+class Criterion(Strict):
+    name: str
+    description: str
+    value: Num
+    ci_low: Num
+    ci_high: Num
+    threshold: float
+    passed: bool | None = Field(description="on the point estimate")
+
+
+class AnalysisResult(Strict):
+    schema_version: int
+    tool_version: str
+    created: str
+    command: str
+    model: ModelInfo
+    data: DataInfo
+    logit_lens: LogitLens
+    final_layer: FinalLayer
+    mechanisms: Mechanisms
+    verdict: Verdict
+    patch: PatchInfo | None = Field(description="null when no component suppresses the answer")
+    evaluation: Evaluation | None
+    criteria: list[Criterion]
+    runtime_s: dict[str, float]
+    files: dict[str, str]
+
+
+def json_schema() -> dict[str, Any]:
+    schema = AnalysisResult.model_json_schema()
+    schema["$id"] = "https://recallfix.dev/analysis.schema.json"
+    schema["title"] = "recallfix analysis"
+    return schema
+
+
+def write_json_schema(path: Path = SCHEMA_PATH) -> Path:
+    return atomic_write_text(path, json.dumps(json_schema(), indent=2) + "\n")
+
+
+if __name__ == "__main__":  # python -m recallfix.analysis.schema: regenerate the schema file
+    print(write_json_schema())

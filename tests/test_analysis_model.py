@@ -1,0 +1,207 @@
+"""The analysis against real forward passes of a tiny random model of every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import ARCHITECTURES, PROMPTS, build_model
+
+from recallfix.analysis import fit as fit_module
+from recallfix.analysis.attribution import ablation_effect, logprob_gradient, neuron_logprob_attribution
+from recallfix.analysis.batching import batches, encode, pad_id, subject_spans
+from recallfix.analysis.collect import collect, collect_attention, eager_attention
+from recallfix.analysis.fit import FitConfig, GainHooks, capture_final_block_inputs, fit_gains, replay_logits
+from recallfix.analysis.lens import layer_residuals, lens_logits
+from recallfix.patches import ComponentMap, apply_patch, decompose, make_patch
+
+SUBJECTS = ["France", "Gold", "Brazil"]
+ANSWERS = [" Paris", " Au", " Portuguese"]
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def tiny(request: pytest.FixtureRequest) -> tuple:
+    model, tokenizer = build_model(request.param)
+    answers = torch.tensor([tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in ANSWERS])
+    return model, tokenizer, ComponentMap(model), answers
+
+
+def _single_logits(model: torch.nn.Module, tokenizer, prompt: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1].float()
+
+
+def test_right_padded_batches_give_the_unpadded_numbers(tiny: tuple) -> None:
+    model, tokenizer, cmap, answers = tiny
+    c = collect(model, cmap, encode(tokenizer, PROMPTS), answers, pad=pad_id(tokenizer), batch_size=2)
+    for i, prompt in enumerate(PROMPTS):
+        p = _single_logits(model, tokenizer, prompt).softmax(-1)
+        assert c.output.p_answer[i] == pytest.approx(float(p[answers[i]]), rel=1e-4, abs=1e-7)
+        assert c.output.confidence[i] == pytest.approx(float(p.max()), rel=1e-4)
+
+
+def test_logit_lens_ends_at_the_model_output_and_starts_at_the_embedding(tiny: tuple) -> None:
+    model, tokenizer, cmap, answers = tiny
+    batch = next(batches(encode(tokenizer, PROMPTS), 8, pad_id(tokenizer)))
+    dec = decompose(model, batch.input_ids, batch.attention_mask, cmap)
+    residuals = layer_residuals(dec, cmap.shape.num_layers)
+    assert torch.allclose(residuals[:, -1], dec.final_resid, atol=1e-4)
+    assert torch.allclose(residuals[:, 0], dec.resid[:, dec.index("embed")])
+    assert torch.allclose(lens_logits(cmap, residuals[:, -1]), dec.logits, atol=1e-3)
+    # the stream after block 0, through the real final norm module, is what the lens reads
+    captured = {}
+    handle = cmap.block(0).register_forward_hook(lambda _m, _a, out: captured.__setitem__("h", out))
+    with torch.no_grad():
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    handle.remove()
+    h = captured["h"][0] if isinstance(captured["h"], tuple) else captured["h"]
+    h = h[torch.arange(len(batch)), batch.last]
+    with torch.no_grad():
+        expected = cmap.unembed()(cmap.final_norm()(h)).float()
+    assert torch.allclose(lens_logits(cmap, residuals[:, 1]), expected, atol=1e-3)
+
+
+def test_block_change_splits_exactly_into_dla_plus_rescale(tiny: tuple) -> None:
+    model, tokenizer, cmap, answers = tiny
+    c = collect(model, cmap, encode(tokenizer, PROMPTS), answers, pad=pad_id(tokenizer), batch_size=3)
+    final = cmap.shape.num_layers - 1
+    columns = [c.names.index(n) for n in c.final_names]
+    batch = next(batches(encode(tokenizer, PROMPTS), 8, pad_id(tokenizer)))
+    dec = decompose(model, batch.input_ids, batch.attention_mask, cmap)
+    res = layer_residuals(dec, cmap.shape.num_layers)
+    before, after = lens_logits(cmap, res[:, final]), lens_logits(cmap, res[:, final + 1])
+    a = answers[batch.index]
+    rows = torch.arange(len(a))
+    change = (after[rows, a] - after.mean(-1)) - (before[rows, a] - before.mean(-1))
+    explained = c.dla[batch.index][:, columns].sum(1) + c.rescale[batch.index]
+    assert torch.allclose(change, explained, atol=1e-4)
+
+
+def test_ablation_effect_is_log_p_without_the_write_and_gradient_matches_it(tiny: tuple) -> None:
+    model, tokenizer, cmap, answers = tiny
+    batch = next(batches(encode(tokenizer, PROMPTS), 8, pad_id(tokenizer)))
+    dec = decompose(model, batch.input_ids, batch.attention_mask, cmap)
+    a = answers[batch.index]
+    name = f"L{cmap.shape.num_layers - 1}MLP"
+    write = dec.resid[:, dec.index(name)]
+    effect = ablation_effect(cmap, dec.final_resid, write[:, None], a)[:, 0]
+    rows = torch.arange(len(a))
+    full = lens_logits(cmap, dec.final_resid).log_softmax(-1)[rows, a]
+    without = lens_logits(cmap, dec.final_resid - write).log_softmax(-1)[rows, a]
+    assert torch.allclose(effect, full - without, atol=1e-5)
+    # first order: a tiny write's effect is its gradient attribution
+    grad = logprob_gradient(cmap, dec.final_resid, a)
+    small = 1e-3 * write
+    tiny_effect = ablation_effect(cmap, dec.final_resid, small[:, None], a)[:, 0]
+    assert torch.allclose(tiny_effect, (grad * small).sum(-1), atol=1e-5)
+    final = cmap.shape.num_layers - 1
+    neurons = neuron_logprob_attribution(cmap, grad, dec.neuron_acts[final], final)
+    w_out = cmap.output_weight(cmap.mlp_out(final)).float()
+    assert torch.allclose(neurons.sum(-1), (grad * (dec.neuron_acts[final] @ w_out.T)).sum(-1), atol=1e-4)
+
+
+def test_replaying_the_final_block_is_the_full_forward(tiny: tuple) -> None:
+    model, tokenizer, cmap, _ = tiny
+    batch = next(batches(encode(tokenizer, PROMPTS), 8, pad_id(tokenizer)))
+    inputs = capture_final_block_inputs(model, cmap, batch)
+    with torch.no_grad():
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        replayed = replay_logits(cmap, inputs, last_only=False)
+        last = replay_logits(cmap, inputs, last_only=True)
+    valid = batch.attention_mask.bool()
+    assert torch.allclose(replayed[valid], full[valid], atol=1e-4)
+    assert torch.allclose(last, full[torch.arange(len(batch)), batch.last], atol=1e-4)
+
+
+def test_gain_hooks_equal_the_applied_patch_and_carry_gradients(tiny: tuple) -> None:
+    model, tokenizer, cmap, answers = tiny
+    final = cmap.shape.num_layers - 1
+    gains = {f"L{final}H0": 0.3, f"L{final}H1": 1.7, f"L{final}N5": 0.0, f"L{final}N9": 2.0}
+    batch = next(batches(encode(tokenizer, PROMPTS), 8, pad_id(tokenizer)))
+    inputs = capture_final_block_inputs(model, cmap, batch)
+    hooks = GainHooks(cmap, list(gains))
+    hooks.set(gains)
+    with hooks:
+        hooked = replay_logits(cmap, inputs, last_only=False)
+        loss = hooked[:, -1, answers[0]].sum()
+        loss.backward()
+    assert hooks.delta.grad is not None and torch.isfinite(hooks.delta.grad).all()
+    assert hooks.delta.grad.abs().sum() > 0
+    with torch.no_grad(), apply_patch(model, make_patch(model, gains)):
+        patched = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    valid = batch.attention_mask.bool()
+    assert torch.allclose(hooked.detach()[valid], patched[valid], atol=1e-4)
+    # whole-MLP gains scale the bias too, as the patch does
+    whole = {f"L{final}MLP": 0.5}
+    hooks = GainHooks(cmap, list(whole))
+    hooks.set(whole)
+    with torch.no_grad(), hooks:
+        hooked = replay_logits(cmap, inputs, last_only=True)
+    with torch.no_grad(), apply_patch(model, make_patch(model, whole)):
+        patched = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    assert torch.allclose(hooked, patched[torch.arange(len(batch)), batch.last], atol=1e-4)
+
+
+def test_attention_to_subject_and_eager_switch_is_restored(tiny: tuple) -> None:
+    model, tokenizer, cmap, _ = tiny
+    before = model.config._attn_implementation
+    spans = subject_spans(tokenizer, PROMPTS, SUBJECTS, [None] * 3)
+    assert all(spans)
+    ids = encode(tokenizer, PROMPTS)
+    att = collect_attention(model, cmap, ids, spans, pad=pad_id(tokenizer), batch_size=2)
+    assert model.config._attn_implementation == before
+    assert att.shape == (3, cmap.shape.num_layers, cmap.shape.num_heads)
+    assert ((att >= 0) & (att <= 1 + 1e-5)).all()
+    with eager_attention(model), torch.no_grad():
+        out = model(**tokenizer(PROMPTS[0], return_tensors="pt"), output_attentions=True)
+    expected = out.attentions[0][0, :, -1, spans[0]].sum(-1)
+    assert torch.allclose(att[0, 0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fit_lowers_the_objective_and_restores_the_model(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tokenizer = build_model(arch)
+    cmap = ComponentMap(model)
+    answers = torch.tensor([tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in ANSWERS])
+    batch = next(batches(encode(tokenizer, PROMPTS), 8, pad_id(tokenizer)))
+    facts = capture_final_block_inputs(model, cmap, batch)
+    facts.targets, facts.recalled = answers[batch.index], torch.tensor([True, True, False])
+    neutral = capture_final_block_inputs(model, cmap, next(batches(encode(tokenizer, ["The weather is mild."]), 8, 0)))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = fit_gains(model, cmap, ["L1H0", "L1H1", "L1MLP"], [facts], [facts], [neutral],
+                       FitConfig(lr=0.05, max_epochs=15, patience=15))
+    assert result.best_epoch >= 1
+    history = {h["epoch"]: h for h in result.history}
+    assert history[result.best_epoch]["dev_objective"] < history[0]["dev_objective"]
+    assert history[result.best_epoch]["dev_nll"] < history[0]["dev_nll"]
+    assert all(0.0 <= g <= 2.0 for g in result.gains.values()) and result.gains != dict.fromkeys(result.gains, 1.0)
+    for name, p in model.named_parameters():  # weights untouched, no hook left, grads back as they were
+        assert torch.equal(p, weights[name]) and p.requires_grad
+    assert not cmap.attn_out(1)._forward_pre_hooks and not cmap.mlp_out(1)._forward_pre_hooks
+    # large vocabularies recompute the neutral base log-probs instead of storing them: same fit
+    monkeypatch.setattr(fit_module, "MAX_STORED_BASE", 0)
+    neutral.base_logp = None
+    again = fit_gains(model, cmap, ["L1H0", "L1H1", "L1MLP"], [facts], [facts], [neutral],
+                      FitConfig(lr=0.05, max_epochs=15, patience=15))
+    assert neutral.base_logp is None
+    assert again.gains == pytest.approx(result.gains, abs=1e-6)
+
+
+def test_fit_keeps_no_epoch_over_the_confidence_budget() -> None:
+    """With a zero budget on the guarded prompts' top-1 rise, no epoch that raises it can be kept, and every
+    epoch over budget triples the guard weight for the next one."""
+    model, tokenizer = build_model("llama")
+    cmap = ComponentMap(model)
+    answers = torch.tensor([tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in ANSWERS])
+    batch = next(batches(encode(tokenizer, PROMPTS), 8, pad_id(tokenizer)))
+    facts = capture_final_block_inputs(model, cmap, batch)
+    facts.targets, facts.recalled = answers[batch.index], torch.tensor([True, False, False])
+    neutral = capture_final_block_inputs(model, cmap, next(batches(encode(tokenizer, ["The sky is clear."]), 8, 0)))
+    config = FitConfig(lr=0.1, max_epochs=6, patience=6, max_confidence_rise=0.0, guard_growth=3.0)
+    result = fit_gains(model, cmap, ["L1H0", "L1H1", "L1MLP"], [facts], [facts], [neutral], config)
+    history = result.history
+    kept = history[result.best_epoch]
+    assert kept["dev_confidence_rise_unrecalled"] <= 0.0
+    for before, after in zip(history[1:], history[2:], strict=False):
+        over = before["dev_confidence_rise_unrecalled"] > 0.0
+        assert after["guard_weight"] == pytest.approx(before["guard_weight"] * (3.0 if over else 1.0))
+    assert any(h["dev_confidence_rise_unrecalled"] > 0 for h in history[1:]), "the test needs an epoch over budget"

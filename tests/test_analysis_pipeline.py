@@ -1,0 +1,241 @@
+"""`recallfix analyze` end to end on tiny random models of every architecture: outputs valid against the
+schemas, the patch applies and reproduces what was fitted, determinism, and clear errors on bad inputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from tiny import ARCHITECTURES
+
+from recallfix.analysis.fit import FitConfig
+from recallfix.analysis.pipeline import AnalysisConfig, AnalysisError, run_analysis
+from recallfix.analysis.schema import SCHEMA_PATH, AnalysisResult, json_schema
+from recallfix.patches import Patch, apply_patch
+from recallfix.patches.cli import main as recallfix_main
+from recallfix.patches.io import load_causal_lm
+
+CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Brazil": "Brasilia", "Egypt": "Cairo", "Peru": "Lima",
+            "Chile": "Santiago", "Kenya": "Nairobi", "Spain": "Madrid", "Italy": "Rome", "Greece": "Athens"}
+SYMBOLS = {"Gold": "Au", "Silver": "Ag", "Iron": "Fe", "Copper": "Cu", "Tin": "Sn"}
+
+# Small and fast: the numbers are meaningless on random weights; the tests check shapes and consistency.
+FAST = AnalysisConfig(batch_size=8, n_boot=40, progress=False, fit=FitConfig(max_epochs=3, patience=2))
+
+
+def write_facts(path: Path) -> Path:
+    rows = []
+    for subject, answer in CAPITALS.items():
+        for template in ("The capital of {} is", "{} has its capital in"):
+            rows.append({"prompt": template.format(subject), "answer": answer, "subject": subject,
+                         "relation": "capital", "template": template})
+    for subject, answer in SYMBOLS.items():
+        rows.append({"prompt": f"{subject} has the chemical symbol", "answer": answer, "subject": subject,
+                     "relation": "symbol"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_unknown(path: Path) -> Path:
+    rows = [{"prompt": f"The capital of {s} is", "answer": a, "subject": s, "relation": "capital"}
+            for s, a in {"Zorvia": "Velmar", "Quaston": "Drel", "Miravel": "Ostun"}.items()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_neutral(path: Path) -> Path:
+    path.write_text("The weather today is mild.\nWe walked to the market.\nThe sky is clear.\n"
+                    "A cat sat on the mat.\nThe train was late again.\nShe read a book.\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("analysis-inputs")
+    return {"facts": write_facts(root / "facts.jsonl"), "unknown": write_unknown(root / "unknown.jsonl"),
+            "neutral": write_neutral(root / "neutral.txt")}
+
+
+def validate_run(run: Path) -> dict:
+    """Every output file exists and is valid: analysis.json against the committed schema, the patch
+    against the Patch format and its schema, every referenced file present."""
+    doc = json.loads((run / "analysis.json").read_text())
+    jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text()))
+    AnalysisResult.model_validate(doc)
+    for name in doc["files"].values():
+        assert (run / name).is_file(), name
+    text = (run / "report.md").read_text()
+    for key, name in doc["files"].items():
+        if key.startswith("plot_"):
+            assert f"({name})" in text, f"{name} not shown in the report"
+            assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if doc["patch"] is not None:
+        patch_doc = json.loads((run / "patch.json").read_text())
+        patch_schema = json.loads((Path(__import__("recallfix.patches").patches.__file__).parent
+                                   / "patch.schema.json").read_text())
+        jsonschema.validate(patch_doc, patch_schema)
+        patch = Patch.load(run / "patch.json")
+        assert {e.component: e.gain for e in patch.edits} == pytest.approx(doc["patch"]["gains"])
+        assert patch.provenance.dataset_sha256 == doc["data"]["facts_sha256"]
+    return doc
+
+
+def test_committed_schema_is_up_to_date() -> None:
+    assert json.loads(SCHEMA_PATH.read_text()) == json_schema(), \
+        "run `python -m recallfix.analysis.schema` to regenerate analysis/analysis.schema.json"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_pipeline_on_every_architecture(arch: str, tiny_dirs: dict[str, Path], inputs: dict[str, Path],
+                                        tmp_path: Path) -> None:
+    final = 1  # the tiny models have two layers
+    config = replace(FAST, components=(f"L{final}H0", f"L{final}MLP"), recall_rank=10**9)
+    run = tmp_path / "run"
+    result = run_analysis(tiny_dirs[arch], inputs["facts"], run, unknown=inputs["unknown"],
+                          neutral=inputs["neutral"], config=config, command="test")
+    doc = validate_run(run)
+    assert doc["model"]["architecture"] == arch
+    n_layers = doc["model"]["num_layers"]
+    assert len(doc["logit_lens"]["all"]["mean_p_answer"]) == n_layers + 1
+    assert set(doc["logit_lens"]["by_relation"]) == {"capital", "symbol"}
+    assert doc["data"]["splits"]["test"] > 0 and sum(doc["data"]["splits"].values()) == doc["data"]["n_facts"] == 25
+    assert doc["data"]["n_unknown"] == 3
+    names = [c["name"] for c in doc["final_layer"]["components"]]
+    assert names[:doc["model"]["num_heads"]] == [f"L{final}H{h}" for h in range(doc["model"]["num_heads"])]
+    assert names[-1] == f"L{final}MLP"
+    assert len(doc["mechanisms"]["mlp_regression"]) == n_layers
+    assert doc["mechanisms"]["movers"]["n_prompts"] == 25
+    assert len(doc["mechanisms"]["movers"]["heads"]) == n_layers * doc["model"]["num_heads"]
+    # the verdict's "after" is the logit lens's last layer; "before" its second to last
+    test = doc["verdict"]["all"]
+    assert test["mean_p_after"] == pytest.approx(doc["logit_lens"]["all"]["mean_p_answer"][-1], rel=1e-4)
+    assert test["mean_p_before"] == pytest.approx(doc["logit_lens"]["all"]["mean_p_answer"][-2], rel=1e-4)
+    patch = doc["patch"]
+    assert set(patch["gains"]) == {f"L{final}H0", f"L{final}MLP"}
+    assert patch["verified"] and patch["max_verify_error"] < 1e-3
+    assert all(0.0 <= g <= 2.0 for g in patch["gains"].values())
+    ev = doc["evaluation"]
+    assert ev["test"]["n"] == doc["data"]["splits"]["test"]
+    for model in ("base", "patched", "temperature"):
+        assert set(ev["test"]["models"][model]) >= {"accuracy", "ece_equal_width", "ece_equal_mass", "brier", "nll",
+                                                    "auroc", "mean_p_answer"}
+    # temperature scaling never changes the top-1 token
+    assert ev["test"]["models"]["temperature"]["accuracy"]["value"] == ev["test"]["models"]["base"]["accuracy"]["value"]
+    assert ev["neutral"]["n_lines"] == 3
+    assert {c["name"] for c in doc["criteria"]} == {
+        "final_layer_suppresses", "patch_raises_accuracy", "patch_raises_p_answer", "patch_lowers_ece",
+        "patch_beats_temperature_accuracy", "unknown_confidence", "neutral_nll"}
+    assert result.patch is not None and result.patch.id == Patch.load(run / "patch.json").id
+
+
+def test_pipeline_in_bfloat16(tiny_dirs: dict[str, Path], inputs: dict[str, Path], tmp_path: Path) -> None:
+    """The GPU path's dtype on CPU: hooks, fit and verification work in bf16 (within bf16 rounding)."""
+    config = replace(FAST, dtype="bfloat16", recall_rank=10**9, components=("L1H0", "L1MLP"))
+    result = run_analysis(tiny_dirs["llama"], inputs["facts"], tmp_path / "run", neutral=inputs["neutral"],
+                          config=config)
+    doc = validate_run(tmp_path / "run")
+    assert doc["model"]["dtype"] == "bfloat16"
+    assert result.patch is not None and result.patch.verified
+    assert any(g != 1.0 for g in result.patch.gains.values())  # every fact counts as recalled: the NLL moves them
+
+
+def test_reported_patched_numbers_come_from_the_applied_patch(tiny_dirs: dict[str, Path], inputs: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    """Re-measure the test split's patched p(answer) independently with apply_patch and a plain forward."""
+    from recallfix.analysis.facts import answer_token_id, assign_splits, load_facts
+
+    config = replace(FAST, components=("L1H0", "L1H1", "L1MLP"))
+    run_analysis(tiny_dirs["gpt2"], inputs["facts"], tmp_path / "run", neutral=inputs["neutral"], config=config)
+    doc = json.loads((tmp_path / "run" / "analysis.json").read_text())
+    model, tok = load_causal_lm(tiny_dirs["gpt2"])
+    facts = [f for f in assign_splits(load_facts(inputs["facts"]), seed=0) if f.split == "test"]
+    probs = []
+    with apply_patch(model, Patch.load(tmp_path / "run" / "patch.json")), torch.no_grad():
+        for f in facts:
+            p = model(**tok(f.prompt, return_tensors="pt")).logits[0, -1].softmax(-1)
+            probs.append(float(p[answer_token_id(tok, f.prompt, f.answer)]))
+    reported = doc["evaluation"]["test"]["models"]["patched"]["mean_p_answer"]["value"]
+    assert reported == pytest.approx(sum(probs) / len(probs), rel=1e-4)
+
+
+def test_no_suppressor_means_no_patch_and_a_valid_report(tiny_dirs: dict[str, Path], inputs: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    config = replace(FAST, min_share=1.01)  # no component can suppress on more than 100% of prompts
+    result = run_analysis(tiny_dirs["llama"], inputs["facts"], tmp_path / "run", neutral=inputs["neutral"],
+                          config=config)
+    doc = validate_run(tmp_path / "run")
+    assert result.patch is None and doc["evaluation"] is None
+    assert not (tmp_path / "run" / "patch.json").exists()
+    assert [c["name"] for c in doc["criteria"]] == ["final_layer_suppresses"]
+    assert "no patch was made" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_same_seed_same_patch_other_seed_other_split(tiny_dirs: dict[str, Path], inputs: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    config = replace(FAST, components=("L1H0", "L1MLP"), n_boot=10)
+    runs = []
+    for i, seed in enumerate((0, 0, 1)):
+        out = tmp_path / f"run{i}"
+        run_analysis(tiny_dirs["qwen2"], inputs["facts"], out, neutral=inputs["neutral"],
+                     config=replace(config, seed=seed))
+        runs.append((Patch.load(out / "patch.json"), json.loads((out / "analysis.json").read_text())))
+    (p0, d0), (p1, d1), (p2, d2) = runs
+    assert [e.model_dump() for e in p0.edits] == [e.model_dump() for e in p1.edits]
+    assert p0.id == p1.id
+    assert d0["evaluation"] == d1["evaluation"] and d0["patch"]["history"] == d1["patch"]["history"]
+    assert d0["data"]["facts_sha256"] != d2["data"]["facts_sha256"]  # another seed splits differently
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_refused_with_the_file_named(tiny_dirs: dict[str, Path], inputs: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    from recallfix.analysis.facts import FactsFormatError
+
+    model = tiny_dirs["llama"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "The capital of France is"}\n')
+    with pytest.raises(FactsFormatError, match="bad.jsonl:1.*answer"):
+        run_analysis(model, bad, tmp_path / "r1", config=FAST)
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"prompt": "The capital of France is", "answer": "Paris", "subject": "France"}\n')
+    with pytest.raises(AnalysisError, match="one.jsonl.*split is empty"):
+        run_analysis(model, one, tmp_path / "r2", config=FAST)
+    short = tmp_path / "short.txt"
+    short.write_text("only one line\n")
+    with pytest.raises(AnalysisError, match="short.txt.*at least 2"):
+        run_analysis(model, inputs["facts"], tmp_path / "r3", neutral=short, config=FAST)
+    with pytest.raises(FactsFormatError, match="missing.jsonl"):
+        run_analysis(model, inputs["facts"], tmp_path / "r4", unknown=tmp_path / "missing.jsonl", config=FAST)
+    with pytest.raises(AnalysisError, match="final layer"):
+        run_analysis(model, inputs["facts"], tmp_path / "r5", config=replace(FAST, components=("L0H0",)))
+    for i in range(1, 6):
+        assert not (tmp_path / f"r{i}").exists(), "a failed run must leave no run directory"
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    with pytest.raises(FileExistsError, match="--force"):
+        run_analysis(model, inputs["facts"], existing, config=FAST)
+
+
+def test_cli_analyze_and_its_errors(tiny_dirs: dict[str, Path], inputs: dict[str, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code = recallfix_main(["analyze", "--model", str(tiny_dirs["opt"]), "--facts", str(inputs["facts"]),
+                           "--unknown", str(inputs["unknown"]), "--neutral", str(inputs["neutral"]),
+                           "--out", str(out), "--n-boot", "20", "--batch-size", "4", "--components", "L1H1,L1MLP",
+                           "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f"report: {out / 'report.md'}" in printed
+    doc = validate_run(out)
+    assert doc["command"].startswith("recallfix ")  # sys.argv: the pytest command line here
+    assert Patch.load(out / "patch.json").provenance.command == doc["command"]
+    code = recallfix_main(["analyze", "--model", str(tiny_dirs["opt"]), "--facts", str(tmp_path / "nope.jsonl"),
+                           "--out", str(tmp_path / "run2"), "--no-progress"])
+    assert code == 2
+    assert "nope.jsonl" in capsys.readouterr().err
