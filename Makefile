@@ -64,6 +64,7 @@ lint: $(STAMP)
 
 schema: $(STAMP)
 	$(PY) -c "from recallfix.patches.patch import write_json_schema; print(write_json_schema())"
+	$(PY) -m recallfix.analysis.schema
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
