@@ -6,13 +6,12 @@ null, never NaN, so the file is strict JSON.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from recallfix.patches.io import atomic_write_text
+from recallfix.patches.io import json_schema_of, write_json_schema_of
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("analysis.schema.json")
@@ -263,14 +262,11 @@ class AnalysisResult(Strict):
 
 
 def json_schema() -> dict[str, Any]:
-    schema = AnalysisResult.model_json_schema()
-    schema["$id"] = "https://recallfix.dev/analysis.schema.json"
-    schema["title"] = "recallfix analysis"
-    return schema
+    return json_schema_of(AnalysisResult, "recallfix analysis", SCHEMA_PATH)
 
 
 def write_json_schema(path: Path = SCHEMA_PATH) -> Path:
-    return atomic_write_text(path, json.dumps(json_schema(), indent=2) + "\n")
+    return write_json_schema_of(AnalysisResult, "recallfix analysis", path)
 
 
 if __name__ == "__main__":  # python -m recallfix.analysis.schema: regenerate the schema file

@@ -9,10 +9,24 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def json_schema_of(model: type[BaseModel], title: str, path: Path) -> dict[str, Any]:
+    """The JSON Schema of a pydantic document, with the id (its file name) and title it is published under."""
+    schema = model.model_json_schema()
+    schema["$id"] = f"https://recallfix.dev/{path.name}"
+    schema["title"] = title
+    return schema
+
+
+def write_json_schema_of(model: type[BaseModel], title: str, path: Path) -> Path:
+    return atomic_write_text(path, json.dumps(json_schema_of(model, title, path), indent=2) + "\n")
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

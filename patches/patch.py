@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .components import COMPONENT_RE, Component
-from .io import atomic_write_text
+from .io import atomic_write_text, json_schema_of, write_json_schema_of
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("patch.schema.json")
@@ -143,11 +143,8 @@ def format_validation_error(err: ValidationError) -> str:
 
 
 def json_schema() -> dict[str, Any]:
-    schema = Patch.model_json_schema()
-    schema["$id"] = "https://recallfix.dev/patch.schema.json"
-    schema["title"] = "recallfix Patch"
-    return schema
+    return json_schema_of(Patch, "recallfix Patch", SCHEMA_PATH)
 
 
 def write_json_schema(path: Path = SCHEMA_PATH) -> Path:
-    return atomic_write_text(path, json.dumps(json_schema(), indent=2) + "\n")
+    return write_json_schema_of(Patch, "recallfix Patch", path)
