@@ -320,35 +320,45 @@ class Service:
         return CompletionResponse(id=call.id, model=call.route.model, choices=choices,
                                   usage=self._usage(prompts, results))
 
-    async def complete_stream(self, request: CompletionRequest, call: Call, prompts: list[Prompt],
-                              spec: SamplingSpec) -> AsyncIterator[str]:
+    async def _framed(self, call: Call, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        """Server-sent events of one call, ended by [DONE]. Once the headers are sent an error can only
+        travel in the stream: the client gets an OpenAI-shaped error event, the trace goes to the log."""
+        try:
+            async for event in events:
+                yield event
+        except ApiError as err:
+            yield err.sse()
+        except Exception:
+            log.exception("stream %s failed", call.id)
+            yield internal_error(call.id).sse()
+        yield "data: [DONE]\n\n"
+
+    def complete_stream(self, request: CompletionRequest, call: Call, prompts: list[Prompt],
+                        spec: SamplingSpec) -> AsyncIterator[str]:
+        return self._framed(call, self._completion_events(request, call, prompts, spec))
+
+    async def _completion_events(self, request: CompletionRequest, call: Call, prompts: list[Prompt],
+                                 spec: SamplingSpec) -> AsyncIterator[str]:
         jobs = self._fan_out(call, prompts, spec, request.n)
         created = int(time.time())
         results = [Result() for _ in jobs]
         offsets = [0] * len(jobs)  # text_offset continues across a choice's pieces
         echoed = [not request.echo] * len(jobs)  # the prompt goes out with a choice's first piece
-        try:
-            async for i, chunk in merge([self.sequence(*args) for _, args in jobs]):
-                piece = Result()
-                piece.add(chunk)
-                choice = self.completion_choice(request, i, jobs[i][0], piece, not echoed[i], offsets[i])
-                echoed[i] = True
-                if choice.logprobs is not None and choice.logprobs.tokens:
-                    offsets[i] = choice.logprobs.text_offset[-1] + len(choice.logprobs.tokens[-1])
-                else:
-                    offsets[i] += len(choice.text)
-                results[i].add(chunk)
-                yield sse(CompletionResponse(id=call.id, created=created, model=call.route.model, choices=[choice]))
-            self.remember(call, results)
-            if request.stream_options and request.stream_options.include_usage:
-                yield sse(CompletionResponse(id=call.id, created=created, model=call.route.model, choices=[],
-                                             usage=self._usage(prompts, results)))
-        except ApiError as err:
-            yield err.sse()
-        except Exception:  # headers are sent: the error goes in the stream, the trace in the log
-            log.exception("stream %s failed", call.id)
-            yield internal_error(call.id).sse()
-        yield "data: [DONE]\n\n"
+        async for i, chunk in merge([self.sequence(*args) for _, args in jobs]):
+            piece = Result()
+            piece.add(chunk)
+            choice = self.completion_choice(request, i, jobs[i][0], piece, not echoed[i], offsets[i])
+            echoed[i] = True
+            if choice.logprobs is not None and choice.logprobs.tokens:
+                offsets[i] = choice.logprobs.text_offset[-1] + len(choice.logprobs.tokens[-1])
+            else:
+                offsets[i] += len(choice.text)
+            results[i].add(chunk)
+            yield sse(CompletionResponse(id=call.id, created=created, model=call.route.model, choices=[choice]))
+        self.remember(call, results)
+        if request.stream_options and request.stream_options.include_usage:
+            yield sse(CompletionResponse(id=call.id, created=created, model=call.route.model, choices=[],
+                                         usage=self._usage(prompts, results)))
 
     @staticmethod
     def _usage(prompts: Sequence[Prompt], results: Sequence[Result]) -> Usage:
@@ -381,8 +391,12 @@ class Service:
         return ChatCompletionResponse(id=call.id, model=call.route.model, choices=choices,
                                       usage=self._usage([prompt], results))
 
-    async def chat_stream(self, request: ChatCompletionRequest, call: Call, prompt: Prompt,
-                          spec: SamplingSpec) -> AsyncIterator[str]:
+    def chat_stream(self, request: ChatCompletionRequest, call: Call, prompt: Prompt,
+                    spec: SamplingSpec) -> AsyncIterator[str]:
+        return self._framed(call, self._chat_events(request, call, prompt, spec))
+
+    async def _chat_events(self, request: ChatCompletionRequest, call: Call, prompt: Prompt,
+                           spec: SamplingSpec) -> AsyncIterator[str]:
         jobs = self._fan_out(call, [prompt], spec, request.n)
         created = int(time.time())
         results = [Result() for _ in jobs]
@@ -390,27 +404,20 @@ class Service:
         def chunk_of(choice: ChatStreamChoice) -> str:
             return sse(ChatCompletionChunk(id=call.id, created=created, model=call.route.model, choices=[choice]))
 
-        try:
-            for i in range(len(jobs)):  # OpenAI opens each choice with the role
-                yield chunk_of(ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content="")))
-            async for i, chunk in merge([self.sequence(*args) for _, args in jobs]):
-                results[i].add(chunk)
-                if not (chunk.text or chunk.token_ids or chunk.finish_reason):
-                    continue
-                yield chunk_of(ChatStreamChoice(
-                    index=i, delta=ChatDelta(content=chunk.text or None),
-                    logprobs=self._chat_logprobs(request, chunk.logprobs) if chunk.logprobs else None,
-                    finish_reason=chunk.finish_reason, stop_reason=chunk.stop_reason))
-            self.remember(call, results)
-            if request.stream_options and request.stream_options.include_usage:
-                yield sse(ChatCompletionChunk(id=call.id, created=created, model=call.route.model, choices=[],
-                                              usage=self._usage([prompt], results)))
-        except ApiError as err:
-            yield err.sse()
-        except Exception:  # headers are sent: the error goes in the stream, the trace in the log
-            log.exception("stream %s failed", call.id)
-            yield internal_error(call.id).sse()
-        yield "data: [DONE]\n\n"
+        for i in range(len(jobs)):  # OpenAI opens each choice with the role
+            yield chunk_of(ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content="")))
+        async for i, chunk in merge([self.sequence(*args) for _, args in jobs]):
+            results[i].add(chunk)
+            if not (chunk.text or chunk.token_ids or chunk.finish_reason):
+                continue
+            yield chunk_of(ChatStreamChoice(
+                index=i, delta=ChatDelta(content=chunk.text or None),
+                logprobs=self._chat_logprobs(request, chunk.logprobs) if chunk.logprobs else None,
+                finish_reason=chunk.finish_reason, stop_reason=chunk.stop_reason))
+        self.remember(call, results)
+        if request.stream_options and request.stream_options.include_usage:
+            yield sse(ChatCompletionChunk(id=call.id, created=created, model=call.route.model, choices=[],
+                                          usage=self._usage([prompt], results)))
 
     # -- /v1/feedback ----------------------------------------------------------------------------------
     def rate(self, request: FeedbackRequest) -> FeedbackResponse:
