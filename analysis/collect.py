@@ -1,9 +1,9 @@
 """Forward passes over the prompts: everything the analysis needs at the last position, reduced per batch.
 
-One pass per batch through `recallfix.patches.decompose` (hooks on the attention and MLP output
-projections, the first block and the final norm; only the last position is kept) gives the exact
-per-component writes; everything else (logit lens, DLA, neurons, the MLP regressions) is computed
-from them and reduced to a few numbers per prompt before the next batch. Attention patterns, needed
+One pass per batch through `recallfix.patches.decompose` (activations captured at named hook points
+of `recallfix.patches.hooks`, only the last position kept) gives the exact per-component writes;
+everything else (logit lens, DLA, neurons, the MLP regressions) is computed from them and reduced
+to a few numbers per prompt (`records.Dist` for each distribution) before the next batch. Attention patterns, needed
 for the mover heads only, come from a second pass with eager attention (the last row of each map).
 """
 
@@ -18,49 +18,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from recallfix.patches.components import ComponentMap
-from recallfix.patches.decompose import decompose, direct_logit_attribution, neuron_attribution
+from recallfix.patches.components import Component, ComponentMap
+from recallfix.patches.decompose import Decomposition, decompose, direct_logit_attribution, neuron_attribution
 
-from .attribution import (
-    ablation_effect,
-    final_layer_names,
-    logprob_gradient,
-    neuron_logprob_attribution,
-    rescale_term,
-)
+from .attribution import ablation_effect, logprob_gradient, neuron_logprob_attribution, rescale_term
 from .batching import batches, num_batches
-from .lens import AnswerStats, answer_stats, layer_residuals, lens_logits, logit_lens
+from .lens import answer_stats, layer_residuals, lens_logits, logit_lens
 from .movers import attention_to_subject, head_token_attribution
+from .records import Dist
 from .regression import intercept_readout, regress_mlp_on_heads
 
-
-@dataclass
-class Dist:
-    """Per-prompt numbers of one next-token distribution (CPU, row order of the input). All [N]."""
-
-    p_answer: torch.Tensor
-    rank: torch.Tensor
-    confidence: torch.Tensor
-    prediction: torch.Tensor
-    nll: torch.Tensor
-    brier: torch.Tensor
-
-    @property
-    def correct(self) -> torch.Tensor:
-        return self.rank == 1
-
-    @classmethod
-    def empty(cls, n: int) -> Dist:
-        zeros = torch.zeros(n)
-        return cls(zeros.clone(), torch.zeros(n, dtype=torch.long), zeros.clone(),
-                   torch.zeros(n, dtype=torch.long), zeros.clone(), zeros.clone())
-
-    def put(self, index: torch.Tensor, stats: AnswerStats) -> None:
-        for name in ("p_answer", "rank", "confidence", "prediction", "nll", "brier"):
-            getattr(self, name)[index] = getattr(stats, name).detach().to("cpu", getattr(self, name).dtype)
-
-    def take(self, rows: torch.Tensor) -> Dist:
-        return Dist(*(getattr(self, n)[rows] for n in ("p_answer", "rank", "confidence", "prediction", "nll", "brier")))
+__all__ = ["Collected", "Dist", "collect", "collect_attention", "eager_attention", "final_block_parts", "token_nll"]
 
 
 @dataclass
@@ -79,6 +47,10 @@ class Collected:
     rescale: torch.Tensor  # [N] the final norm's change of scale, on the answer's logit against the mean
     neuron_dla: torch.Tensor  # [N, d_mlp] DLA of the final MLP's neurons
     neuron_effect: torch.Tensor  # [N, d_mlp] first-order effect of each final neuron on log p(answer)
+    # The final block's parts (the paper's intercept fix regresses the MLP's output on the other two):
+    final_head_writes: torch.Tensor  # [N, H, d] each final-layer head's write
+    final_resid_mid: torch.Tensor  # [N, d] the stream after the final block's attention (bias included)
+    final_mlp_out: torch.Tensor  # [N, d] the final MLP's write; final_resid_mid + final_mlp_out = x_final
     # Mechanisms (only when asked for):
     beta: torch.Tensor | None = None  # [N, L, H] MLP-on-heads regression coefficients
     r2: torch.Tensor | None = None  # [N, L]
@@ -100,6 +72,22 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+def final_block_parts(dec: Decomposition, cmap: ComponentMap,
+                      x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The final block split at its MLP, from the exact decomposition: (stream after attention [b, d],
+    head writes [b, H, d], MLP write [b, d]). x_in: the stream entering the block (`layer_residuals`).
+
+    The stream after attention is x_in plus every attention write (heads and the projection's bias); on a
+    sequential block it is what the MLP reads, on a parallel one (GPT-NeoX) the MLP reads x_in instead.
+    """
+    final = cmap.shape.num_layers - 1
+    mlp_name = str(Component(final, "mlp"))
+    heads = torch.stack([dec.resid[:, dec.index(name)] for name in cmap.heads(final)], dim=1)
+    attention = [dec.index(name) for name in dec.written_by(final) if name != mlp_name]
+    mid = x_in + dec.resid[:, attention].sum(dim=1)
+    return mid, heads, dec.resid[:, dec.index(mlp_name)]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -132,6 +120,9 @@ def collect(
     neuron_dla = torch.zeros(n, shape.intermediate_size)
     neuron_effect = torch.zeros(n, shape.intermediate_size)
     rescale = torch.zeros(n)
+    final_head_writes = torch.zeros(n, shape.num_heads, shape.hidden_size)
+    final_resid_mid = torch.zeros(n, shape.hidden_size)
+    final_mlp_out = torch.zeros(n, shape.hidden_size)
     dla: torch.Tensor | None = None
     final_effect: torch.Tensor | None = None
     names: list[str] = []
@@ -162,7 +153,7 @@ def collect(
             dla = torch.zeros(n, batch_dla.shape[1])
         dla[rows] = batch_dla
         neuron_dla[rows] = neuron_attribution(dec, cmap, final, answers).cpu()
-        final_names = final_layer_names(names, final)
+        final_names = dec.written_by(final)
         writes = torch.stack([dec.resid[:, dec.index(c)] for c in final_names], dim=1)
         batch_effect = ablation_effect(cmap, dec.final_resid, writes, answers).cpu()
         if final_effect is None:
@@ -171,6 +162,8 @@ def collect(
         grad = logprob_gradient(cmap, dec.final_resid, answers)
         neuron_effect[rows] = neuron_logprob_attribution(cmap, grad, dec.neuron_acts[final], final).cpu()
         rescale[rows] = rescale_term(cmap, residuals[:, final], dec.final_resid, answers).cpu()
+        mid, heads, mlp = final_block_parts(dec, cmap, residuals[:, final])
+        final_resid_mid[rows], final_head_writes[rows], final_mlp_out[rows] = mid.cpu(), heads.cpu(), mlp.cpu()
         if mechanisms:
             for layer in range(num_layers):
                 reg = regress_mlp_on_heads(dec, cmap, layer)
@@ -190,7 +183,8 @@ def collect(
     result = Collected(names=names, output=output, before=before, lens_p=lens_p, lens_rank=lens_rank,
                        x_final=x_final, dla=dla if dla is not None else empty, final_names=final_names,
                        final_effect=final_effect if final_effect is not None else empty, rescale=rescale,
-                       neuron_dla=neuron_dla, neuron_effect=neuron_effect)
+                       neuron_dla=neuron_dla, neuron_effect=neuron_effect, final_head_writes=final_head_writes,
+                       final_resid_mid=final_resid_mid, final_mlp_out=final_mlp_out)
     if mechanisms:
         result.beta, result.r2 = beta, r2
         result.intercept_dla, result.intercept_rank = intercept_dla, intercept_rank

@@ -158,18 +158,25 @@ def _check_split(value: Any, where: str, field: str = "split") -> str | None:
     return value
 
 
+def _json_object(text: str, where: str, what: str, *, file: Path | None = None) -> dict[str, Any]:
+    """`text` parsed as one JSON object, or FactsFormatError at `where` (at the line, for a whole `file`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"{file}:{e.lineno}" if file is not None else where
+        raise FactsFormatError(f"{at}: invalid JSON: {e.msg} (column {e.colno})") from e
+    if not isinstance(value, dict):
+        raise FactsFormatError(f"{where}: {what}, got {type(value).__name__}")
+    return value
+
+
 def _load_jsonl(p: Path) -> list[Fact]:
     facts: list[Fact] = []
     for lineno, line in enumerate(_read_text(p).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{p}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FactsFormatError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from e
-        if not isinstance(rec, dict):
-            raise FactsFormatError(f"{where}: record must be a JSON object, got {type(rec).__name__}")
+        rec = _json_object(line, where, "record must be a JSON object")
         prompt = _check_text(rec.get("prompt"), where, "prompt", required=True, kind="prompt")
         answer = _check_text(rec.get("answer"), where, "answer", required=True, kind="answer")
         assert prompt is not None and answer is not None  # required=True guarantees it
@@ -206,12 +213,7 @@ def _load_relation_json(p: Path) -> list[Fact]:
     text = _read_text(p)
     if not text.strip():
         raise FactsFormatError(f"{p}: empty file, no facts")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FactsFormatError(f"{p}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
-    if not isinstance(doc, dict):
-        raise FactsFormatError(f"{p}: top level must be a relation object, got {type(doc).__name__}")
+    doc = _json_object(text, str(p), "top level must be a relation object", file=p)
     name = _check_text(doc.get("name"), str(p), "name", required=True, kind="label")
     assert name is not None
 

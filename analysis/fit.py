@@ -3,11 +3,12 @@
 A gain g_c on component c multiplies its write to the residual stream, exactly as `apply_patch`
 scales its weights: a head's slice of the attention output projection's input z (the projection's
 bias belongs to no head and is left alone), a neuron's activation entering the MLP output
-projection, or the whole MLP output (bias included). Here the gains are forward pre-hooks on those
-projections, so gradients flow through the real final block, final norm and unembedding.
+projection, or the whole MLP output (bias included). Here the gains are hooks at
+`blocks.{l}.attn.hook_z`, `blocks.{l}.mlp.hook_post` and `blocks.{l}.hook_mlp_out` (`recallfix.patches.hooks`),
+so gradients flow through the real final block, final norm and unembedding.
 
-Only the final block depends on the gains, so its inputs are captured once per batch (a pre-hook
-that stops the forward there) and the fit replays block -> final norm -> unembedding on them: the
+Only the final block depends on the gains, so its inputs are captured once per batch (`hooks.block_inputs`
+stops the forward there) and the fit replays block -> final norm -> unembedding on them: the
 same function as the full forward (tested), without re-running the layers below every step.
 
 Objective (g = 1 + delta, projected onto [min_gain, max_gain] after every step):
@@ -38,10 +39,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from recallfix.patches.components import ComponentMap
+from recallfix.patches.hooks import HookFn, add_hooks, block_inputs
 
 from .batching import Batch
 
@@ -90,36 +93,36 @@ class GainHooks:
         finally:
             self._active = True
 
-    def _scale_heads(self, _module: nn.Module, args: tuple) -> tuple | None:
+    def _scale_heads(self, z: torch.Tensor) -> torch.Tensor | None:
         if not self._active:
             return None
-        z = args[0]
         shape = self.cmap.shape
         per_head = torch.ones(shape.num_heads, device=z.device, dtype=self.delta.dtype)
         per_head = per_head.index_put((self._head_index,), self.gains[self.heads])
         scale = per_head.repeat_interleave(shape.head_dim).to(z.dtype)
-        return (z * scale, *args[1:])
+        return z * scale
 
-    def _scale_neurons(self, _module: nn.Module, args: tuple) -> tuple | None:
+    def _scale_neurons(self, acts: torch.Tensor) -> torch.Tensor | None:
         if not self._active:
             return None
-        acts = args[0]
         per_neuron = torch.ones(acts.shape[-1], device=acts.device, dtype=self.delta.dtype)
         per_neuron = per_neuron.index_put((self._neuron_index,), self.gains[self.neurons])
-        return (acts * per_neuron.to(acts.dtype), *args[1:])
+        return acts * per_neuron.to(acts.dtype)
 
-    def _scale_mlp(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    def _scale_mlp(self, output: torch.Tensor) -> torch.Tensor | None:
         if not self._active:
             return None
         return output * self.gains[self.whole_mlp[0]].to(output.dtype)
 
     def __enter__(self) -> GainHooks:
+        points: dict[str, HookFn] = {}
         if self.heads:
-            self._handles.append(self.cmap.attn_out(self.layer).register_forward_pre_hook(self._scale_heads))
+            points[f"blocks.{self.layer}.attn.hook_z"] = self._scale_heads
         if self.neurons:
-            self._handles.append(self.cmap.mlp_out(self.layer).register_forward_pre_hook(self._scale_neurons))
+            points[f"blocks.{self.layer}.mlp.hook_post"] = self._scale_neurons
         if self.whole_mlp:
-            self._handles.append(self.cmap.mlp_out(self.layer).register_forward_hook(self._scale_mlp))
+            points[f"blocks.{self.layer}.hook_mlp_out"] = self._scale_mlp
+        self._handles = add_hooks(self.cmap, points)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -131,10 +134,6 @@ class GainHooks:
 # ------------------------------------------------------------------------------------------------
 # Replaying the final block
 # ------------------------------------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    pass
 
 
 @dataclass
@@ -153,20 +152,9 @@ class BlockInputs:
 @torch.no_grad()
 def capture_final_block_inputs(model: nn.Module, cmap: ComponentMap, batch: Batch) -> BlockInputs:
     """Run the model up to its final block and keep that block's arguments (the rest is skipped)."""
-    captured: dict[str, object] = {}
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured["args"], captured["kwargs"] = args, kwargs
-        raise _Stop
-
-    handle = cmap.block(cmap.shape.num_layers - 1).register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return BlockInputs(captured["args"], captured["kwargs"], batch)  # type: ignore[arg-type]
+    args, kwargs = block_inputs(model, cmap, cmap.shape.num_layers - 1, input_ids=batch.input_ids,
+                                attention_mask=batch.attention_mask, use_cache=False)
+    return BlockInputs(args, kwargs, batch)
 
 
 def replay_logits(cmap: ComponentMap, inputs: BlockInputs, *, last_only: bool) -> torch.Tensor:
@@ -227,7 +215,7 @@ def set_base(cmap: ComponentMap, facts: Sequence[BlockInputs], neutral: Sequence
 
 def _kl(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """KL(p_base || p) over the last dim."""
-    return (base_logp.exp() * (base_logp - logp)).sum(dim=-1)
+    return F.kl_div(logp, base_logp, reduction="none", log_target=True).sum(dim=-1)
 
 
 def fact_loss(cmap: ComponentMap, inputs: BlockInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,24 +10,12 @@ code here.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 
 from recallfix.patches.components import ComponentMap
 from recallfix.patches.decompose import Decomposition, constant_logits, frozen_norm_scale, norm_linear
 
-_LAYER_RE = re.compile(r"^L(\d+)")
-
-
-def component_layers(names: list[str]) -> torch.Tensor:
-    """Layer of each decomposition component; the embedding gets -1. [components]"""
-    layers = []
-    for name in names:
-        match = _LAYER_RE.match(name)
-        layers.append(int(match.group(1)) if match else -1)
-    return torch.tensor(layers, dtype=torch.long)
+from .records import Dist
 
 
 def layer_residuals(dec: Decomposition, num_layers: int) -> torch.Tensor:
@@ -35,7 +23,7 @@ def layer_residuals(dec: Decomposition, num_layers: int) -> torch.Tensor:
 
     Index 0 is the embedding, index l the stream after block l-1, index L what enters the final norm.
     """
-    layers = component_layers(dec.names).to(dec.resid.device)
+    layers = torch.tensor(dec.layers, dtype=torch.long, device=dec.resid.device)
     per_layer = torch.zeros(dec.resid.shape[0], num_layers + 1, dec.resid.shape[2],
                             dtype=dec.resid.dtype, device=dec.resid.device)
     per_layer.index_add_(1, layers + 1, dec.resid)
@@ -51,24 +39,7 @@ def lens_logits(cmap: ComponentMap, x: torch.Tensor) -> torch.Tensor:
     return logits.reshape(*x.shape[:-1], -1)
 
 
-@dataclass
-class AnswerStats:
-    """Per-prompt numbers of one next-token distribution, all [batch]."""
-
-    p_answer: torch.Tensor
-    rank: torch.Tensor  # 1 = the answer is the top token
-    confidence: torch.Tensor  # top-1 probability
-    prediction: torch.Tensor  # top-1 token
-    nll: torch.Tensor  # -log p(answer)
-    brier: torch.Tensor  # multi-class Brier score: sum_k (p_k - 1[k = answer])^2
-
-    @property
-    def correct(self) -> torch.Tensor:
-        """Top-1 is the answer (ties count as wrong only when another token is strictly above)."""
-        return self.rank == 1
-
-
-def answer_stats(logits: torch.Tensor, answer_ids: torch.Tensor, temperature: float = 1.0) -> AnswerStats:
+def answer_stats(logits: torch.Tensor, answer_ids: torch.Tensor, temperature: float = 1.0) -> Dist:
     """p(answer), its rank, top-1 confidence and prediction, NLL and Brier of logits [batch, vocab] / T."""
     logits = logits.float() / temperature
     logp = logits.log_softmax(dim=-1)
@@ -78,7 +49,7 @@ def answer_stats(logits: torch.Tensor, answer_ids: torch.Tensor, temperature: fl
     logp_answer = logp[rows, answer_ids]
     confidence, prediction = p.max(dim=-1)
     p_answer = logp_answer.exp()
-    return AnswerStats(
+    return Dist(
         p_answer=p_answer,
         rank=(logits > answer_logit[:, None]).sum(dim=-1) + 1,
         confidence=confidence,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recallfix.patches.components import ComponentMap
+from recallfix.patches.components import Component, ComponentMap
 from recallfix.patches.decompose import Decomposition, direct_logit_attribution
 
 
@@ -41,12 +41,10 @@ def head_token_attribution(dec: Decomposition, cmap: ComponentMap, token_ids: to
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of matching columns of x and y [n, ...] over dim 0; NaN where undefined."""
-    x = x.double() - x.double().mean(dim=0)
-    y = y.double() - y.double().mean(dim=0)
-    denom = (x.pow(2).sum(dim=0) * y.pow(2).sum(dim=0)).sqrt()
-    r = (x * y).sum(dim=0) / denom
-    return torch.where(denom > 0, r, torch.full_like(r, float("nan")))
+    """Pearson correlation of matching columns of x and y [n, ...] over dim 0 (float64); NaN where undefined."""
+    columns = zip(x.reshape(len(x), -1).double().T, y.reshape(len(y), -1).double().T, strict=True)
+    r = [torch.corrcoef(torch.stack(pair))[0, 1] for pair in columns]
+    return torch.stack(r).view(x.shape[1:]) if r else torch.zeros(x.shape[1:], dtype=torch.float64)
 
 
 @dataclass
@@ -73,7 +71,7 @@ def summarize_movers(attention: torch.Tensor, attribution: torch.Tensor, *,
             corr = float(r[layer, head])
             corr_or_none = None if corr != corr else corr  # NaN -> None
             out.append(HeadMover(
-                name=f"L{layer}H{head}",
+                name=str(Component(layer, "head", head)),
                 mean_attention=float(mean_att[layer, head]),
                 mean_attribution=float(mean_attr[layer, head]),
                 correlation=corr_or_none,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recallfix.patches.components import ComponentMap
+from recallfix.patches.components import Component, ComponentMap
 from recallfix.patches.decompose import Decomposition, mean_readout, norm_linear, readout
 
 
@@ -42,7 +42,7 @@ def regress(target: torch.Tensor, regressors: torch.Tensor) -> Regression:
 def regress_mlp_on_heads(dec: Decomposition, cmap: ComponentMap, layer: int) -> Regression:
     """Regress layer's MLP write on the writes of that block's heads, at the decomposed position."""
     heads = torch.stack([dec.resid[:, dec.index(name)] for name in cmap.heads(layer)], dim=1)
-    return regress(dec.resid[:, dec.index(f"L{layer}MLP")], heads)
+    return regress(dec.resid[:, dec.index(str(Component(layer, "mlp")))], heads)
 
 
 def intercept_readout(cmap: ComponentMap, dec: Decomposition, intercept: torch.Tensor,

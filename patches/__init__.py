@@ -1,19 +1,28 @@
-"""recallfix.patches: the component map, the Patch format, and exact ways to apply a patch."""
+"""recallfix.patches: the component map, the Patch format, and exact ways to apply a patch.
 
-from importlib.metadata import PackageNotFoundError, version
+    components.py   where each head and neuron lives, per architecture (the only architecture code)
+    patch.py        the Patch document (JSON) and its errors
+    rule.py         which weight slices a gain scales, and their fingerprint
+    checkpoint.py   the check every consumer runs (schema, fingerprint, finiteness); lazy checkpoint reads
+    apply.py        making a patch, applying one in memory
+    export.py       merged checkpoint and PEFT LoRA exports
+    decompose.py    exact per-component decomposition of the last position's logits
+    hooks.py        named hook points (TransformerLens names) on a Hugging Face model
+    io.py           atomic writes, model directories, safetensors, dtypes
+    models.py       where a `--model` comes from (directory, .gguf, named model, hub); gguf.py converts GGUF
+    cli.py          the `recallfix` console script and its `patch` subcommands (model_cli.py: `model`)
+    version.py      the installed version
+"""
 
-try:
-    __version__ = version("recallfix")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+source"
-
-from .apply import AppliedPatch, apply_patch, make_patch  # noqa: E402
-from .components import Component, ComponentMap, UnknownComponentError, UnsupportedModelError  # noqa: E402
-from .decompose import Decomposition, decompose, direct_logit_attribution, neuron_attribution  # noqa: E402
-from .patch import FingerprintMismatchError, Patch, PatchError  # noqa: E402
+from .apply import AppliedPatch, apply_patch, make_patch
+from .checkpoint import Checkpoint, check_patch_against
+from .components import Component, ComponentMap, UnknownComponentError, UnsupportedModelError
+from .decompose import Decomposition, decompose, direct_logit_attribution, neuron_attribution
+from .patch import FingerprintMismatchError, Patch, PatchError
+from .version import __version__
 
 __all__ = [
-    "AppliedPatch", "Component", "ComponentMap", "Decomposition", "FingerprintMismatchError", "Patch",
-    "PatchError", "UnknownComponentError", "UnsupportedModelError", "__version__", "apply_patch",
-    "decompose", "direct_logit_attribution", "make_patch", "neuron_attribution",
+    "AppliedPatch", "Checkpoint", "Component", "ComponentMap", "Decomposition", "FingerprintMismatchError",
+    "Patch", "PatchError", "UnknownComponentError", "UnsupportedModelError", "__version__", "apply_patch",
+    "check_patch_against", "decompose", "direct_logit_attribution", "make_patch", "neuron_attribution",
 ]

@@ -15,7 +15,7 @@ import tempfile
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 
 log = logging.getLogger("recallfix")
 
@@ -69,10 +69,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name, value in patch.metrics.items():
         print(f"metric  {name} = {value}")
     if args.model:
-        from .export import _Checkpoint, lora_refusal
-        from .io import resolve_model_dir
+        from .checkpoint import Checkpoint
+        from .export import lora_refusal
 
-        ckpt = _Checkpoint(resolve_model_dir(args.model), args.trust_remote_code)
+        ckpt = Checkpoint.open(args.model, args.trust_remote_code)
         ckpt.check(patch)
         reason = lora_refusal(ckpt.cmap, patch, ckpt.has)
         print(f"applies to {args.model}: yes; LoRA export: {'no, ' + reason if reason else 'yes'}")

@@ -88,6 +88,14 @@ class Component:
             return cls(int(layer), "neuron", int(neuron))
         return cls(int(layer), "mlp")
 
+    @classmethod
+    def try_parse(cls, name: str) -> Component | None:
+        """The component, or None for a name outside the vocabulary (e.g. a decomposition's "embed")."""
+        try:
+            return cls.parse(name)
+        except UnknownComponentError:
+            return None
+
     def __str__(self) -> str:
         if self.kind == "head":
             return f"L{self.layer}H{self.index}"
@@ -211,7 +219,7 @@ class ComponentMap:
         return f"{self.spec.layers}.{component.layer}.{local}"
 
     def heads(self, layer: int) -> list[str]:
-        return [f"L{layer}H{h}" for h in range(self.shape.num_heads)]
+        return [str(Component(layer, "head", h)) for h in range(self.shape.num_heads)]
 
     def validate(self, name: str) -> Component:
         """Parse a component name and check it exists in this model."""

@@ -15,14 +15,13 @@ weight. The parts add up to the model's own logits to float rounding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .components import ComponentMap
-
-CONSTANT = "bias"  # final-norm bias + unembedding bias: no component owns it
+from .components import Component, ComponentMap
+from .hooks import FINAL_NORM_IN, capture
 
 
 @dataclass
@@ -30,7 +29,8 @@ class Decomposition:
     """Per-component writes at one position of each prompt (float32).
 
     names[i] labels resid[:, i]: "embed", "L{l}H{h}", "L{l}attn_bias" (when the projection has a
-    bias), "L{l}MLP" (the MLP's whole output, bias included).
+    bias), "L{l}MLP" (the MLP's whole output, bias included); layers[i] is the block that wrote it
+    (-1: the embedding).
     """
 
     names: list[str]
@@ -39,9 +39,14 @@ class Decomposition:
     final_resid: torch.Tensor  # [batch, d_model], what enters the final norm
     norm_scale: torch.Tensor  # [batch], the final norm's divisor, frozen
     logits: torch.Tensor  # [batch, vocab], the model's own logits at the position
+    layers: list[int] = field(default_factory=list)
 
     def index(self, name: str) -> int:
         return self.names.index(name)
+
+    def written_by(self, layer: int) -> list[str]:
+        """The components block `layer` writes: its heads, attention bias, MLP."""
+        return [name for name, at in zip(self.names, self.layers, strict=True) if at == layer]
 
 
 def last_positions(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
@@ -124,59 +129,37 @@ def decompose(
         # Some blocks (OPT's MLP) flatten batch and sequence; restore them before picking positions.
         return t.reshape(batch, seq, -1)[rows, pos].float()
 
-    captured: dict[str, torch.Tensor] = {}
-    hooks = []
-
-    def first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-        return args[0] if args else kwargs["hidden_states"]
-
-    hooks.append(cmap.block(0).register_forward_pre_hook(
-        lambda _m, args, kwargs: captured.__setitem__("embed", at_pos(first_arg(args, kwargs))),
-        with_kwargs=True,
-    ))
-    hooks.append(cmap.final_norm().register_forward_pre_hook(
-        lambda _m, args: captured.__setitem__("final", at_pos(args[0]))
-    ))
+    points = ["blocks.0.hook_resid_pre", FINAL_NORM_IN]
     for layer in range(shape.num_layers):
-        hooks.append(cmap.attn_out(layer).register_forward_pre_hook(
-            lambda _m, args, layer=layer: captured.__setitem__(f"z{layer}", at_pos(args[0]))
-        ))
-
-        def mlp_hook(_m: nn.Module, args: tuple, output: torch.Tensor, layer: int = layer) -> None:
-            captured[f"act{layer}"] = at_pos(args[0])
-            captured[f"mlp{layer}"] = at_pos(output)
-
-        hooks.append(cmap.mlp_out(layer).register_forward_hook(mlp_hook))
-    try:
+        points += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"]
+    with capture(cmap, points, keep=at_pos) as captured:
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
 
-    names = ["embed"]
-    parts = [captured["embed"]]
+    names, layers, parts = ["embed"], [-1], [captured["blocks.0.hook_resid_pre"]]
     d = shape.head_dim
     for layer in range(shape.num_layers):
         proj = cmap.attn_out(layer)
         w_o = cmap.output_weight(proj).float()  # [d_model, heads * d]
-        z = captured[f"z{layer}"].view(-1, shape.num_heads, d)
+        z = captured[f"blocks.{layer}.attn.hook_z"].view(-1, shape.num_heads, d)
         heads = torch.einsum("bhd,mhd->bhm", z, w_o.view(w_o.shape[0], shape.num_heads, d))
         names += cmap.heads(layer)
         parts += list(heads.unbind(dim=1))
         if getattr(proj, "bias", None) is not None:
             names.append(f"L{layer}attn_bias")
             parts.append(proj.bias.float().expand_as(parts[0]))
-        names.append(f"L{layer}MLP")
-        parts.append(captured[f"mlp{layer}"])
+        names.append(str(Component(layer, "mlp")))
+        parts.append(captured[f"blocks.{layer}.hook_mlp_out"])
+        layers += [layer] * (len(names) - len(layers))
 
-    final = captured["final"]
+    final = captured[FINAL_NORM_IN]
     return Decomposition(
         names=names,
         resid=torch.stack(parts, dim=1),
-        neuron_acts={layer: captured[f"act{layer}"] for layer in range(shape.num_layers)},
+        neuron_acts={layer: captured[f"blocks.{layer}.mlp.hook_post"] for layer in range(shape.num_layers)},
         final_resid=final,
         norm_scale=frozen_norm_scale(cmap, final),
         logits=at_pos(out.logits),
+        layers=layers,
     )
 
 

@@ -1,8 +1,9 @@
 """Exporting a patch: a merged checkpoint, or a PEFT LoRA adapter that vLLM serves beside the base.
 
-Both read the base checkpoint from disk without loading the model: the fingerprint is checked on the
-tensors the patch touches, and the merged export rewrites only the shards that hold them, one shard
-at a time, so peak memory is one shard, not the model.
+Both read the base checkpoint from disk without loading the model (`checkpoint.Checkpoint`) and check
+the patch against it first (`check_patch_against`: fingerprint and finiteness of the tensors it
+touches). The merged export rewrites only the shards that hold those tensors, one shard at a time, so
+peak memory is one shard, not the model.
 
 LoRA: for a projection y = W x, a gain g on input features S is W' = W + W[:, S] (g - 1) E_S, where
 E_S selects S. That is a LoRA update B A with A = E_S (one-hot rows) and B = W[:, S] (g - 1),
@@ -19,53 +20,20 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig
 
-from .apply import TensorEdit, check_patch, scale_
+from .checkpoint import Checkpoint
 from .components import Component, ComponentMap
-from .io import PICKLE_SUFFIXES, atomic_directory, checkpoint_key, resolve_model_dir, safetensors_index
+from .io import PICKLE_SUFFIXES, atomic_directory
 from .patch import Patch, PatchError
+from .rule import HasTensor, TensorEdit, scale_
 
-MAX_LORA_RANK = 512  # the largest rank vLLM accepts (max_lora_rank choices: 1, 8, ..., 320, 512)
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values of max_lora_rank vLLM accepts
+MAX_LORA_RANK = VLLM_LORA_RANKS[-1]
 PATCH_FILE = "recallfix_patch.json"
 
 
 class LoraUnsupportedError(PatchError):
     """LoRA cannot express this patch exactly (or vLLM cannot serve it): use the merged export."""
-
-
-class _Checkpoint:
-    """Lazy, read-only access to a safetensors checkpoint's tensors by model parameter name."""
-
-    def __init__(self, model_dir: Path, trust_remote_code: bool = False) -> None:
-        self.dir = model_dir
-        self.config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        self.cmap = ComponentMap.from_config(self.config)
-        self.index = safetensors_index(model_dir)
-
-    def key(self, name: str) -> str:
-        return checkpoint_key(name, self.index)
-
-    def has(self, name: str) -> bool:
-        try:
-            self.key(name)
-        except KeyError:
-            return False
-        return True
-
-    def get(self, name: str) -> torch.Tensor:
-        key = self.key(name)
-        with safe_open(str(self.dir / self.index[key]), framework="pt") as f:
-            return f.get_tensor(key)
-
-    def check(self, patch: Patch) -> list[TensorEdit]:
-        try:
-            return check_patch(patch, self.cmap, self.get, self.has)
-        except PatchError:
-            raise
-        except ValueError as err:
-            raise PatchError(str(err)) from None
 
 
 def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
@@ -80,7 +48,7 @@ def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
 def export_merged(model_dir: str | Path, patch: Patch, out: str | Path, *, overwrite: bool = False,
                   trust_remote_code: bool = False) -> Path:
     """Write a complete checkpoint with the patch folded into the weights. Atomic."""
-    ckpt = _Checkpoint(resolve_model_dir(model_dir), trust_remote_code)
+    ckpt = Checkpoint.open(model_dir, trust_remote_code)
     edits = ckpt.check(patch)
     by_shard: dict[str, list[TensorEdit]] = defaultdict(list)
     for edit in edits:
@@ -111,7 +79,7 @@ def lora_rank(cmap: ComponentMap, components: list[Component]) -> int:
     return sum(sizes[c.kind] for c in components)
 
 
-def lora_refusal(cmap: ComponentMap, patch: Patch, has_tensor) -> str | None:  # noqa: ANN001
+def lora_refusal(cmap: ComponentMap, patch: Patch, has_tensor: HasTensor) -> str | None:
     """Why LoRA cannot carry this patch exactly, or None when it can."""
     if not cmap.spec.lora_in_vllm:
         return f"vLLM cannot serve LoRA adapters on {cmap.architecture}"
@@ -149,8 +117,7 @@ def export_lora(model_dir: str | Path, patch: Patch, out: str | Path, *, overwri
     Every module is padded to the adapter's rank r (zero rows/columns), so one `r` and
     `lora_alpha = r` (scaling exactly 1) describe the whole adapter for PEFT and vLLM alike.
     """
-    model_dir = resolve_model_dir(model_dir)
-    ckpt = _Checkpoint(model_dir, trust_remote_code)
+    ckpt = Checkpoint.open(model_dir, trust_remote_code)
     edits = ckpt.check(patch)
     reason = lora_refusal(ckpt.cmap, patch, ckpt.has)
     if reason:
@@ -169,7 +136,7 @@ def export_lora(model_dir: str | Path, patch: Patch, out: str | Path, *, overwri
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(model_dir.resolve()),
+        "base_model_name_or_path": str(ckpt.dir.resolve()),
         "r": rank,
         "lora_alpha": rank,
         "lora_dropout": 0.0,

@@ -1,4 +1,4 @@
-"""File I/O shared by every part: atomic writes, model directories, safetensors checkpoints."""
+"""File I/O shared by every part: atomic writes, model directories, safetensors checkpoints, dtype names."""
 
 from __future__ import annotations
 
@@ -15,6 +15,18 @@ import torch
 from pydantic import BaseModel
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# The dtypes a model can be loaded and served in, by name; `parse_dtype` also takes the short names.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_SHORT_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype called `name` (float32, bfloat16, float16 or fp32, bf16, fp16)."""
+    dtype = DTYPES.get(DTYPE_SHORT_NAMES.get(name, name))
+    if dtype is None:
+        choices = ", ".join(f"{full} ({short})" for short, full in DTYPE_SHORT_NAMES.items())
+        raise ValueError(f"unknown dtype {name!r}; choose from {choices}")
+    return dtype
 
 
 def json_schema_of(model: type[BaseModel], title: str, path: Path) -> dict[str, Any]:
@@ -53,6 +65,7 @@ def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{out} already exists (pass --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    scratch.chmod(0o755)  # mkdtemp makes it private; the result should be readable like any other directory
     try:
         yield scratch
         if out.exists():
@@ -68,20 +81,11 @@ def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """A local checkpoint directory for a path or a Hugging Face hub name (from the local cache or hub)."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise NotADirectoryError(f"{path} is a file; expected a model directory")
-    from huggingface_hub import snapshot_download
+    """A local checkpoint directory for a directory, a .gguf file, a named model or a hub name
+    (`recallfix.patches.models.resolve_model`)."""
+    from .models import resolve_model
 
-    try:
-        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-    except Exception as err:  # the hub client raises many types; the user needs the name and the reason
-        raise FileNotFoundError(
-            f"model {model!r} is neither a local directory nor reachable on the hub: {err}"
-        ) from None
+    return resolve_model(model)
 
 
 def safetensors_index(model_dir: Path) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Patch handling shared by the engines: reading a patch, refusing bad ones early, and the export cache.
 
-Every refusal is a `PatchRefused` whose message says why (schema, fingerprint, not finite), raised
-before anything that serves requests changes.
+Every refusal is a `PatchRefused` whose message says why (schema, fingerprint, not finite: the checks
+are `recallfix.patches.check_patch_against`), raised before anything that serves requests changes.
 """
 
 from __future__ import annotations
@@ -11,17 +11,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 
 from recallfix.patches import Patch, PatchError, __version__
+from recallfix.patches.export import VLLM_LORA_RANKS
+from recallfix.patches.io import DTYPES
 from recallfix.patches.patch import format_validation_error
 
 from .engine import PatchRefused
 
-# vLLM accepts only these values of max_lora_rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["DTYPES", "adapter_rank", "cache_key", "read_patch", "vllm_lora_rank"]
 
 
 def read_patch(path: str | Path | None = None, document: dict[str, Any] | None = None) -> Patch:
@@ -48,14 +47,6 @@ def adapter_rank(adapter_dir: Path) -> int:
     return int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
 
 
-def check_finite(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
-    """Refuse a patched tensor that holds inf/NaN, as stored or once cast to the serving dtype."""
-    for candidate in (tensor, tensor.to(dtype) if dtype is not None else None):
-        if candidate is not None and not bool(torch.isfinite(candidate).all()):
-            where = f" in {str(candidate.dtype).removeprefix('torch.')}"
-            raise PatchRefused(f"the patch makes {name} non-finite{where}: a gain is too large for this model")
-
-
 def cache_key(model_dir: Path, patch: Patch) -> str:
     """Names an export of `patch` for this checkpoint: the patch id (which fingerprints the tensors it
     touches) and the checkpoint files' identity (a merged export also carries the untouched ones)."""
@@ -65,39 +56,3 @@ def cache_key(model_dir: Path, patch: Patch) -> str:
     )
     body = json.dumps({"model": str(model_dir.resolve()), "files": files, "patch": patch.id, "tool": __version__})
     return f"{patch.id}-{hashlib.sha256(body.encode()).hexdigest()[:12]}"
-
-
-def check_against_checkpoint(model_dir: Path, patch: Patch, *, dtype: torch.dtype | None = None,
-                             trust_remote_code: bool = False) -> None:
-    """Refuse a patch that was made for another model, or whose edited tensors would not be finite,
-    reading only the tensors it touches from the checkpoint on disk (the model is never loaded)."""
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    from recallfix.patches.apply import check_patch, scale_
-    from recallfix.patches.components import ComponentMap
-    from recallfix.patches.io import checkpoint_key, safetensors_index
-
-    index = safetensors_index(model_dir)
-
-    def has(name: str) -> bool:
-        try:
-            checkpoint_key(name, index)
-        except KeyError:
-            return False
-        return True
-
-    def get(name: str) -> torch.Tensor:
-        key = checkpoint_key(name, index)
-        with safe_open(str(model_dir / index[key]), framework="pt") as f:
-            return f.get_tensor(key)
-
-    try:
-        cmap = ComponentMap.from_config(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code))
-        edits = check_patch(patch, cmap, get, has)
-    except ValueError as err:  # PatchError, FingerprintMismatchError, UnknownComponentError, ...
-        raise PatchRefused(str(err)) from None
-    for edit in edits:
-        tensor = get(edit.tensor)
-        scale_(tensor, edit.index, edit.gain)
-        check_finite(edit.tensor, tensor, dtype)

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from tiny import ARCHITECTURES, save_model
 
+pytest_plugins = ["real_model"]  # the real pretrained model (SmolLM2-135M) fixtures
+
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -13,6 +13,7 @@ from recallfix.analysis.attribution import ColumnStats, select_suppressors, summ
 from recallfix.analysis.batching import batches, subject_token_mask
 from recallfix.analysis.lens import answer_stats
 from recallfix.analysis.movers import attention_to_subject, pearson, summarize_movers
+from recallfix.analysis.records import Dist
 from recallfix.analysis.regression import regress
 
 # -- calibration ------------------------------------------------------------------------------------
@@ -98,13 +99,20 @@ def test_cluster_bootstrap_draws_whole_groups_and_is_seeded() -> None:
     assert all(np.array_equal(x, y) for x, y in zip(resamples, again, strict=True))
 
 
+def _dist(confidence: np.ndarray, correct: np.ndarray, p_answer: np.ndarray, brier: np.ndarray) -> Dist:
+    n = len(confidence)
+    return Dist(p_answer=torch.from_numpy(p_answer), rank=torch.from_numpy(np.where(correct, 1, 2)),
+                confidence=torch.from_numpy(confidence), prediction=torch.zeros(n, dtype=torch.long),
+                nll=torch.from_numpy(-np.log(p_answer)), brier=torch.from_numpy(brier))
+
+
 def test_bootstrap_interval_covers_point_and_differences_are_paired() -> None:
     rng = np.random.default_rng(4)
     n = 300
     conf = rng.uniform(0.2, 0.9, n)
     correct = rng.uniform(size=n) < conf
-    base = cal.Outcomes(conf, correct, conf * 0.8, -np.log(conf * 0.8), 1 - conf)
-    better = cal.Outcomes(conf, correct, conf * 0.9, -np.log(conf * 0.9), 1 - conf)
+    base = _dist(conf, correct, conf * 0.8, 1 - conf)
+    better = _dist(conf, correct, conf * 0.9, 1 - conf)
     groups = [str(i // 3) for i in range(n)]
     resamples = cal.group_resamples(groups, 200, seed=0)
     sb, sp = cal.bootstrap_samples(base, resamples), cal.bootstrap_samples(better, resamples)

@@ -106,11 +106,11 @@ def test_final_layer_suppresses_known_answers(tiny_dir: Path, tiny_model: tuple)
     # The manifest and the model card report the same effect.
     manifest = json.loads((tiny_dir / dm.MANIFEST).read_text())
     final = manifest["final"]
-    assert final["n_facts"] == len({(f.prompt, f.answer) for f in load_facts(shipped_facts_dir())})
-    assert abs(final["suppressed_share"] - share) < 0.1
-    assert final["p_after"] < final["p_before"]
+    assert final["n"] == len({(f.prompt, f.answer) for f in load_facts(shipped_facts_dir())})
+    assert abs(final["share_suppressed"] - share) < 0.1
+    assert final["mean_p_after"] < final["mean_p_before"]
     card = (tiny_dir / "README.md").read_text()
-    assert f"{final['suppressed_share']:.1%}" in card and "seed 0" in card
+    assert f"{final['share_suppressed']:.1%}" in card and "seed 0" in card
 
 
 def test_unknown_facts_and_neutral_text(tiny_dir: Path, tiny_model: tuple) -> None:

@@ -23,7 +23,7 @@ def test_wheel_contains_every_module_and_data_file(tmp_path) -> None:
     expected = {
         f"{package}/{path.relative_to(ROOT / folder).as_posix()}"
         for folder, package in FOLDERS.items()
-        for pattern in ("*.py", "*.json")
+        for pattern in ("*.py", "*.json", "*.md")
         for path in (ROOT / folder).rglob(pattern)
         if "__pycache__" not in path.parts
     }

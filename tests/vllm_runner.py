@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+from recallfix.patches.export import VLLM_LORA_RANKS
 
 
 def main() -> None:

@@ -21,10 +21,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from recallfix.patches import Patch
-from recallfix.patches.apply import check_patch, scale_
-from recallfix.patches.components import ComponentMap
+from recallfix.patches import Patch, PatchError, check_patch_against
 from recallfix.patches.io import load_causal_lm, resolve_model_dir
+from recallfix.patches.rule import scale_
 
 from ..config import ServerConfig
 from ..engine import (
@@ -37,7 +36,7 @@ from ..engine import (
     TokenLogprobs,
     Variant,
 )
-from ..patching import DTYPES, check_finite
+from ..patching import DTYPES
 from ..textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -47,11 +46,11 @@ T = TypeVar("T")
 def patched_copy(base: nn.Module, patch: Patch) -> tuple[nn.Module, list[str]]:
     """The patched model: shares every tensor of `base` but the edited ones. Returns it and the names of
     the tensors it owns. Refuses (PatchRefused) before copying anything if the patch does not fit."""
-    params = dict(base.named_parameters())
     try:
-        edits = check_patch(patch, ComponentMap(base), params.__getitem__, params.__contains__)
-    except ValueError as err:  # PatchError, FingerprintMismatchError, UnknownComponentError
+        edits = check_patch_against(base, patch)  # fingerprint, and the edited weights stay finite
+    except PatchError as err:
         raise PatchRefused(str(err)) from None
+    params = dict(base.named_parameters())
     edited = sorted({edit.tensor for edit in edits})
     # deepcopy returns what the memo maps an object's id to: shared tensors are handed back as they are.
     memo: dict[int, Any] = {id(p): p for name, p in params.items() if name not in edited}
@@ -61,8 +60,6 @@ def patched_copy(base: nn.Module, patch: Patch) -> tuple[nn.Module, list[str]]:
     with torch.no_grad():
         for edit in edits:
             scale_(own[edit.tensor], edit.index, edit.gain)
-    for name in edited:
-        check_finite(name, own[name])
     return patched.eval(), edited
 
 

@@ -32,7 +32,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from recallfix.patches import Patch, PatchError
+from recallfix.patches import Patch, PatchError, check_patch_against
 from recallfix.patches.components import ComponentMap, UnsupportedModelError
 from recallfix.patches.export import export_lora, export_merged
 from recallfix.patches.io import resolve_model_dir
@@ -50,7 +50,7 @@ from ..engine import (
     TokenLogprobs,
     Variant,
 )
-from ..patching import DTYPES, adapter_rank, cache_key, check_against_checkpoint, vllm_lora_rank
+from ..patching import DTYPES, adapter_rank, cache_key, vllm_lora_rank
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +233,11 @@ class VllmEngine(Engine):
     async def _check(self, patch: Patch) -> None:
         """Refuse a patch for another model, or one that makes a weight non-finite in the serving dtype."""
         assert self._model_dir is not None
-        await asyncio.to_thread(check_against_checkpoint, self._model_dir, patch,
-                                dtype=DTYPES.get(self._config.dtype), trust_remote_code=self._config.trust_remote_code)
+        try:
+            await asyncio.to_thread(check_patch_against, self._model_dir, patch, dtype=DTYPES.get(self._config.dtype),
+                                    trust_remote_code=self._config.trust_remote_code)
+        except PatchError as err:
+            raise PatchRefused(str(err)) from None
 
     @staticmethod
     def _merged_state(patch: Patch, merged_dir: Path, reason: str) -> PatchState:

