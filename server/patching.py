@@ -1,7 +1,7 @@
-"""Patch handling shared by the engines: reading a patch, refusing bad ones early, and the export cache.
+"""Patches in `recallfix serve`: reading one, refusing bad ones early, the serving mode, and the export cache.
 
-Every refusal is a `PatchRefused` whose message says why (schema, fingerprint, not finite), raised
-before anything that serves requests changes.
+Every refusal is a `PatchRefused` whose message says why (schema, fingerprint, not finite, not
+servable in this mode), raised before anything that serves requests changes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pydantic import ValidationError
 from recallfix.patches import Patch, PatchError, __version__
 from recallfix.patches.patch import format_validation_error
 
-from .engine import PatchRefused
+
+class PatchRefused(ValueError):
+    """A patch the server will not serve; the variants that were serving keep serving (HTTP 400)."""
 
 # vLLM accepts only these values of max_lora_rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -54,6 +56,27 @@ def check_finite(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = No
         if candidate is not None and not bool(torch.isfinite(candidate).all()):
             where = f" in {str(candidate.dtype).removeprefix('torch.')}"
             raise PatchRefused(f"the patch makes {name} non-finite{where}: a gain is too large for this model")
+
+
+def export_cached(kind: str, model_dir: Path, patch: Patch, cache_dir: Path) -> Path:
+    """The patch exported as `kind` (lora | merged) for this checkpoint, from the cache when it is there
+    (an export is written atomically, so a directory that exists is whole)."""
+    from recallfix.patches.export import export_lora, export_merged
+
+    out = cache_dir / kind / cache_key(model_dir, patch)
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            (export_lora if kind == "lora" else export_merged)(model_dir, patch, out)
+        except PatchError as err:
+            raise PatchRefused(str(err)) from None
+    return out
+
+
+def lora_modules(adapter_dir: Path) -> list[str]:
+    """The projection names an adapter touches (`o_proj`, `down_proj`): vLLM's --lora-target-modules."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return sorted({module.rsplit(".", 1)[-1] for module in config["target_modules"]})
 
 
 def cache_key(model_dir: Path, patch: Patch) -> str:
