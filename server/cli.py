@@ -194,6 +194,7 @@ def run(front_config: FrontConfig, make_backend, *, serve_mode: bool, patch_dir:
     from .app import create_app
     from .front import Front
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per proxied request otherwise
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None
 

@@ -245,8 +245,14 @@ class ServeBackend:
 
 def env_for(on_cpu: bool, kv_cache_gib: int | None) -> dict[str, str]:
     """The environment of every upstream: no usage statistics sent to vLLM's authors unless the operator
-    says so, and on CPU a KV cache sized for this machine unless given."""
+    says so; on CPU, a KV cache sized for this machine, and no thread pinning (unless given).
+
+    vLLM's CPU default (`VLLM_CPU_OMP_THREADS_BIND=auto`) pins each engine's worker to the same cores
+    of the first NUMA node: two engines (merged mode) then share one core of a 2-core machine while the
+    other idles, and under load a request timed out after 5 minutes."""
     env = {"VLLM_NO_USAGE_STATS": os.environ.get("VLLM_NO_USAGE_STATS", "1")}
     if on_cpu and kv_cache_gib is not None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    if on_cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return env

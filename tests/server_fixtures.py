@@ -201,6 +201,9 @@ class Process:
     def post(self, path: str, body: dict, key: str | None = "default", **kwargs) -> httpx.Response:
         return httpx.post(self.url + path, json=body, headers=self.headers(key), timeout=300, **kwargs)
 
+    def post_stream(self, path: str, body: dict):  # noqa: ANN201 (a context manager of httpx.Response)
+        return httpx.stream("POST", self.url + path, json=body, headers=self.headers(), timeout=300)
+
     def get(self, path: str, key: str | None = "default") -> httpx.Response:
         return httpx.get(self.url + path, headers=self.headers(key), timeout=60)
 
@@ -217,7 +220,7 @@ def vllm_server(model: Path, served_name: str, log_name: str) -> Process:
     """vLLM's own OpenAI API server, started directly: the reference."""
     return Process(["-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
                     served_name, "--host", "127.0.0.1", *VLLM_OPTIONS],
-                   CACHE / "server-tests" / f"{log_name}.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"}, key=None)
+                   CACHE / "server-tests" / f"{log_name}.log", env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}, key=None)
 
 
 def serve_process(mode: str, *, kv_auto: bool = False) -> Process:

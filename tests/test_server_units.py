@@ -22,7 +22,7 @@ from recallfix.server.observe import (
 )
 from recallfix.server.patching import PatchRefused, vllm_lora_rank
 from recallfix.server.routing import Router, UnknownModel, user_bucket
-from recallfix.server.vllm_args import GiB, DoesNotFit, cpu_kv_cache_gib
+from recallfix.server.vllm_args import DoesNotFit, GiB, cpu_kv_cache_gib
 
 
 # -- routing ---------------------------------------------------------------------------------------------
