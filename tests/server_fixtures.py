@@ -220,7 +220,8 @@ def vllm_server(model: Path, served_name: str, log_name: str) -> Process:
     """vLLM's own OpenAI API server, started directly: the reference."""
     return Process(["-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
                     served_name, "--host", "127.0.0.1", *VLLM_OPTIONS],
-                   CACHE / "server-tests" / f"{log_name}.log", env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}, key=None)
+                   CACHE / "server-tests" / f"{log_name}.log", key=None,
+                   env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
 
 
 def serve_process(mode: str, *, kv_auto: bool = False) -> Process:
