@@ -90,6 +90,7 @@ class Backend(Protocol):
 class Front:
     def __init__(self, config: FrontConfig, backend: Backend, metrics: Metrics) -> None:
         self.config, self.backend, self.metrics = config, backend, metrics
+        metrics.initialize(("base", "patched"))
         self.router = Router(config.name, config.ab_split)
         self.shadow = ShadowScorer(self.score_first, self.metrics, config.shadow_rate,
                                    max_pending=config.max_concurrency)

@@ -153,6 +153,20 @@ class Metrics:
                                         "vLLM servers that exited unasked (recallfix serve restarts them).",
                                         mv, registry=r)
 
+    def initialize(self, variants: Iterable[str]) -> None:
+        """Every series of a variant at 0 from the start, so a dashboard or an alert (`increase`, `rate`)
+        sees it before its first event."""
+        for variant in variants:
+            self.prompt_tokens.labels(self.model, variant)
+            self.generated_tokens.labels(self.model, variant)
+            self.shadow_skipped.labels(self.model, variant)
+            self.upstream_crashes.labels(self.model, variant)
+            for flag in ("true", "false"):
+                self.shadow_agreement.labels(self.model, variant, flag)
+                self.feedback_confidence.labels(self.model, variant, flag)
+        self.shadow_pending.labels(self.model)
+        self.in_flight.labels(self.model)
+
     def render(self, relayed: Iterable[Metric] = ()) -> bytes:
         own = generate_latest(self.registry)
         families = list(relayed)

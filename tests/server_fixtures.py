@@ -251,9 +251,9 @@ ALL_KINDS = ("vllm-base", "vllm-merged", "serve-merged", "serve-lora")
 
 
 def shared(*kinds: str) -> list[Process]:
-    """The session's servers of these kinds, started on first use. Every kind not yet running starts at
-    once (their starts overlap: a vLLM start is minutes of mostly one core), then each is waited for."""
-    for kind in ALL_KINDS:  # the session will need them all: start them together
+    """The session's servers of these kinds, started on first use and kept: the ones asked for at once
+    start together (a vLLM start is minutes, much of it waiting), then each is waited for."""
+    for kind in kinds:
         if kind not in _shared:
             _shared[kind] = _make(kind).start()
     for kind in kinds:
