@@ -23,7 +23,7 @@ from .metrics import NO_VARIANT, Metrics
 log = logging.getLogger(__name__)
 
 VARIANT_HEADER = "x-recallfix-variant"  # on every reply a variant was chosen for
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes need no key
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})  # probes, scrapes, the API's doc
 OWN_PATHS = frozenset({"/v1/models", "/v1/load_patch", "/v1/feedback", "/openapi.json"})  # not limited
 # Endpoint label values of the request metrics; any other path counts as "other" (bounded cardinality).
 ENDPOINTS = frozenset({

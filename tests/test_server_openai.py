@@ -133,3 +133,10 @@ def test_upstream_client_errors_are_relayed_as_they_are(servers: dict[str, Proce
     ours, theirs = servers["serve"].post("/v1/completions", body), servers[NAME].post("/v1/completions", body)
     assert ours.status_code == theirs.status_code == 400
     assert shape(ours.json()) == shape(theirs.json()) and ours.json()["error"]["message"]
+
+
+def test_openapi_covers_the_fronts_routes_and_the_pass_through_ones(servers: dict[str, Process]) -> None:
+    paths = servers["serve"].get("/openapi.json", key=None).json()["paths"]
+    assert {"/v1/feedback", "/v1/load_patch", "/ready", "/v1/models"} <= set(paths)  # the front's own
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize"} <= set(paths)  # vLLM's
+    assert "/v1/load_lora_adapter" not in paths and "post" in paths["/v1/load_patch"]
