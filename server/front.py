@@ -72,6 +72,14 @@ class Target:
         return True
 
 
+def distinct_upstreams(targets: dict[Variant, Target]) -> list[Upstream]:
+    """The upstream servers behind these targets, each once (base and a LoRA adapter share one)."""
+    seen: dict[int, Upstream] = {}
+    for target in targets.values():
+        seen.setdefault(id(target.upstream), target.upstream)
+    return list(seen.values())
+
+
 class Backend(Protocol):
     """What runs behind the front: `recallfix serve`'s child servers, or the router's remote ones."""
 

@@ -10,7 +10,7 @@ import logging
 import httpx
 
 from .config import RouterConfig
-from .front import Target
+from .front import Target, distinct_upstreams
 from .metrics import Metrics, PatchState
 from .routing import Variant
 from .upstream import Upstream
@@ -34,10 +34,7 @@ class RouterBackend:
             base.role = "shared"
 
     def upstreams(self) -> list[Upstream]:
-        seen: dict[int, Upstream] = {}
-        for target in self.targets.values():
-            seen.setdefault(id(target.upstream), target.upstream)
-        return list(seen.values())
+        return distinct_upstreams(self.targets)
 
     async def start(self, client: httpx.AsyncClient) -> None:
         await self.tick(client)

@@ -24,7 +24,7 @@ import httpx
 from recallfix.patches import Patch
 
 from .config import ServeConfig
-from .front import Target
+from .front import Target, distinct_upstreams
 from .metrics import Metrics, PatchState
 from .patching import (
     PatchRefused,
@@ -86,10 +86,7 @@ class ServeBackend:
         return Upstream(role, f"http://127.0.0.1:{port}", self.key, process=process)
 
     def upstreams(self) -> list[Upstream]:
-        seen: dict[int, Upstream] = {}
-        for target in self.targets.values():
-            seen.setdefault(id(target.upstream), target.upstream)
-        return list(seen.values())
+        return distinct_upstreams(self.targets)
 
     async def start(self, client: httpx.AsyncClient) -> None:
         plan = self.plan
