@@ -10,9 +10,8 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Literal
 
-Variant = Literal["base", "patched"]
+from .engine import Variant
 
 PATCHED_SUFFIX = ":patched"
 AB_SUFFIX = ":ab"
