@@ -55,15 +55,17 @@ model: $(STAMP)
 test: $(STAMP) model
 	$(PY) -m pytest -q
 
-# Demo model (trained here, cached in .cache/demo-model) -> analysis -> learned patch -> report.
-demo: $(STAMP)
+# The real model (SmolLM2-135M-Instruct, cached) -> analysis -> patches (learned gains, the paper's intercept fix)
+# -> report. `recallfix demo --model demo` does the same on the project's own demo model, with its check set.
+demo: $(STAMP) model
 	$(VENV)/bin/recallfix demo --out runs/demo --force
 	@echo
 	@echo "Serve it, base and patched side by side (OpenAI API on 127.0.0.1:8000):"
-	@echo "  $(VENV)/bin/recallfix serve --model .cache/demo-model --patch runs/demo/patch.json --served-model-name demo"
+	@echo "  $(VENV)/bin/recallfix serve --model smollm2-135m --patch runs/demo/patch.json --served-model-name demo"
 
-bench: $(STAMP)
+bench: $(STAMP) model
 	$(PY) bench/bench_export.py
+	$(PY) bench/bench_analysis.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

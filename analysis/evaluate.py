@@ -1,14 +1,16 @@
-"""Step 6 of a run: the saved patch applied to the weights (`apply_patch`) against the base model and the
-temperature-scaling baseline, on the held-out test split, the unknown subjects and the held-out neutral lines;
-then the acceptance criteria and the headline numbers stored in the patch file.
+"""Step 6 of a run: each patch (learned gains, the paper's intercept fix) applied to the weights
+(`apply_patch`) against the base model and the temperature-scaling baseline, on the held-out test split (also
+per relation), the unknown subjects and the held-out neutral lines; and the headline numbers stored in a
+patch file.
 
-`run_patched` does the forward passes, `evaluate` the bootstrap (cluster-bootstrap over subjects, paired
-across models; over lines for the neutral text), so the two can be timed apart.
+`run_base`/`run_patched` do the forward passes, `evaluate` the bootstrap (cluster-bootstrap over subjects,
+paired across models; over lines for the neutral text), so the two can be timed apart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,17 +19,16 @@ import torch
 from recallfix.patches import ComponentMap, Patch, apply_patch
 
 from . import calibration as cal
-from .batching import encode
+from .batching import batches, encode
 from .collect import Collected, collect, token_nll
 from .config import AnalysisConfig
 from .inputs import Loaded, Prompts
 from .lens import answer_stats, lens_logits
 from .records import Dist
-from .schema import Criterion, EstimateModel, Evaluation, NeutralEvaluation, SetEvaluation, Verdict
+from .schema import EstimateModel, Evaluation, MethodInfo, NeutralEvaluation, RelationEvaluation, SetEvaluation
 from .summaries import num, suppression
 
-MODELS = ("base", "patched", "temperature")
-
+RELATION_METRICS = ("accuracy", "mean_p_answer", "ece_equal_width")
 
 # -- the temperature baseline -----------------------------------------------------------------------
 
@@ -41,6 +42,13 @@ def logit_chunks(cmap: ComponentMap, x_final: torch.Tensor, answers: torch.Tenso
                 rows = slice(start, start + batch_size)
                 yield lens_logits(cmap, x_final[rows].to(device)), answers[rows].to(device)
     return chunks
+
+
+def fit_baseline_temperature(s: Loaded, c: Collected, config: AnalysisConfig) -> float:
+    """The temperature-scaling baseline's T, fitted (NLL) on the train split."""
+    train = s.known.rows("train")
+    return cal.fit_temperature(logit_chunks(s.cmap, c.x_final[train], s.known.answers[train], config.batch_size,
+                                            s.device))
 
 
 def temperature_dist(cmap: ComponentMap, x_final: torch.Tensor, answers: torch.Tensor, temperature: float,
@@ -57,40 +65,53 @@ def temperature_dist(cmap: ComponentMap, x_final: torch.Tensor, answers: torch.T
 # -- forward passes ---------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def split_nll(s: Loaded, split: str, patch: Patch | None, batch_size: int) -> float:
+    """Mean NLL of the answer on one split of the facts, with `patch` applied (None: the base model)."""
+    rows = s.known.rows(split)
+    tokens, answers = [s.known.token_ids[i] for i in rows], s.known.answers[rows]
+    total = 0.0
+    with apply_patch(s.lm, patch) if patch is not None else nullcontext():
+        for batch in batches(tokens, batch_size, s.pad, s.device):
+            logits = s.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            last = logits[torch.arange(len(batch), device=logits.device), batch.last].float().log_softmax(dim=-1)
+            total -= float(last.gather(1, answers[batch.index].to(last.device)[:, None]).sum())
+    return total / max(len(rows), 1)
+
+
 @dataclass
-class PatchedRuns:
-    """What the evaluation measures with the patch applied, and the base passes not already in `Collected`."""
+class Runs:
+    """The passes the evaluation reads for one model (base or patched) beyond what `Collected` holds."""
 
-    test: Collected  # patched, test split
-    unknown_patched: Collected | None
-    unknown_base: Collected | None
-    neutral_patched: tuple[torch.Tensor, torch.Tensor]  # per-line NLL sums and token counts
-    neutral_base: tuple[torch.Tensor, torch.Tensor]
+    test: Collected | None  # None for the base model: the analysis pass has it
+    unknown: Collected | None
+    neutral: tuple[torch.Tensor, torch.Tensor]  # per-line NLL sums and token counts
 
 
-def run_patched(s: Loaded, patch: Patch, config: AnalysisConfig) -> PatchedRuns:
+def run_model(s: Loaded, patch: Patch | None, config: AnalysisConfig, label: str) -> Runs:
+    """Test split (patched only), unknown subjects and neutral text, with `patch` applied (None: base)."""
     bs, progress = config.batch_size, config.progress
 
     def run(prompts: Prompts, rows: torch.Tensor | None, desc: str) -> Collected:
         tokens = prompts.token_ids if rows is None else [prompts.token_ids[i] for i in rows]
         answers = prompts.answers if rows is None else prompts.answers[rows]
-        return collect(s.lm, s.cmap, tokens, answers, pad=s.pad, batch_size=bs, progress=progress, desc=desc)
+        return collect(s.lm, s.cmap, tokens, answers, pad=s.pad, batch_size=bs, outputs_only=True, progress=progress,
+                       desc=f"{desc} ({label})")
 
-    neutral_tokens = encode(s.tokenizer, s.neutral_eval)
-    with apply_patch(s.lm, patch):
-        test = run(s.known, s.known.rows("test"), "test (patched)")
-        unknown_patched = run(s.unknown, None, "unknown (patched)") if s.unknown else None
-        neutral_patched = token_nll(s.lm, neutral_tokens, pad=s.pad, batch_size=bs, progress=progress)
-    unknown_base = run(s.unknown, None, "unknown") if s.unknown else None
-    neutral_base = token_nll(s.lm, neutral_tokens, pad=s.pad, batch_size=bs, progress=progress)
-    return PatchedRuns(test, unknown_patched, unknown_base, neutral_patched, neutral_base)
+    with apply_patch(s.lm, patch) if patch is not None else nullcontext():
+        test = run(s.known, s.known.rows("test"), "test") if patch is not None else None
+        unknown = run(s.unknown, None, "unknown") if s.unknown else None
+        neutral = token_nll(s.lm, encode(s.tokenizer, s.neutral_eval), pad=s.pad, batch_size=bs, progress=progress)
+    return Runs(test, unknown, neutral)
 
 
 # -- the bootstrap ----------------------------------------------------------------------------------
 
 
-def evaluate_set(models: dict[str, Dist], groups: Sequence[str], n_boot: int, seed: int) -> SetEvaluation:
-    """Metrics with paired cluster-bootstrap intervals for base, patched and temperature on one prompt set."""
+def evaluate_set(models: dict[str, Dist], methods: Sequence[str], groups: Sequence[str], n_boot: int,
+                 seed: int) -> SetEvaluation:
+    """Metrics with paired cluster-bootstrap intervals for every model on one prompt set; each method against
+    the base model and the temperature baseline."""
     resamples = cal.group_resamples(groups, n_boot, seed)
     samples = {name: cal.bootstrap_samples(d, resamples) for name, d in models.items()}
 
@@ -101,10 +122,41 @@ def evaluate_set(models: dict[str, Dist], groups: Sequence[str], n_boot: int, se
         n=len(groups),
         n_groups=len(set(groups)),
         models={name: cal.estimates(d, samples[name]) for name, d in models.items()},
-        differences={"patched_minus_base": difference("patched", "base"),
-                     "patched_minus_temperature": difference("patched", "temperature")},
+        differences={f"{m}_minus_{other}": difference(m, other) for m in methods for other in ("base", "temperature")},
         reliability={name: cal.reliability_bins(d) for name, d in models.items()},
     )
+
+
+def _few_metrics(o: cal.Columns) -> dict[str, float]:
+    return {name: cal.METRICS[name](o) for name in RELATION_METRICS}
+
+
+def relation_table(models: dict[str, Dist], methods: Sequence[str], facts_relations: Sequence[str],
+                   groups: Sequence[str], n_boot: int, seed: int) -> dict[str, RelationEvaluation]:
+    """Per relation: accuracy, p(answer) and ECE of every model, and each method minus base, with paired
+    cluster-bootstrap intervals over the relation's subjects."""
+    out = {}
+    cols = {name: cal.columns(d) for name, d in models.items()}
+    for relation in sorted(set(facts_relations)):
+        rows = np.asarray([i for i, r in enumerate(facts_relations) if r == relation])
+        sub = {name: {k: v[rows] for k, v in o.items()} for name, o in cols.items()}
+        resamples = cal.group_resamples([groups[i] for i in rows], n_boot, seed)
+        point = {name: _few_metrics(o) for name, o in sub.items()}
+        boot = {name: {m: np.asarray([cal.METRICS[m]({k: v[r] for k, v in o.items()}) for r in resamples])
+                       for m in RELATION_METRICS} for name, o in sub.items()}
+
+        def est(value: float, samples: np.ndarray) -> EstimateModel:
+            lo, hi = cal.percentile_interval(samples)
+            return EstimateModel(value=num(value), ci_low=lo, ci_high=hi)
+
+        out[relation] = RelationEvaluation(
+            n=int(len(rows)), n_groups=len({groups[i] for i in rows}),
+            models={name: {m: est(point[name][m], boot[name][m]) for m in RELATION_METRICS} for name in sub},
+            differences={f"{method}_minus_base": {m: est(point[method][m] - point["base"][m],
+                                                         boot[method][m] - boot["base"][m])
+                                                  for m in RELATION_METRICS} for method in methods},
+        )
+    return out
 
 
 def neutral_summary(base: tuple[torch.Tensor, torch.Tensor], patched: tuple[torch.Tensor, torch.Tensor],
@@ -122,83 +174,47 @@ def neutral_summary(base: tuple[torch.Tensor, torch.Tensor], patched: tuple[torc
                              relative_change_ci=[num(lo), num(hi)])
 
 
-def evaluate(s: Loaded, c: Collected, runs: PatchedRuns, temperature: float, config: AnalysisConfig) -> Evaluation:
-    known, cmap, bs, dev = s.known, s.cmap, config.batch_size, s.device
+def evaluate(s: Loaded, c: Collected, base: Runs, patched: dict[str, Runs], temperature: float,
+             methods: list[MethodInfo], chosen: str, choice: str, base_dev_nll: float,
+             config: AnalysisConfig) -> Evaluation:
+    """The one comparison: base, every method in `patched` and the temperature baseline, on the same prompts."""
+    known, cmap, bs, dev, n_boot, seed = s.known, s.cmap, config.batch_size, s.device, config.n_boot, config.seed
+    names = list(patched)
     test_rows = known.rows("test")
     test_groups = [known.groups[i] for i in test_rows]
-    test = evaluate_set({
-        "base": c.output.take(test_rows),
-        "patched": runs.test.output,
-        "temperature": temperature_dist(cmap, c.x_final[test_rows], known.answers[test_rows], temperature, bs, dev),
-    }, test_groups, config.n_boot, config.seed)
+    test_models = {"base": c.output.take(test_rows), **{m: r.test.output for m, r in patched.items() if r.test},
+                   "temperature": temperature_dist(cmap, c.x_final[test_rows], known.answers[test_rows],
+                                                   temperature, bs, dev)}
     unknown = None
-    if s.unknown is not None and runs.unknown_base is not None and runs.unknown_patched is not None:
+    if s.unknown is not None and base.unknown is not None:
         unknown = evaluate_set({
-            "base": runs.unknown_base.output,
-            "patched": runs.unknown_patched.output,
-            "temperature": temperature_dist(cmap, runs.unknown_base.x_final, s.unknown.answers, temperature, bs,
-                                            dev),
-        }, s.unknown.groups, config.n_boot, config.seed)
+            "base": base.unknown.output, **{m: r.unknown.output for m, r in patched.items() if r.unknown},
+            "temperature": temperature_dist(cmap, base.unknown.x_final, s.unknown.answers, temperature, bs, dev),
+        }, names, s.unknown.groups, n_boot, seed)
+    relations = [known.facts[i].relation or "(none)" for i in test_rows]
     return Evaluation(
-        n_boot=config.n_boot, test=test, unknown=unknown,
-        neutral=neutral_summary(runs.neutral_base, runs.neutral_patched, config.n_boot, config.seed),
-        suppression_after_patch=suppression(runs.test.output, runs.test.before, test_groups, config.n_boot,
-                                            config.seed),
+        n_boot=n_boot, temperature=temperature, base_dev_nll=base_dev_nll, methods=methods, chosen=chosen,
+        choice=choice, test=evaluate_set(test_models, names, test_groups, n_boot, seed), unknown=unknown,
+        neutral={m: neutral_summary(base.neutral, r.neutral, n_boot, seed) for m, r in patched.items()},
+        by_relation=relation_table(test_models, names, relations, test_groups, n_boot, seed),
+        suppression_after_patch={m: suppression(r.test.output, r.test.before, test_groups, n_boot, seed)
+                                 for m, r in patched.items() if r.test},
     )
 
 
-# -- what the run reports -----------------------------------------------------------------------------
+# -- what a patch file records ------------------------------------------------------------------------
 
 
-def patch_metrics(evaluation: Evaluation, temperature: float) -> dict[str, float | None]:
-    """The headline numbers stored in the patch file itself."""
-    test, unknown, neutral = evaluation.test, evaluation.unknown, evaluation.neutral
-    out: dict[str, float | None] = {"temperature_baseline": temperature}
-    for model in MODELS:
+def patch_metrics(evaluation: Evaluation, method: str) -> dict[str, float | None]:
+    """The headline numbers stored in the patch file of `method` ("patched" there is that method)."""
+    test, unknown, neutral = evaluation.test, evaluation.unknown, evaluation.neutral.get(method)
+    out: dict[str, float | None] = {"temperature_baseline": evaluation.temperature}
+    for model, key in (("base", "base"), (method, "patched"), ("temperature", "temperature")):
         for metric in ("accuracy", "mean_p_answer", "ece_equal_width", "nll"):
-            out[f"test_{metric}_{model}"] = test.models[model][metric].value
+            out[f"test_{metric}_{key}"] = test.models[model][metric].value
     if unknown is not None:
-        for model in ("base", "patched"):
-            out[f"unknown_mean_confidence_{model}"] = unknown.models[model]["mean_confidence"].value
+        for model, key in (("base", "base"), (method, "patched")):
+            out[f"unknown_mean_confidence_{key}"] = unknown.models[model]["mean_confidence"].value
     if neutral is not None:
         out["neutral_nll_relative_change"] = neutral.relative_change
     return out
-
-
-def evaluate_criteria(verdict: Verdict, evaluation: Evaluation | None) -> list[Criterion]:
-    """The issue's acceptance checks, passed or failed on the point estimates (with their 95% intervals)."""
-    def row(name: str, description: str, estimate: EstimateModel, threshold: float,
-            ok: Callable[[float], bool]) -> Criterion:
-        value = estimate.value
-        return Criterion(name=name, description=description, value=value, ci_low=estimate.ci_low,
-                         ci_high=estimate.ci_high, threshold=threshold,
-                         passed=None if value is None else bool(ok(value)))
-
-    def interval(value: float | None, ci: Sequence[float | None]) -> EstimateModel:
-        return EstimateModel(value=value, ci_low=ci[0], ci_high=ci[1])
-
-    test = verdict.test
-    rows = [row("final_layer_suppresses", "share of test prompts where the final block lowers p(answer) >= 0.80",
-                interval(test.share_suppressed, test.share_suppressed_ci), 0.8, lambda v: v >= 0.8)]
-    if evaluation is None:
-        return rows
-    diffs = evaluation.test.differences
-    base, temp = diffs["patched_minus_base"], diffs["patched_minus_temperature"]
-    rows += [
-        row("patch_raises_accuracy", "test accuracy: patched - base > 0", base["accuracy"], 0.0, lambda v: v > 0),
-        row("patch_raises_p_answer", "test mean p(answer): patched - base > 0", base["mean_p_answer"], 0.0,
-            lambda v: v > 0),
-        row("patch_lowers_ece", "test ECE (15 equal-width bins): patched - base < 0", base["ece_equal_width"], 0.0,
-            lambda v: v < 0),
-        row("patch_beats_temperature_accuracy", "test accuracy: patched - temperature-scaled > 0",
-            temp["accuracy"], 0.0, lambda v: v > 0),
-    ]
-    if evaluation.unknown is not None:
-        rows.append(row("unknown_confidence", "unknown subjects: mean top-1 probability, patched - base <= 0.05",
-                        evaluation.unknown.differences["patched_minus_base"]["mean_confidence"], 0.05,
-                        lambda v: v <= 0.05))
-    if evaluation.neutral is not None:
-        neutral = evaluation.neutral
-        rows.append(row("neutral_nll", "neutral text NLL per token: relative rise <= 2%",
-                        interval(neutral.relative_change, neutral.relative_change_ci), 0.02, lambda v: v <= 0.02))
-    return rows

@@ -7,9 +7,10 @@ projection, or the whole MLP output (bias included). Here the gains are hooks at
 `blocks.{l}.attn.hook_z`, `blocks.{l}.mlp.hook_post` and `blocks.{l}.hook_mlp_out` (`recallfix.patches.hooks`),
 so gradients flow through the real final block, final norm and unembedding.
 
-Only the final block depends on the gains, so its inputs are captured once per batch (`hooks.block_inputs`
-stops the forward there) and the fit replays block -> final norm -> unembedding on them: the
-same function as the full forward (tested), without re-running the layers below every step.
+Only the final block depends on the gains, and at a position only through the stream entering it and the
+heads' z there (`BlockInputs`): these are kept once per prompt and the fit replays block -> final norm ->
+unembedding on them, one position at a time: the same function as the full forward (tested), without
+re-running the layers below or the attention every step.
 
 Objective (g = 1 + delta, projected onto [min_gain, max_gain] after every step):
 
@@ -34,19 +35,18 @@ Without a budget it keeps the epoch with the lowest dev objective (the objective
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from recallfix.patches.components import ComponentMap
-from recallfix.patches.hooks import HookFn, add_hooks, block_inputs
+from recallfix.patches.hooks import HookFn, add_hooks, run_until
 
-from .batching import Batch
+from .batching import Batch, progress_bar
 
 
 class GainHooks:
@@ -138,33 +138,87 @@ class GainHooks:
 
 @dataclass
 class BlockInputs:
-    """What the final block received for one batch, and where each row's tokens are."""
+    """What the final block needs to be replayed at some positions, one row per position.
 
-    args: tuple
-    kwargs: dict
-    batch: Batch
-    targets: torch.Tensor | None = None  # [b] answer ids (facts) or None (neutral text)
+    The gains act on the heads' z (the attention output projection's input) or later, so the block's
+    attention up to z, which reads the other positions, does not depend on them: z and the stream entering
+    the block at the position are all the replay needs.
+    """
+
+    x: torch.Tensor  # [n, d_model] the stream entering the final block
+    z: torch.Tensor  # [n, heads * d_head] the input of its attention output projection
+    targets: torch.Tensor | None = None  # [n] answer ids (facts) or None (neutral text)
     # Facts only: rows fitted on their answer (True) or guarded toward the base distribution (False).
     recalled: torch.Tensor | None = None
-    base_logp: torch.Tensor | None = None  # log-probs of the base model ([b, vocab] or [b, seq, vocab])
+    base_logp: torch.Tensor | None = None  # [n, vocab] log-probs of the base model
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def rows(self, index: torch.Tensor) -> BlockInputs:
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index]
+
+        return BlockInputs(self.x[index], self.z[index], pick(self.targets), pick(self.recalled),
+                           pick(self.base_logp))
+
+    @staticmethod
+    def cat(parts: Sequence[BlockInputs]) -> BlockInputs:
+        def join(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if any(t is None for t in ts) else torch.cat(ts)  # type: ignore[arg-type]
+
+        return BlockInputs(torch.cat([p.x for p in parts]), torch.cat([p.z for p in parts]),
+                           join([p.targets for p in parts]), join([p.recalled for p in parts]),
+                           join([p.base_logp for p in parts]))
 
 
 @torch.no_grad()
-def capture_final_block_inputs(model: nn.Module, cmap: ComponentMap, batch: Batch) -> BlockInputs:
-    """Run the model up to its final block and keep that block's arguments (the rest is skipped)."""
-    args, kwargs = block_inputs(model, cmap, cmap.shape.num_layers - 1, input_ids=batch.input_ids,
-                                attention_mask=batch.attention_mask, use_cache=False)
-    return BlockInputs(args, kwargs, batch)
-
-
-def replay_logits(cmap: ComponentMap, inputs: BlockInputs, *, last_only: bool) -> torch.Tensor:
-    """Final block -> final norm -> unembedding on captured inputs: logits at the last real position of
-    each row [b, vocab] (last_only) or at every position [b, seq, vocab]."""
-    out = cmap.block(cmap.shape.num_layers - 1)(*inputs.args, **inputs.kwargs)
-    hidden = out[0] if isinstance(out, tuple) else out
+def capture_final_block_inputs(model: nn.Module, cmap: ComponentMap, batch: Batch, *,
+                               last_only: bool = True) -> BlockInputs:
+    """Run the model into its final block, up to the attention output projection (the rest is skipped), and keep
+    the block's inputs at the last real position of each row (last_only) or at every real position."""
+    final = cmap.shape.num_layers - 1
+    x_at, z_at = f"blocks.{final}.hook_resid_pre", f"blocks.{final}.attn.hook_z"
+    seen = run_until(model, cmap, [x_at, z_at], input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     use_cache=False)
+    size, seq = batch.input_ids.shape
+    x, z = seen[x_at].reshape(size, seq, -1), seen[z_at].reshape(size, seq, -1)
     if last_only:
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        hidden = hidden[rows, inputs.batch.last]
+        rows = torch.arange(size, device=x.device)
+        return BlockInputs(x[rows, batch.last], z[rows, batch.last])
+    valid = batch.attention_mask.bool()
+    return BlockInputs(x[valid], z[valid])
+
+
+@contextmanager
+def _attention_returns(attention: nn.Module, output: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """The attention module returns output() (and no weights) whatever it is called with."""
+    had = "forward" in attention.__dict__
+    previous = attention.__dict__.get("forward")
+    attention.forward = lambda *_args, **_kwargs: (output(), None)
+    try:
+        yield
+    finally:
+        if had:
+            attention.forward = previous
+        else:
+            del attention.forward
+
+
+def replay_logits(cmap: ComponentMap, inputs: BlockInputs) -> torch.Tensor:
+    """Final block -> final norm -> unembedding at the captured positions. [n, vocab]
+
+    Each position is replayed as a sequence of one: the block's own modules run (norms, MLP, the attention
+    output projection, and any gain hook on them), with its attention module answering the projection of the
+    captured z, so no architecture code is needed here.
+    """
+    final = cmap.shape.num_layers - 1
+    block = cmap.block(final)
+    attention = block.get_submodule(cmap.spec.attn_out.rpartition(".")[0])
+    project = cmap.attn_out(final)
+    with _attention_returns(attention, lambda: project(inputs.z.unsqueeze(1))):
+        out = block(inputs.x.unsqueeze(1))
+    hidden = (out[0] if isinstance(out, tuple) else out)[:, 0]
     return cmap.unembed()(cmap.final_norm()(hidden)).float()
 
 
@@ -185,6 +239,7 @@ class FitConfig:
     guard_growth: float = 3.0  # the guard weight is multiplied by this after an epoch over budget
     min_gain: float = 0.0
     max_gain: float = 2.0
+    neutral_per_step: int = 64  # neutral positions in each training step's KL guard (0: all of them)
     seed: int = 0
 
 
@@ -197,20 +252,24 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-# Neutral batches keep the base log-probs of every position ([b, seq, vocab]); above this many values in
-# all (large vocabularies) they are recomputed with the hooks bypassed instead of stored.
+# The neutral positions keep their base log-probs ([positions, vocab]); above this many values in all (large
+# vocabularies, long neutral sets) they are recomputed with the hooks bypassed instead of stored.
 MAX_STORED_BASE = 200_000_000
+CHUNK = 256  # positions per replay where no gradient is taken
 
 
-def set_base(cmap: ComponentMap, facts: Sequence[BlockInputs], neutral: Sequence[BlockInputs]) -> None:
+def _chunks(inputs: BlockInputs) -> Iterator[BlockInputs]:
+    for start in range(0, len(inputs), CHUNK):
+        yield inputs.rows(torch.arange(start, min(start + CHUNK, len(inputs)), device=inputs.x.device))
+
+
+def set_base(cmap: ComponentMap, facts: Sequence[BlockInputs], neutral: BlockInputs | None) -> None:
     """Store the base model's log-probs on each batch (call before any gain hook is active)."""
-    vocab = cmap.shape.vocab_size
-    store_neutral = sum(n.batch.input_ids.numel() for n in neutral) * vocab <= MAX_STORED_BASE
     with torch.no_grad():
         for item in facts:
-            item.base_logp = replay_logits(cmap, item, last_only=True).log_softmax(dim=-1)
-        for item in neutral if store_neutral else ():
-            item.base_logp = replay_logits(cmap, item, last_only=False).log_softmax(dim=-1)
+            item.base_logp = replay_logits(cmap, item).log_softmax(dim=-1)
+        if neutral is not None and len(neutral) * cmap.shape.vocab_size <= MAX_STORED_BASE:
+            neutral.base_logp = torch.cat([replay_logits(cmap, part).log_softmax(dim=-1) for part in _chunks(neutral)])
 
 
 def _kl(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -222,7 +281,7 @@ def fact_loss(cmap: ComponentMap, inputs: BlockInputs) -> tuple[torch.Tensor, to
     """Over one batch: summed -log p(answer) of the recalled rows; summed KL to the base and summed rise of
     the top-1 probability over the other rows."""
     assert inputs.targets is not None and inputs.base_logp is not None and inputs.recalled is not None
-    logp = replay_logits(cmap, inputs, last_only=True).log_softmax(dim=-1)
+    logp = replay_logits(cmap, inputs).log_softmax(dim=-1)
     nll = -logp.gather(-1, inputs.targets.unsqueeze(-1)).squeeze(-1)
     kl = _kl(inputs.base_logp, logp)
     rise = logp.max(dim=-1).values.exp() - inputs.base_logp.max(dim=-1).values.exp()
@@ -230,15 +289,13 @@ def fact_loss(cmap: ComponentMap, inputs: BlockInputs) -> tuple[torch.Tensor, to
     return (nll * inputs.recalled).sum(), (kl * guarded).sum(), (rise * guarded).sum()
 
 
-def neutral_kl(cmap: ComponentMap, inputs: BlockInputs, hooks: GainHooks) -> tuple[torch.Tensor, int]:
-    """Summed KL(p_base || p_patched) over the real positions of one neutral batch, and their number."""
+def neutral_kl(cmap: ComponentMap, inputs: BlockInputs, hooks: GainHooks) -> torch.Tensor:
+    """Summed KL(p_base || p_patched) over the neutral positions of `inputs`."""
     base = inputs.base_logp
     if base is None:
         with torch.no_grad(), hooks.bypassed():
-            base = replay_logits(cmap, inputs, last_only=False).log_softmax(dim=-1)
-    logp = replay_logits(cmap, inputs, last_only=False).log_softmax(dim=-1)
-    valid = inputs.batch.attention_mask.bool()
-    return (_kl(base, logp) * valid).sum(), int(valid.sum())
+            base = replay_logits(cmap, inputs).log_softmax(dim=-1)
+    return _kl(base, replay_logits(cmap, inputs).log_softmax(dim=-1)).sum()
 
 
 @dataclass
@@ -248,24 +305,23 @@ class _Totals:
     neutral_tokens: int
 
 
-def _totals(facts: Sequence[BlockInputs], neutral: Sequence[BlockInputs]) -> _Totals:
+def _totals(facts: Sequence[BlockInputs], neutral: BlockInputs | None) -> _Totals:
     recalled = sum(int(f.recalled.sum()) for f in facts if f.recalled is not None)
-    rows = sum(len(f.batch) for f in facts)
-    tokens = sum(int(n.batch.attention_mask.sum()) for n in neutral)
-    return _Totals(recalled, rows - recalled, tokens)
+    rows = sum(len(f) for f in facts)
+    return _Totals(recalled, rows - recalled, len(neutral) if neutral is not None else 0)
 
 
-def _objective(cmap: ComponentMap, facts: Sequence[BlockInputs], neutral: Sequence[BlockInputs],
+def _objective(cmap: ComponentMap, facts: Sequence[BlockInputs], neutral: BlockInputs | None,
                hooks: GainHooks, config: FitConfig, guard_weight: float) -> dict[str, float]:
-    """The fit objective without the prior term, over whole sets (no gradient)."""
+    """The fit objective without the prior term, over whole sets, every neutral position included (no gradient)."""
     totals = _totals(facts, neutral)
     with torch.no_grad():
         nll = kl_facts = kl_neutral = rise = 0.0
         for f in facts:
             a, b, r = fact_loss(cmap, f)
             nll, kl_facts, rise = nll + float(a), kl_facts + float(b), rise + float(r)
-        for n in neutral:
-            kl_neutral += float(neutral_kl(cmap, n, hooks)[0])
+        for part in _chunks(neutral) if neutral is not None else ():
+            kl_neutral += float(neutral_kl(cmap, part, hooks))
     nll /= max(1, totals.recalled)
     kl_facts /= max(1, totals.unrecalled)
     rise /= max(1, totals.unrecalled)
@@ -273,6 +329,13 @@ def _objective(cmap: ComponentMap, facts: Sequence[BlockInputs], neutral: Sequen
     objective = nll + guard_weight * kl_facts + config.kl_weight * kl_neutral
     return {"objective": objective, "nll": nll, "kl_unrecalled": kl_facts, "kl_neutral": kl_neutral,
             "confidence_rise_unrecalled": rise}
+
+
+def _neutral_sample(total: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """`size` of `total` positions drawn without replacement (all of them when size is 0 or not smaller)."""
+    if size <= 0 or size >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=generator)[:size]
 
 
 def fit_gains(
@@ -288,16 +351,19 @@ def fit_gains(
 ) -> FitResult:
     """Fit gains on `names` (final-layer components) as described in the module docstring.
 
-    `train`/`dev`: fact batches with targets and `recalled`; `neutral`: neutral-text batches. Base
-    log-probs are stored on every batch first (gains 1 = the base model).
+    `train`/`dev`: fact batches with targets and `recalled`; `neutral`: neutral-text positions (the parts are
+    joined). Base log-probs are stored first (gains 1 = the base model). Each training step takes the KL guard
+    on `neutral_per_step` neutral positions drawn at random (an unbiased estimate of its mean over all of
+    them); the per-epoch dev objective takes it on every position.
     """
     device = next(model.parameters()).device
     hooks = GainHooks(cmap, names, device)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    set_base(cmap, [*train, *dev], neutral)
-    totals = _totals(train, neutral)
+    neutral_all = BlockInputs.cat(neutral) if neutral else None
+    set_base(cmap, [*train, *dev], neutral_all)
+    totals = _totals(train, neutral_all)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam([hooks.delta], lr=config.lr)
     history: list[dict[str, float]] = []
@@ -314,25 +380,24 @@ def fit_gains(
 
     try:
         with hooks:
-            dev_obj = _objective(cmap, dev, neutral, hooks, config, guard)
-            train_obj = _objective(cmap, train, neutral, hooks, config, guard)["objective"]
+            dev_obj = _objective(cmap, dev, neutral_all, hooks, config, guard)
+            train_obj = _objective(cmap, train, neutral_all, hooks, config, guard)["objective"]
             history.append({"epoch": 0, "guard_weight": guard, "train_objective": train_obj,
                             **{f"dev_{k}": v for k, v in dev_obj.items()}})
             best, best_gains, best_epoch, bad = score(dev_obj), hooks.as_dict(), 0, 0
-            bar = tqdm(range(1, config.max_epochs + 1), desc="fit gains", disable=not progress, leave=False,
-                       dynamic_ncols=True)
+            bar = progress_bar(range(1, config.max_epochs + 1), progress=progress, desc="fit gains")
             for epoch in bar:
                 order = torch.randperm(len(train), generator=generator).tolist()
-                neutral_order = torch.randperm(len(neutral), generator=generator).tolist()
                 train_objective = 0.0
-                for step, i in enumerate(order):
+                for i in order:
                     # This batch's share of the epoch objective, times the number of batches: an unbiased
                     # estimate of the whole objective whatever the batch composition.
                     nll, kl, _ = fact_loss(cmap, train[i])
                     loss = len(train) * (nll / max(1, totals.recalled) + guard * kl / max(1, totals.unrecalled))
-                    if neutral_order and config.kl_weight > 0:
-                        kl_sum, count = neutral_kl(cmap, neutral[neutral_order[step % len(neutral_order)]], hooks)
-                        loss = loss + config.kl_weight * kl_sum / max(1, count)
+                    if neutral_all is not None and config.kl_weight > 0:
+                        sample = _neutral_sample(len(neutral_all), config.neutral_per_step, generator)
+                        kl_sum = neutral_kl(cmap, neutral_all.rows(sample.to(neutral_all.x.device)), hooks)
+                        loss = loss + config.kl_weight * kl_sum / len(sample)
                     loss = loss + config.l2 * hooks.delta.pow(2).sum()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -340,7 +405,7 @@ def fit_gains(
                     with torch.no_grad():
                         hooks.delta.clamp_(config.min_gain - 1, config.max_gain - 1)
                     train_objective += float(loss.detach()) / len(train)
-                dev_obj = _objective(cmap, dev, neutral, hooks, config, guard)
+                dev_obj = _objective(cmap, dev, neutral_all, hooks, config, guard)
                 history.append({"epoch": epoch, "guard_weight": guard, "train_objective": train_objective,
                                 **{f"dev_{k}": v for k, v in dev_obj.items()}})
                 bar.set_postfix(dev=f"{dev_obj['objective']:.4f}", guard=f"{guard:g}")

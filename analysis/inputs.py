@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from .batching import encode, pad_id, subject_spans
 from .config import AnalysisConfig
 from .facts import AnswerTokenError, Fact, answer_token_id, answer_token_ids, assign_splits, load_facts
 from .neutral_text import DEFAULT_NEUTRAL
+from .nonce import fresh, nonce_facts, nonce_word
 
 UNKNOWN_FILE = "unknown_facts.jsonl"  # looked for next to the model when --unknown is not given
 NEUTRAL_FILE = "neutral.txt"
@@ -131,6 +134,16 @@ def split_neutral(lines: Sequence[str], seed: int) -> tuple[list[str], list[str]
     return [lines[i] for i in fit_rows], [lines[i] for i in eval_rows]
 
 
+def invented_unknown(facts: Sequence[Fact], per_template: int, seed: int) -> list[Fact]:
+    """The unknown subjects when none are given: each template of `facts` filled with invented subjects,
+    each given an invented answer. No model can know either, so accuracy there is ~0 by construction and what
+    is read is the confidence (mean top-1 probability)."""
+    made_up = nonce_facts(facts, per_template, seed, borrow=False)
+    rng = random.Random(seed)
+    taken = {w.lower() for f in (*facts, *made_up) for w in (f.subject or "", f.answer)}
+    return [replace(f, answer=fresh(partial(nonce_word, rng, True), taken), split="test") for f in made_up]
+
+
 @dataclass
 class Loaded:
     """The model and every prompt set, tokenised."""
@@ -145,6 +158,7 @@ class Loaded:
     known: Prompts
     unknown: Prompts | None
     unknown_path: Path | None
+    unknown_source: str
     neutral_fit: list[str]
     neutral_eval: list[str]
     neutral_source: str
@@ -169,12 +183,19 @@ def load_inputs(model: str | Path, facts: str | Path, unknown: str | Path | None
     unknown_path = Path(unknown) if unknown is not None else None
     if unknown_path is None and (model_dir / UNKNOWN_FILE).is_file():
         unknown_path = model_dir / UNKNOWN_FILE
+    if unknown_path is not None:
+        unknown, unknown_source = prepare(tokenizer, load_facts(unknown_path), str(unknown_path)), str(unknown_path)
+    else:
+        seed = config.seed + 2  # the fit's nonce guard draws with seed and seed + 1
+        made_up = invented_unknown([known.facts[i] for i in known.rows("test")], config.unknown_per_template, seed)
+        unknown = prepare(tokenizer, made_up, "invented unknown subjects") if made_up else None
+        unknown_source = (f"invented: the test split's templates, {config.unknown_per_template} invented subjects "
+                          f"each (seed {seed})" if made_up else "none (the facts have no templates)")
     neutral_lines, neutral_source = read_neutral(Path(neutral) if neutral else None, model_dir)
     neutral_fit, neutral_eval = split_neutral(neutral_lines, config.seed)
     return Loaded(
         model_dir=model_dir, lm=lm, tokenizer=tokenizer, cmap=ComponentMap(lm), device=torch.device(device),
-        dtype=dtype, pad=pad_id(tokenizer), known=known,
-        unknown=prepare(tokenizer, load_facts(unknown_path), str(unknown_path)) if unknown_path else None,
-        unknown_path=unknown_path, neutral_fit=neutral_fit, neutral_eval=neutral_eval,
+        dtype=dtype, pad=pad_id(tokenizer), known=known, unknown=unknown,
+        unknown_path=unknown_path, unknown_source=unknown_source, neutral_fit=neutral_fit, neutral_eval=neutral_eval,
         neutral_source=neutral_source,
     )

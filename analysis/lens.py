@@ -30,6 +30,11 @@ def layer_residuals(dec: Decomposition, num_layers: int) -> torch.Tensor:
     return per_layer.cumsum(dim=1)
 
 
+# Residual vectors per unembedding matmul: enough rows for an efficient matmul, few enough that the
+# [rows, vocab] logits stay small while each is reduced to a couple of numbers.
+ROWS = 256
+
+
 def lens_logits(cmap: ComponentMap, x: torch.Tensor) -> torch.Tensor:
     """Logits of residual vectors x [..., d] through the final norm (own scale) and unembedding. [..., vocab]"""
     flat = x.reshape(-1, x.shape[-1]).float()
@@ -37,6 +42,25 @@ def lens_logits(cmap: ComponentMap, x: torch.Tensor) -> torch.Tensor:
     weight = cmap.unembed().weight
     logits = (normed.to(weight.dtype) @ weight.T).float() + constant_logits(cmap)
     return logits.reshape(*x.shape[:-1], -1)
+
+
+def answer_logp_rank(logits: torch.Tensor, answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(answer) and the answer's rank (1 = top) under logits [n, vocab]. Two [n]."""
+    answer = logits.gather(-1, answer_ids.view(-1, 1))
+    return answer[:, 0] - logits.logsumexp(dim=-1), (logits > answer).sum(dim=-1) + 1
+
+
+def lens_answer(cmap: ComponentMap, x: torch.Tensor,
+                answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(answer) and its rank through the logit lens for every vector of x [batch, ..., d], answer_ids [batch]:
+    one matmul per `ROWS` vectors, reduced at once (the full logits are never kept). Two [batch, ...]."""
+    flat = x.reshape(-1, x.shape[-1])
+    answers = answer_ids.repeat_interleave(flat.shape[0] // max(1, x.shape[0]))
+    parts = [answer_logp_rank(lens_logits(cmap, flat[i : i + ROWS]), answers[i : i + ROWS])
+             for i in range(0, flat.shape[0], ROWS)]
+    logp = torch.cat([p for p, _ in parts]) if parts else flat.new_zeros(0)
+    rank = torch.cat([r for _, r in parts]) if parts else torch.zeros(0, dtype=torch.long)
+    return logp.view(x.shape[:-1]), rank.view(x.shape[:-1])
 
 
 def answer_stats(logits: torch.Tensor, answer_ids: torch.Tensor, temperature: float = 1.0) -> Dist:
@@ -62,9 +86,5 @@ def answer_stats(logits: torch.Tensor, answer_ids: torch.Tensor, temperature: fl
 def logit_lens(cmap: ComponentMap, residuals: torch.Tensor,
                answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """p(answer) and rank of the answer after every layer. residuals [batch, L+1, d] -> two [batch, L+1]."""
-    probs, ranks = [], []
-    for layer in range(residuals.shape[1]):
-        stats = answer_stats(lens_logits(cmap, residuals[:, layer]), answer_ids)
-        probs.append(stats.p_answer)
-        ranks.append(stats.rank)
-    return torch.stack(probs, dim=1), torch.stack(ranks, dim=1)
+    logp, rank = lens_answer(cmap, residuals, answer_ids)
+    return logp.exp(), rank

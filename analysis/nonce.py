@@ -62,10 +62,10 @@ def fresh(draw: Callable[[], str], taken: set[str]) -> str:
             return word
 
 
-def nonce_facts(facts: Sequence[Fact], per_template: int, seed: int) -> list[Fact]:
+def nonce_facts(facts: Sequence[Fact], per_template: int, seed: int, *, borrow: bool = True) -> list[Fact]:
     """Each distinct (relation, template) of `facts` filled with `per_template` nonce subjects: invented
     names (capitalised when most of the relation's subjects are; never a real subject or answer) and, when
-    there are other relations, names borrowed from them, alternately. The answer field is empty: there is
+    there are other relations and `borrow`, names borrowed from them, alternately. The answer field is empty: there is
     none (these prompts are only ever guarded, never fitted)."""
     if per_template <= 0:
         return []
@@ -85,7 +85,7 @@ def nonce_facts(facts: Sequence[Fact], per_template: int, seed: int) -> list[Fac
         borrowed = sorted({n for r, names in names_of.items() if r != relation for n in names
                            if n.lower() not in own})
         for k in range(per_template):
-            if k % 2 == 1 and borrowed:
+            if borrow and k % 2 == 1 and borrowed:
                 subject = rng.choice(borrowed)
             else:
                 subject = fresh(partial(nonce_word, rng, capitalize), taken)

@@ -6,14 +6,18 @@ Steps (numbers in analysis.json under the same names; the module that computes t
 2. final_layer    DLA and effect on log p(answer) of every final-block component, its top
                   neurons (all facts)                                                       [summaries]
 3. mechanisms     mover heads, and each MLP regressed on its block's heads (all facts)      [summaries]
-4. verdict        p(answer) before vs after the final block (test split and all), top
-                  suppressors                                                               [summaries]
-5. patch          gains on the final-block components that suppress the answer on the *train* split,
-                  fitted through the real forward pass (`fit`), early-stopped on dev; the saved patch
-                  is checked against the fitted gains                                        [here]
-6. evaluation     the patch applied with `apply_patch`, on the test split and unknown subjects: base,
-                  patched, temperature-scaled (T fitted on train), with cluster-bootstrap intervals;
-                  NLL on held-out neutral text                                               [evaluate]
+4. findings     the headline at two levels on the test split, with intervals: the share of prompts where
+                  the final block lowers p(answer) and its rescale term; each final-block component's
+                  share of prompts where it lowers p(answer) and its mean effect                [summaries]
+5. patch          --method gains: gains on the final-block components that suppress the answer on the
+                  *train* split, fitted through the real forward pass (`fit`), early-stopped on dev, the
+                  saved patch checked against the fitted gains                               [here]
+   intercept      --method intercept: the paper's fix, the final MLP's intercept fitted on train and
+                  removed (a bias edit); `both` (default): both, patch.json the lower dev NLL  [methods]
+6. evaluation     each patch applied with `apply_patch`, on the test split (and per relation), the unknown
+                  subjects and held-out neutral text, in one table with the base model and temperature
+                  scaling (T fitted on train), with cluster-bootstrap intervals            [evaluate]
+7. checks         only those asked for (--require): findings against thresholds         [require]
 
 Settings: `config.AnalysisConfig`. Inputs: `inputs`. Every section is a `schema` model from where it is
 computed; the report (`report`, `plots`) renders the `AnalysisResult` this returns.
@@ -23,33 +27,27 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
-from recallfix.patches import ComponentMap, Patch, __version__, apply_patch, make_patch
+from recallfix.patches import Patch, __version__
 from recallfix.patches.io import atomic_directory, atomic_write_text
 
-from . import calibration as cal
 from .attribution import select_suppressors, summarize, top_neurons
-from .batching import batches, encode
 from .collect import Collected, collect
 from .config import AnalysisConfig
-from .evaluate import evaluate, evaluate_criteria, logit_chunks, patch_metrics, run_patched
-from .facts import Fact, FactsFormatError, dataset_sha256
-from .fit import BlockInputs, FitConfig, GainHooks, capture_final_block_inputs, fit_gains, replay_logits
+from .evaluate import evaluate, fit_baseline_temperature, patch_metrics, run_model, split_nll
+from .facts import FactsFormatError, dataset_sha256
 from .inputs import AnalysisError, Loaded, load_inputs
-from .nonce import nonce_facts
-from .schema import SCHEMA_VERSION, AnalysisResult, DataInfo, FitHistoryRow, LogitLens, ModelInfo, PatchInfo
-from .summaries import component_rows, describe, neuron_names, num
-
-GAIN_DECIMALS = 4
+from .learn import _log, learn_patch
+from .methods import choose, file_names, intercept_method, method_info
+from .require import finding_values, load_checks, run_checks
+from .schema import SCHEMA_VERSION, AnalysisResult, DataInfo, LogitLens, ModelInfo
+from .summaries import describe, neuron_names
 
 
 def choose_components(s: Loaded, c: Collected, config: AnalysisConfig) -> tuple[list[str], str]:
@@ -70,91 +68,6 @@ def choose_components(s: Loaded, c: Collected, config: AnalysisConfig) -> tuple[
     return selected, rule
 
 
-def block_inputs(model: nn.Module, cmap: ComponentMap, token_ids: Sequence[Sequence[int]], pad: int,
-                 batch_size: int, device: torch.device, *, answers: torch.Tensor | None = None,
-                 recalled: torch.Tensor | None = None) -> list[BlockInputs]:
-    out = []
-    for batch in batches(token_ids, batch_size, pad, device):
-        item = capture_final_block_inputs(model, cmap, batch)
-        if answers is not None and recalled is not None:
-            item.targets = answers[batch.index].to(device)
-            item.recalled = recalled[batch.index].to(device)
-        out.append(item)
-    return out
-
-
-@torch.no_grad()
-def verify_patch(model: nn.Module, cmap: ComponentMap, patch: Patch, gains: dict[str, float],
-                 probe: BlockInputs) -> float:
-    """Max |logit difference| between the fit's hooks at `gains` and the saved patch applied to the weights."""
-    hooks = GainHooks(cmap, list(gains), probe.args[0].device)
-    hooks.set(gains)
-    with hooks:
-        hooked = replay_logits(cmap, probe, last_only=True)
-    with apply_patch(model, patch):
-        out = model(input_ids=probe.batch.input_ids, attention_mask=probe.batch.attention_mask, use_cache=False)
-        rows = torch.arange(len(probe.batch), device=out.logits.device)
-        applied = out.logits[rows, probe.batch.last].float()
-    return float((hooked - applied).abs().max())
-
-
-def learn_patch(s: Loaded, c: Collected, selected: list[str], rule: str, config: AnalysisConfig, command: str,
-                facts_sha: str) -> tuple[Patch, PatchInfo]:
-    """Step 5: fit the gains (train; early stopping on dev), fit the temperature baseline, check the patch."""
-    known, cmap, dev = s.known, s.cmap, s.device
-    train_rows, dev_rows = known.rows("train"), known.rows("dev")
-    recalled = c.before.rank <= config.recall_rank
-    fit_config = FitConfig(**{**asdict(config.fit), "seed": config.seed})
-
-    def facts_in(rows: torch.Tensor) -> list[BlockInputs]:
-        return block_inputs(s.lm, cmap, [known.token_ids[i] for i in rows], s.pad, config.batch_size, dev,
-                            answers=known.answers[rows], recalled=recalled[rows])
-
-    def nonce_in(split: str, seed: int) -> tuple[list[BlockInputs], list[Fact]]:
-        made_up = nonce_facts([known.facts[i] for i in known.rows(split)], config.nonce_per_template, seed)
-        if not made_up:
-            return [], []
-        n = len(made_up)  # no answer: guarded only (recalled False), the target is never read
-        batches_in = block_inputs(s.lm, cmap, encode(s.tokenizer, [f.prompt for f in made_up]), s.pad,
-                                  config.batch_size, dev, answers=torch.zeros(n, dtype=torch.long),
-                                  recalled=torch.zeros(n, dtype=torch.bool))
-        return batches_in, made_up
-
-    nonce_train, made_up_train = nonce_in("train", config.seed)
-    nonce_dev, made_up_dev = nonce_in("dev", config.seed + 1)
-    train_in, dev_in = facts_in(train_rows) + nonce_train, facts_in(dev_rows) + nonce_dev
-    neutral_in = block_inputs(s.lm, cmap, encode(s.tokenizer, s.neutral_fit), s.pad, config.batch_size, dev)
-    fit = fit_gains(s.lm, cmap, selected, train_in, dev_in, neutral_in, fit_config, progress=config.progress)
-    # 4 decimals: far below the fit's own noise, and the patch then does not depend on float summation order
-    # (thread count, device), so the same seed gives the same patch file.
-    gains = {name: round(g, GAIN_DECIMALS) for name, g in fit.gains.items()}
-    temperature = cal.fit_temperature(logit_chunks(cmap, c.x_final[train_rows], known.answers[train_rows],
-                                                   config.batch_size, dev))
-    _log(config.progress, f"gains {', '.join(f'{k}={v:.3f}' for k, v in gains.items())} (best epoch "
-                          f"{fit.best_epoch}/{fit.epochs_run}); temperature baseline T={temperature:.3f}")
-    patch = make_patch(s.lm, gains, command=command, dataset_sha256=facts_sha)
-    max_error = verify_patch(s.lm, cmap, patch, gains, dev_in[0])
-    tolerance = 1e-3 if s.dtype == torch.float32 else 0.25
-    if max_error > tolerance:
-        raise AnalysisError(f"the saved patch does not reproduce the fitted gains (max logit error {max_error:.3g})")
-    effects = torch.stack([c.final_effect[train_rows, c.final_names.index(n)] if n in c.final_names
-                           else c.neuron_effect[train_rows, cmap.validate(n).index] for n in selected], dim=1)
-    info = PatchInfo(
-        file="patch.json", id=patch.id, selection_rule=rule,
-        candidates=component_rows(selected, None, effects),
-        gains=gains, fit_config=asdict(fit_config),
-        n_train=int(len(train_rows)), n_train_recalled=int(recalled[train_rows].sum()),
-        n_dev=int(len(dev_rows)),
-        n_nonce_train=len(made_up_train), n_nonce_dev=len(made_up_dev),
-        nonce_examples=[f.prompt for f in made_up_train[:: max(1, len(made_up_train) // 5)]][:5],
-        best_epoch=fit.best_epoch, epochs_run=fit.epochs_run, stopped_early=fit.stopped_early,
-        history=[FitHistoryRow(**{k: (int(v) if k == "epoch" else num(v)) for k, v in h.items()})
-                 for h in fit.history],
-        temperature=temperature, verified=True, max_verify_error=max_error,
-    )
-    return patch, info
-
-
 class Timer:
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
@@ -166,11 +79,6 @@ class Timer:
             yield
         finally:
             self.times[name] = round(time.perf_counter() - start, 2)
-
-
-def _log(progress: bool, message: str) -> None:
-    if progress:
-        tqdm.write(f"[analyze] {message}")
 
 
 def model_info(s: Loaded, model: str | Path) -> ModelInfo:
@@ -187,7 +95,8 @@ def data_info(s: Loaded, facts: str | Path, facts_sha: str, splits: dict[str, in
                     n_dropped=s.known.dropped, splits=splits,
                     relations={r: curve.n for r, curve in lens.by_relation.items()},
                     unknown_path=str(s.unknown_path) if s.unknown_path else None,
-                    n_unknown=len(s.unknown.facts) if s.unknown else 0, neutral_source=s.neutral_source,
+                    unknown_source=s.unknown_source, n_unknown=len(s.unknown.facts) if s.unknown else 0,
+                    neutral_source=s.neutral_source,
                     n_neutral_fit=len(s.neutral_fit), n_neutral_eval=len(s.neutral_eval), seed=seed)
 
 
@@ -211,6 +120,7 @@ def run_analysis(
     from .report import write_markdown
 
     config = config or AnalysisConfig()
+    checks = load_checks(config.require or ())  # a malformed check fails before the long run
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists (pass --force to replace it)")
@@ -230,38 +140,60 @@ def run_analysis(
         c = collect(s.lm, s.cmap, known.token_ids, known.answers, pad=s.pad, batch_size=config.batch_size,
                     subjects=known.subjects, mechanisms=True, progress=config.progress, desc="facts")
     described = describe(s, c, config)
-    _log(config.progress, described.verdict.text)
+    _log(config.progress, described.findings.text)
 
-    selected, rule = choose_components(s, c, config)
-    patch, patch_info, evaluation = None, None, None
-    if selected:
-        with timer("fit"):
-            patch, patch_info = learn_patch(s, c, selected, rule, config, command, facts_sha)
+    patches: dict[str, Patch] = {}
+    patch_info, intercept_info = None, None
+    if "gains" in config.methods:
+        selected, rule = choose_components(s, c, config)
+        if selected:
+            with timer("fit"):
+                patches["gains"], patch_info = learn_patch(s, c, selected, rule, config, command, facts_sha)
+        else:
+            _log(config.progress, "no final-layer component suppresses the answer on the train split: no gains")
+    if "intercept" in config.methods:
+        with timer("intercept fit"):
+            patches["intercept"], intercept_info = intercept_method(s, c, command, facts_sha)
+    evaluation, files_of = None, {}
+    if patches:
         with timer("evaluation"):
-            runs = run_patched(s, patch, config)
+            methods = [method_info(s, name, patch, split_nll(s, "dev", patch, config.batch_size))
+                       for name, patch in patches.items()]
+            chosen, choice = choose(methods)
+            files_of = file_names(methods, chosen)
+            methods = [m.model_copy(update={"file": files_of[m.name]}) for m in methods]
+            _log(config.progress, f"patch.json: {choice}")
+            base_runs = run_model(s, None, config, "base")
+            runs = {name: run_model(s, patch, config, name) for name, patch in patches.items()}
+            temperature = fit_baseline_temperature(s, c, config)
         with timer("bootstrap"):
-            evaluation = evaluate(s, c, runs, patch_info.temperature, config)
-        patch = patch.model_copy(update={"metrics": patch_metrics(evaluation, patch_info.temperature)})
-    else:
-        _log(config.progress, "no final-layer component suppresses the answer on the train split: no patch")
+            evaluation = evaluate(s, c, base_runs, runs, temperature, methods, chosen, choice,
+                                  split_nll(s, "dev", None, config.batch_size), config)
+        patches = {name: p.model_copy(update={"metrics": patch_metrics(evaluation, name)})
+                   for name, p in patches.items()}
+        if patch_info is not None:
+            patch_info = patch_info.model_copy(update={"file": files_of["gains"]})
+        if intercept_info is not None:
+            intercept_info = intercept_info.model_copy(update={"file": files_of["intercept"]})
 
+    values = finding_values(described.findings, evaluation)
     result = AnalysisResult(
         schema_version=SCHEMA_VERSION, tool_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command,
         model=model_info(s, model), data=data_info(s, facts, facts_sha, splits, described.logit_lens, config.seed),
         logit_lens=described.logit_lens, final_layer=described.final_layer, mechanisms=described.mechanisms,
-        verdict=described.verdict, patch=patch_info, evaluation=evaluation,
-        criteria=evaluate_criteria(described.verdict, evaluation), runtime_s={}, files={},
+        findings=described.findings, patch=patch_info, intercept=intercept_info, evaluation=evaluation,
+        values=values, checks=run_checks(checks, values), runtime_s={}, files={},
     )
     with atomic_directory(out, overwrite=force) as scratch:
         with timer("plots"):
             plots = write_plots(scratch, result)
         timer.times["total"] = round(time.perf_counter() - started, 2)
-        files = {"analysis": "analysis.json", "report": "report.md", **({"patch": "patch.json"} if patch else {}),
-                 **plots}
+        files = {"analysis": "analysis.json", "report": "report.md",
+                 **{("patch" if f == "patch.json" else f"patch_{name}"): f for name, f in files_of.items()}, **plots}
         result = result.model_copy(update={"runtime_s": dict(timer.times), "files": files})
-        if patch is not None:
-            patch.save(scratch / "patch.json")
+        for name, patch in patches.items():
+            patch.save(scratch / files_of[name])
         atomic_write_text(scratch / "analysis.json", result.model_dump_json(indent=2) + "\n")
         write_markdown(scratch, result)
     _log(config.progress, f"wrote {out / 'report.md'}")

@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .schema import AnalysisResult  # noqa: E402
 
 NEG, POS, GREY = "#c0392b", "#2471a3", "#7f8c8d"
-MODEL_LABELS = {"base": "base", "patched": "patched", "temperature": "temperature-scaled"}
+MODEL_LABELS = {"base": "base", "gains": "learned gains", "intercept": "intercept removed",
+                "temperature": "temperature-scaled"}
 
 
 def _save(fig: plt.Figure, path: Path) -> str:
@@ -171,9 +172,10 @@ def plot_reliability(d: AnalysisResult, path: Path) -> str | None:
     if not ev:
         return None
     sets = [("test", ev.test)] + ([("unknown subjects", ev.unknown)] if ev.unknown else [])
-    fig, axes = plt.subplots(len(sets), 3, figsize=(12, 3.8 * len(sets)), squeeze=False)
+    models = ["base", *(m.name for m in ev.methods), "temperature"]
+    fig, axes = plt.subplots(len(sets), len(models), figsize=(4 * len(models), 3.8 * len(sets)), squeeze=False)
     for row, (set_name, s) in zip(axes, sets, strict=True):
-        for ax, model in zip(row, ("base", "patched", "temperature"), strict=True):
+        for ax, model in zip(row, models, strict=True):
             bins = [b for b in s.reliability[model] if b.count]
             width = s.reliability[model][0].hi - s.reliability[model][0].lo
             centres = [(b.lo + b.hi) / 2 for b in bins]

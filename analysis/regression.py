@@ -20,6 +20,8 @@ import torch
 from recallfix.patches.components import Component, ComponentMap
 from recallfix.patches.decompose import Decomposition, mean_readout, norm_linear, readout
 
+from .lens import ROWS, answer_logp_rank
+
 
 @dataclass
 class Regression:
@@ -47,14 +49,19 @@ def regress_mlp_on_heads(dec: Decomposition, cmap: ComponentMap, layer: int) -> 
 
 def intercept_readout(cmap: ComponentMap, dec: Decomposition, intercept: torch.Tensor,
                       answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The intercept through the logit lens: its DLA to the answer and the answer's rank among its logits.
+    """Intercepts through the logit lens: their DLA to the answer and the answer's rank among their logits.
 
-    Uses the frozen final-norm scale of the decomposition, as DLA does. Returns two [batch] tensors.
+    intercept: [batch, ..., d] (e.g. one per layer). Uses the frozen final-norm scale of the decomposition, as
+    DLA does. Returns two [batch, ...] tensors.
     """
     direction = readout(cmap, dec.norm_scale, answer_ids.view(-1, 1))[:, 0] - mean_readout(cmap, dec.norm_scale)
-    dla = (intercept * direction).sum(dim=-1)
+    dla = torch.einsum("b...d,bd->b...", intercept, direction)
+    normed = norm_linear(cmap, intercept, dec.norm_scale).reshape(-1, intercept.shape[-1])
+    answers = answer_ids.repeat_interleave(normed.shape[0] // max(1, intercept.shape[0]))
     weight = cmap.unembed().weight
-    logits = (norm_linear(cmap, intercept, dec.norm_scale).to(weight.dtype) @ weight.T).float()
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    rank = (logits > logits[rows, answer_ids][:, None]).sum(dim=-1) + 1
-    return dla, rank
+    ranks = []
+    for i in range(0, normed.shape[0], ROWS):
+        logits = (normed[i : i + ROWS].to(weight.dtype) @ weight.T).float()
+        ranks.append(answer_logp_rank(logits, answers[i : i + ROWS])[1])
+    rank = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+    return dla, rank.view(intercept.shape[:-1])

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from recallfix.patches.io import atomic_write_text
 
-from .schema import AnalysisResult, ComponentRow, Criterion, EstimateModel, SetEvaluation, Suppression
+from .schema import AnalysisResult, CheckResult, ComponentRow, EstimateModel, Evaluation, SetEvaluation, Suppression
 
-MODELS = ("base", "patched", "temperature")
+LABELS = {"base": "base", "gains": "learned gains", "intercept": "intercept removed (paper)",
+          "temperature": "temperature-scaled"}
 
 
 def _f(x: float | None, fmt: str = ".3f") -> str:
@@ -20,10 +21,10 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
 
-def _est(e: EstimateModel | Criterion, fmt: str = ".3f") -> str:
+def _est(e: EstimateModel | CheckResult, fmt: str = ".3f") -> str:
     if e.value is None:
         return "n/a"
-    if e.ci_low is None:
+    if e.ci_low is None or e.ci_high is None:
         return format(e.value, fmt)
     return f"{format(e.value, fmt)} [{format(e.ci_low, fmt)}, {format(e.ci_high, fmt)}]"
 
@@ -55,15 +56,19 @@ def _suppression_rows(s: Suppression, label: str) -> list[str]:
             f"{_pct(s.share_suppressed_recalled)} of {s.n_recalled}"]
 
 
-def _set_section(title: str, s: SetEvaluation) -> str:
+def _models(ev: Evaluation) -> list[str]:
+    return ["base", *(m.name for m in ev.methods), "temperature"]
+
+
+def _set_section(title: str, s: SetEvaluation, ev: Evaluation) -> str:
+    models, methods = _models(ev), [m.name for m in ev.methods]
     rows = []
     for metric, label in METRIC_LABELS.items():
-        dpb = s.differences["patched_minus_base"][metric]
-        dpt = s.differences["patched_minus_temperature"][metric]
-        rows.append([label, *(_est(s.models[k][metric]) for k in MODELS), _est(dpb, "+.3f"), _est(dpt, "+.3f")])
-    return (f"#### {title} ({s.n} prompts, {s.n_groups} subjects)\n\n"
-            + _table(["metric", "base", "patched", "temperature-scaled", "patched − base", "patched − temperature"],
-                     rows))
+        rows.append([label, *(_est(s.models[k][metric]) for k in models),
+                     *(_est(s.differences[f"{m}_minus_{o}"][metric], "+.3f") for m in methods
+                       for o in ("base", "temperature"))])
+    header = ["metric", *(LABELS[k] for k in models), *(f"{m} − {o}" for m in methods for o in ("base", "temperature"))]
+    return f"#### {title} ({s.n} prompts, {s.n_groups} subjects)\n\n" + _table(header, rows)
 
 
 def _image(files: dict[str, str], key: str, alt: str) -> str:
@@ -85,18 +90,15 @@ CAVEATS = """
 """
 
 
-def _criteria(d: AnalysisResult) -> list[str]:
-    def value(c: Criterion) -> str:
-        return _est(c, "+.4f" if c.threshold == 0 else ".4f")
-
-    out = ["## Acceptance checks (held-out numbers)\n"]
-    out.append(_table(["check", "value [95% interval]", "result"],
-                      [[c.description, value(c), {True: "PASS", False: "**FAIL**", None: "n/a"}[c.passed]]
-                       for c in d.criteria]))
-    failed = [c.name for c in d.criteria if c.passed is False]
-    out.append("\n" + (f"**Not met:** {', '.join(failed)}. These are the measured numbers; nothing was tuned "
-                       "on the test split or the unknown subjects to change them.\n" if failed
-                       else "All checks pass on the point estimates (intervals below).\n"))
+def _checks(d: AnalysisResult) -> list[str]:
+    out = ["## Checks asked for (--require)\n"]
+    out.append(_table(["check", "finding", "value [95% interval]", "result"],
+                      [[c.description or c.name, f"`{c.expression}` ({c.source})", _est(c, ".4f"),
+                        "PASS" if c.passed else "**FAIL**"] for c in d.checks]))
+    failed = [c.name for c in d.checks if not c.passed]
+    out.append("\n" + (f"**Not met:** {', '.join(failed)}. These are the measured numbers; nothing was tuned on "
+                       "the test split or the unknown subjects to change them.\n" if failed
+                       else "Every check passes on the point estimates.\n"))
     return out
 
 
@@ -110,7 +112,7 @@ def _setup(d: AnalysisResult) -> list[str]:
         ["facts", f"`{data.facts_path}`: {data.n_facts} prompts ({data.n_dropped} dropped: no answer token); "
                   f"splits {data.splits} by subject, seed {data.seed}; sha256 `{data.facts_sha256[:16]}…`"],
         ["relations", ", ".join(f"{k} ({v})" for k, v in data.relations.items())],
-        ["unknown subjects", f"`{data.unknown_path}` ({data.n_unknown} prompts)" if data.unknown_path else "none"],
+        ["unknown subjects", f"{data.unknown_source} ({data.n_unknown} prompts)"],
         ["neutral text", f"{data.neutral_source}: {data.n_neutral_fit} lines for the KL guard, "
                          f"{data.n_neutral_eval} held out for the NLL check"],
         ["runtime", ", ".join(f"{k} {v:.1f}s" for k, v in d.runtime_s.items())],
@@ -187,21 +189,30 @@ def _mechanisms(d: AnalysisResult) -> list[str]:
     return out
 
 
-def _verdict(d: AnalysisResult) -> list[str]:
-    verdict = d.verdict
-    return ["\n## 4. Verdict\n",
-            _table(["prompts", "n", "p before", "p after", "suppressed", "acc before", "acc after",
-                    "suppressed among recalled"],
-                   [_suppression_rows(verdict.test, "test"), _suppression_rows(verdict.all, "all")]),
-            f"\n{verdict.text}\n"]
+def _findings(d: AnalysisResult) -> list[str]:
+    f = d.findings
+    return ["\n## 4. Findings: the whole block and each component\n",
+            _table(["prompts", "n", "p before", "p after", "block lowers p(answer) on", "acc before", "acc after",
+                    "lowers it, among recalled"],
+                   [_suppression_rows(f.test, "test"), _suppression_rows(f.all, "all")]),
+            f"\nRescale term (test): {_est(f.rescale, '+.3f')} on the answer's logit against the mean.\n",
+            "\nEach final-block component on the test split: the share of prompts where its write lowers "
+            "p(answer) and its mean effect on log p(answer), with 95% bootstrap intervals over subjects. A "
+            "consistent suppressor lowers p(answer) on at least the selection share (--min-share) of prompts, and "
+            "the interval of its mean effect lies below 0.\n",
+            _table(["component", "lowers p(answer) on", "mean effect (nats)", "consistent suppressor"],
+                   [[c.name, f"{_pct(c.share_lowers)} [{_pct(c.share_lowers_ci[0])}, {_pct(c.share_lowers_ci[1])}]",
+                     _est(EstimateModel(value=c.mean_effect, ci_low=c.mean_effect_ci[0], ci_high=c.mean_effect_ci[1]),
+                          "+.3f"), "yes" if c.consistent else ""] for c in f.components])]
 
 
 def _patch(d: AnalysisResult) -> list[str]:
     patch = d.patch
-    out = ["\n## 5. The patch\n"]
+    out = ["\n## 5. The patches\n", "### Learned gains\n"]
     if not patch:
-        out.append("No final-block component suppresses the answer on the train split, so no patch was made.\n")
-        return out
+        out.append("Not fitted: not asked for (--method), or no final-block component suppresses the answer on the "
+                   "train split.\n")
+        return out + _intercept(d)
     out.append(f"Selected on the train split: {patch.selection_rule}.\n")
     out.append(_table(["component", "train mean Δ log p", "train Δ log p < 0", "learned gain"],
                       [[c.name, _f(c.mean_effect), _pct(c.share_effect_negative), _f(patch.gains[c.name])]
@@ -234,61 +245,105 @@ def _patch(d: AnalysisResult) -> list[str]:
     out.append(
         f"The saved patch `{patch.file}` (id {patch.id}), applied with `apply_patch`, reproduces the fitted "
         f"logits to {patch.max_verify_error:.1e}; every number below is measured on the model with the patch "
-        f"applied. Temperature baseline: T = {patch.temperature:.3f}, fitted (NLL) on the same train split.\n")
+        f"applied.\n")
     out.append(_image(d.files, "plot_fit", "fit"))
-    return out
+    return out + _intercept(d)
+
+
+def _intercept(d: AnalysisResult) -> list[str]:
+    i = d.intercept
+    if i is None:
+        return []
+    heads = ", ".join(f"{k} {v:+.2f}" for k, v in i.head_coef.items())
+    return ["\n### The paper's fix: remove the final MLP's intercept\n",
+            f"At the last position of {i.n_train} train prompts, {i.component}'s output regressed on the final "
+            f"heads' writes and the stream after attention (least squares; R² {_f(i.r2)}): one coefficient per "
+            f"head ({heads}), {i.resid_coef:+.3f} for the stream, and an intercept b shared by every prompt (norm "
+            f"{i.b_norm:.3f}; the MLP's output has mean norm {i.mean_mlp_out_norm:.3f}). The patch `{i.file}` "
+            f"(id {i.id}) adds −b to the MLP's output: resid_post = resid_mid + mlp_out − b.\n"]
+
+
+def _at_a_glance(ev: Evaluation) -> str:
+    """The one comparison table: every method beside the base model and temperature scaling."""
+    models, methods = _models(ev), [m.name for m in ev.methods]
+    test, unknown = ev.test, ev.unknown
+    rows = []
+    for metric in ("accuracy", "mean_p_answer", "ece_equal_width", "nll"):
+        rows.append([f"test {METRIC_LABELS[metric]}", *(_est(test.models[k][metric]) for k in models),
+                     *(_est(test.differences[f"{m}_minus_base"][metric], "+.3f") for m in methods)])
+    if unknown is not None:
+        rows.append(["unknown subjects: mean top-1 probability",
+                     *(_est(unknown.models[k]["mean_confidence"]) for k in models),
+                     *(_est(unknown.differences[f"{m}_minus_base"]["mean_confidence"], "+.3f") for m in methods)])
+    neutral = [ev.neutral[m] for m in methods]
+    if neutral:
+        rows.append(["neutral text: NLL per token", f"{neutral[0].base_nll:.4f}",
+                     *(f"{n.patched_nll:.4f}" for n in neutral), "(unchanged)",
+                     *(f"{n.relative_change:+.2%} [{_pct(n.relative_change_ci[0])}, {_pct(n.relative_change_ci[1])}]"
+                       for n in neutral)])
+    dev = {m.name: m.dev_nll for m in ev.methods}
+    rows.append(["dev NLL (chooses patch.json)", f"{ev.base_dev_nll:.4f}", *(f"{dev[m]:.4f}" for m in methods), "",
+                 *(f"{dev[m] - ev.base_dev_nll:+.4f}" for m in methods)])
+    header = ["", *(LABELS[k] + (" (patch.json)" if k == ev.chosen else "") for k in models),
+              *(f"{m} − base" for m in methods)]
+    return _table(header, rows)
+
+
+def _servable(ev: Evaluation) -> list[str]:
+    return [f"* `{m.file}` ({m.name}): merged checkpoint {'yes' if m.merged is None else 'no (' + m.merged + ')'}; "
+            f"LoRA {'yes' if m.lora is None else 'no (' + m.lora + ')'}." for m in ev.methods]
+
+
+def _relations(ev: Evaluation) -> str:
+    models = ["base", *(m.name for m in ev.methods)]
+    rows = []
+    for relation, r in ev.by_relation.items():
+        for metric in ("accuracy", "mean_p_answer", "ece_equal_width"):
+            rows.append([relation if metric == "accuracy" else "", f"{r.n} / {r.n_groups}", METRIC_LABELS[metric],
+                         *(_est(r.models[k][metric]) for k in models),
+                         *(_est(r.differences[f"{m}_minus_base"][metric], "+.3f") for m in models[1:])])
+    return _table(["relation", "prompts / subjects", "metric", *(LABELS[k] for k in models),
+                   *(f"{m} − base" for m in models[1:])], rows)
 
 
 def _evaluation(d: AnalysisResult) -> list[str]:
     ev = d.evaluation
     if ev is None:
         return []
-    out = ["\n### Evaluation\n"]
+    out = ["\n## 6. Evaluation on held-out data\n"]
     out.append(f"Brackets: 95% percentile bootstrap intervals, {ev.n_boot} resamples of subjects "
                "(each draws subjects with replacement, all prompts of a subject together; differences are paired: "
                "the same resamples for every model). ECE is biased upward in small resamples, so its point estimate "
-               "can sit at the low end of its interval; the paired differences are the fair comparison.\n")
-    out.append(_set_section("Held-out test split", ev.test))
+               "can sit at the low end of its interval; the paired differences are the fair comparison. "
+               f"Temperature baseline: T = {ev.temperature:.3f}, fitted (NLL) on the train split.\n")
+    out.append("The comparison of every method is the table at the top of this report.\n")
+    out.append(f"**patch.json**: {ev.choice}.\n")
+    out += _servable(ev)
+    out.append("\n" + _set_section("Held-out test split", ev.test, ev))
+    out.append("\n#### Per relation (test split)\n\n" + _relations(ev))
     if ev.unknown:
-        out.append("\n" + _set_section("Unknown subjects", ev.unknown))
-    if ev.neutral:
-        n = ev.neutral
+        out.append(f"\n{_set_section('Unknown subjects', ev.unknown, ev)}\n\n({d.data.unknown_source}; where "
+                   "the answers are invented too, accuracy is ~0 by construction and the confidence is what counts.)")
+    for name, n in ev.neutral.items():
         ci = n.relative_change_ci
-        out.append(f"\n#### Neutral text\n\nNLL per token on {n.n_lines} held-out lines ({n.n_tokens} tokens): "
+        out.append(f"\nNeutral text, {name}: NLL per token on {n.n_lines} held-out lines ({n.n_tokens} tokens): "
                    f"base {n.base_nll:.4f}, patched {n.patched_nll:.4f}, relative change "
                    f"{n.relative_change:+.2%} [{_pct(ci[0])}, {_pct(ci[1])}].\n")
-    out.append("\n" + _comparison(d))
-    s = ev.suppression_after_patch
-    out.append(f"\nAfter the patch the final block lowers p(answer) on {_pct(s.share_suppressed)} of test prompts "
-               f"(before the patch: {_pct(d.verdict.test.share_suppressed)}).\n")
+    for name, s in ev.suppression_after_patch.items():
+        out.append(f"\nWith {name} the final block lowers p(answer) on {_pct(s.share_suppressed)} of test prompts "
+                   f"(base: {_pct(d.findings.test.share_suppressed)}).\n")
     out.append(_image(d.files, "plot_reliability", "reliability diagrams"))
     out.append(CAVEATS)
     return out
 
 
-def _comparison(d: AnalysisResult) -> str:
-    """One paragraph: what the patch buys against the base model and against temperature scaling."""
-    assert d.evaluation is not None
-    t, unknown = d.evaluation.test.models, d.evaluation.unknown
-    v = {m: {k: t[m][k].value for k in ("accuracy", "ece_equal_width", "mean_confidence")} for m in t}
-    text = (f"**Reading.** On held-out facts the patch moves accuracy {_f(v['base']['accuracy'])} → "
-            f"{_f(v['patched']['accuracy'])} and ECE {_f(v['base']['ece_equal_width'])} → "
-            f"{_f(v['patched']['ece_equal_width'])}; temperature scaling cannot change the top-1 token (accuracy "
-            f"stays {_f(v['temperature']['accuracy'])}) but reaches ECE {_f(v['temperature']['ece_equal_width'])} "
-            f"by rescaling every prompt alike.")
-    if unknown:
-        u = unknown.models
-        text += (f" That global rescaling is also what it does on unknown subjects: mean top-1 probability "
-                 f"{_f(u['base']['mean_confidence'].value)} → {_f(u['temperature']['mean_confidence'].value)} "
-                 f"with temperature, {_f(u['patched']['mean_confidence'].value)} with the patch.")
-    return text + "\n"
-
-
 def render_markdown(d: AnalysisResult) -> str:
-    out = [f"# recallfix analysis: {Path(d.model.path).name}\n", f"**Verdict.** {d.verdict.text}\n"]
-    if d.criteria:
-        out += _criteria(d)
-    for section in (_setup, _logit_lens, _final_layer, _mechanisms, _verdict, _patch, _evaluation):
+    out = [f"# recallfix analysis: {Path(d.model.path).name}\n", f"**Findings.** {d.findings.text}\n"]
+    if d.evaluation is not None:
+        out.append(_at_a_glance(d.evaluation) + "\n")
+    if d.checks:
+        out += _checks(d)
+    for section in (_setup, _logit_lens, _final_layer, _mechanisms, _findings, _patch, _evaluation):
         out += section(d)
     return "\n".join(out) + "\n"
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recallfix.patches.io import json_schema_of, write_json_schema_of
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).with_name("analysis.schema.json")
 
 Num = float | None
@@ -46,6 +46,7 @@ class DataInfo(Strict):
     splits: dict[str, int]
     relations: dict[str, int]
     unknown_path: str | None
+    unknown_source: str = Field(description="where the unknown-subject prompts come from")
     n_unknown: int
     neutral_source: str
     n_neutral_fit: int
@@ -149,11 +150,27 @@ class Suppression(Strict):
     share_suppressed_recalled: Num
 
 
-class Verdict(Strict):
+class ComponentFinding(Strict):
+    name: str
+    share_lowers: Num = Field(description="share of test prompts where its write lowers log p(answer)")
+    share_lowers_ci: list[Num] = Field(description="95% bootstrap interval over subjects")
+    mean_effect: Num = Field(description="mean effect of its write on log p(answer), nats")
+    mean_effect_ci: list[Num]
+    consistent: bool = Field(description="a consistent suppressor: lowers p(answer) on at least min_share of "
+                                         "prompts and the interval of its mean effect lies below 0")
+
+
+class Findings(Strict):
+    """What the final block does to the answer, at two levels: the whole block and each component."""
+
+    layer: int
     test: Suppression
     all: Suppression
-    top_suppressors: list[ComponentRow]
-    suppression_found: bool
+    rescale: EstimateModel = Field(description="mean change of the answer's logit against the mean from the final "
+                                               "norm's new scale (test split)")
+    block_lowers: bool = Field(description="the block lowers p(answer) on most test prompts")
+    components: list[ComponentFinding] = Field(description="the final block's components, most suppressing first")
+    suppressors: list[str] = Field(description="the consistent suppressors")
     text: str
 
 
@@ -226,22 +243,61 @@ class PatchInfo(Strict):
     max_verify_error: float
 
 
+class InterceptInfo(Strict):
+    """The paper's fix: the final MLP's output regressed on the final heads' writes and the stream after
+    attention across train prompts; the shared intercept b is removed (a bias of -b on the MLP's output)."""
+
+    file: str
+    id: str
+    component: str
+    n_train: int
+    head_coef: dict[str, float]
+    resid_coef: float
+    r2: Num
+    b_norm: float = Field(description="Euclidean norm of the intercept b")
+    mean_mlp_out_norm: float = Field(description="mean norm of the MLP's output on the train prompts, for scale")
+
+
+class MethodInfo(Strict):
+    name: str = Field(description="gains or intercept")
+    file: str
+    patch_id: str
+    dev_nll: float = Field(description="mean NLL of the answer on the dev split with the patch applied")
+    merged: str | None = Field(description="why a merged checkpoint cannot carry it (null: it can)")
+    lora: str | None = Field(description="why a LoRA adapter cannot carry it (null: it can)")
+
+
+class RelationEvaluation(Strict):
+    n: int
+    n_groups: int
+    models: dict[str, Metrics] = Field(description="model -> accuracy, mean_p_answer, ece_equal_width")
+    differences: dict[str, Metrics] = Field(description="<method>_minus_base (paired)")
+
+
 class Evaluation(Strict):
     n_boot: int = Field(description="bootstrap resamples behind every interval")
+    temperature: float = Field(description="the temperature baseline's T, fitted (NLL) on the train split")
+    base_dev_nll: float
+    methods: list[MethodInfo]
+    chosen: str = Field(description="the method written as patch.json")
+    choice: str = Field(description="why it was chosen, in words")
     test: SetEvaluation
     unknown: SetEvaluation | None
-    neutral: NeutralEvaluation | None
-    suppression_after_patch: Suppression = Field(description="the verdict's numbers on the test split, patched")
+    neutral: dict[str, NeutralEvaluation] = Field(description="per method: NLL on held-out neutral text")
+    by_relation: dict[str, RelationEvaluation]
+    suppression_after_patch: dict[str, Suppression] = Field(description="the block-level numbers on the test "
+                                                                        "split, per method, patched")
 
 
-class Criterion(Strict):
+class CheckResult(Strict):
     name: str
+    expression: str = Field(description="finding, comparison and threshold, e.g. 'block.lowers_share >= 0.8'")
     description: str
+    source: str = Field(description="the check set or file it comes from, or 'command line'")
     value: Num
     ci_low: Num
     ci_high: Num
-    threshold: float
-    passed: bool | None = Field(description="on the point estimate")
+    passed: bool = Field(description="on the point estimate; an unmeasured finding fails")
 
 
 class AnalysisResult(Strict):
@@ -254,10 +310,13 @@ class AnalysisResult(Strict):
     logit_lens: LogitLens
     final_layer: FinalLayer
     mechanisms: Mechanisms
-    verdict: Verdict
-    patch: PatchInfo | None = Field(description="null when no component suppresses the answer")
+    findings: Findings
+    patch: PatchInfo | None = Field(description="the learned gains; null when not asked for or no component "
+                                                "suppresses the answer")
+    intercept: InterceptInfo | None = Field(description="the paper's intercept fix; null when not asked for")
     evaluation: Evaluation | None
-    criteria: list[Criterion]
+    values: dict[str, EstimateModel] = Field(description="every finding a --require check can name")
+    checks: list[CheckResult] = Field(description="the checks asked for with --require")
     runtime_s: dict[str, float]
     files: dict[str, str]
 

@@ -1,5 +1,6 @@
 """Steps 1-4 of a run, from the pass over every fact (`Collected`) to the typed sections of analysis.json:
-logit lens, the final block's components and neurons, mover heads and MLP regressions, and the verdict.
+logit lens, the final block's components and neurons, mover heads and MLP regressions, and the findings
+(the headline: what the final block does to the answer, as a whole and component by component).
 
 Pure: tensors in, `schema` models out (undefined numbers become None, see `num`).
 """
@@ -24,8 +25,11 @@ from .movers import summarize_movers
 from .records import Dist
 from .schema import (
     BetaRow,
+    ComponentFinding,
     ComponentRow,
+    EstimateModel,
     FinalLayer,
+    Findings,
     InterceptRow,
     LensCurve,
     LogitLens,
@@ -34,7 +38,6 @@ from .schema import (
     MoverRow,
     Movers,
     Suppression,
-    Verdict,
 )
 
 SCATTER_HEADS = 4  # mover-head scatter plots, movers first
@@ -186,29 +189,65 @@ def regression_summary(c: Collected, cmap: ComponentMap) -> tuple[list[MlpRegres
     return out, answer_mlp
 
 
-def verdict_text(test: Suppression, top: Sequence[ComponentRow], final_layer: FinalLayer) -> tuple[bool, str]:
+def component_findings(effect: torch.Tensor, names: Sequence[str], groups: Sequence[str], n_boot: int, seed: int,
+                       min_share: float) -> list[ComponentFinding]:
+    """Each component's share of prompts where its write lowers log p(answer) and its mean effect, with
+    cluster-bootstrap intervals over subjects; most suppressing (lowest mean effect) first."""
+    e = effect.double().numpy()
+    resamples = [rows for rows in cal.group_resamples(groups, n_boot, seed) if len(rows)]
+    means = np.stack([e[rows].mean(axis=0) for rows in resamples]) if resamples else np.zeros((0, e.shape[1]))
+    shares = np.stack([(e[rows] < 0).mean(axis=0) for rows in resamples]) if resamples else means
+    out = []
+    for k, name in enumerate(names):
+        mean, share = (num(e[:, k].mean()), num((e[:, k] < 0).mean())) if len(e) else (None, None)
+        mean_ci, share_ci = cal.percentile_interval(means[:, k]), cal.percentile_interval(shares[:, k])
+        consistent = share is not None and share >= min_share and mean_ci[1] is not None and mean_ci[1] < 0
+        out.append(ComponentFinding(name=name, share_lowers=share, share_lowers_ci=list(share_ci), mean_effect=mean,
+                                    mean_effect_ci=list(mean_ci), consistent=consistent))
+    return sorted(out, key=lambda f: math.inf if f.mean_effect is None else f.mean_effect)
+
+
+def estimate(values: torch.Tensor, groups: Sequence[str], n_boot: int, seed: int) -> EstimateModel:
+    """The mean of per-prompt `values` with its cluster-bootstrap interval over subjects."""
+    v = values.double().numpy()
+    if not len(v):
+        return EstimateModel(value=None, ci_low=None, ci_high=None)
+    lo, hi = cal.percentile_interval(np.asarray([v[rows].mean() for rows in cal.group_resamples(groups, n_boot, seed)
+                                                 if len(rows)]))
+    return EstimateModel(value=num(v.mean()), ci_low=lo, ci_high=hi)
+
+
+def _ci(lo: float | None, hi: float | None, fmt: str) -> str:
+    return "" if lo is None or hi is None else f" [{format(lo, fmt)}, {format(hi, fmt)}]"
+
+
+def headline(layer: int, test: Suppression, rescale: EstimateModel, components: Sequence[ComponentFinding]) -> str:
+    """What was found, at both levels, in words: findings with intervals, never a pass or a fail."""
+    lo, hi = test.share_suppressed_ci
     share = test.share_suppressed or 0.0
-    layer = final_layer.layer
-    found = share > 0.5 and any((r.mean_effect or 0) < 0 for r in top)
-    names = ", ".join(f"{r.name} ({r.mean_effect:+.3f} nats)" for r in top[:3]) or "none"
-    if found:
-        text = (f"The final block (layer {layer}) lowers p(answer) on {share:.0%} of held-out prompts "
-                f"(mean {test.mean_p_before:.3f} -> {test.mean_p_after:.3f}; accuracy "
-                f"{test.accuracy_before:.1%} -> {test.accuracy_after:.1%}). Top suppressing components "
-                f"(mean effect on log p(answer)): {names}.")
-        change, rescale = final_layer.mean_change_logit, final_layer.rescale.mean_dla
-        if change is not None and rescale is not None and change < 0 and rescale < 0:
-            direct = change - rescale
-            how = ("mostly by enlarging the residual stream, so that the final norm shrinks every logit already "
-                   "there (a higher temperature)" if rescale < min(direct, 0) else
-                   "mostly by writing against the answer")
-            text += (f" It does so {how}: of the {change:+.2f} change of the answer's logit against the mean, the "
-                     f"norm's rescaling accounts for {rescale:+.2f} and the components' direct writes for "
-                     f"{direct:+.2f}.")
+    moves = "lowers" if share > 0.5 else "raises"
+    block = (f"Final block (layer {layer}): it {moves} p(answer) on most held-out prompts; it lowers it on "
+             f"{share:.0%}{_ci(lo, hi, '.0%')} of {test.n} (mean p(answer) {test.mean_p_before:.3f} -> "
+             f"{test.mean_p_after:.3f}, accuracy {test.accuracy_before:.1%} -> {test.accuracy_after:.1%}).")
+    if rescale.value is not None:
+        block += (f" The final norm's change of scale moves the answer's logit against the mean by "
+                  f"{rescale.value:+.3f}{_ci(rescale.ci_low, rescale.ci_high, '+.3f')}.")
+    consistent = [f for f in components if f.consistent]
+    if consistent:
+        listed = "; ".join(
+            f"{f.name} lowers p(answer) on {f.share_lowers:.0%}{_ci(*f.share_lowers_ci, '.0%')} of prompts, mean "
+            f"effect {f.mean_effect:+.3f}{_ci(*f.mean_effect_ci, '+.3f')} nats" for f in consistent[:4])
+        more = f" (and {len(consistent) - 4} more)" if len(consistent) > 4 else ""
+        parts = (f"Components: {len(consistent)} consistent suppressor{'s' if len(consistent) > 1 else ''} of the "
+                 f"answer: {listed}{more}.")
+        if share <= 0.5:
+            parts += " The block promotes the answer overall while holding these suppressors."
     else:
-        text = (f"No final-layer suppression: the final block lowers p(answer) on only {share:.0%} of held-out "
-                f"prompts. Most suppressing components: {names}.")
-    return found, text
+        top = components[0] if components else None
+        parts = ("Components: no final-layer component lowers p(answer) consistently"
+                 + (f" (the most suppressing, {top.name}, lowers it on {top.share_lowers:.0%} of prompts, mean "
+                    f"effect {top.mean_effect:+.3f} nats)." if top and top.mean_effect is not None else "."))
+    return f"{block} {parts}"
 
 
 @dataclass
@@ -218,26 +257,29 @@ class Description:
     logit_lens: LogitLens
     final_layer: FinalLayer
     mechanisms: Mechanisms
-    verdict: Verdict
+    findings: Findings
 
 
 def describe(s: Loaded, c: Collected, config: AnalysisConfig) -> Description:
-    """Steps 1-4 from the pass over every fact: logit lens, final block, mechanisms, verdict."""
+    """Steps 1-4 from the pass over every fact: logit lens, final block, mechanisms, findings."""
     known = s.known
     final_layer = final_layer_summary(c, torch.arange(len(known.facts)), s.final, config.report_neurons)
     regression, answer_mlp = regression_summary(c, s.cmap)
     test_rows = known.rows("test")
     groups = known.groups
-    test = suppression(c.output.take(test_rows), c.before.take(test_rows), [groups[i] for i in test_rows],
-                       config.n_boot, config.seed)
-    ranked = sorted((r for r in final_layer.components if r.mean_effect is not None), key=lambda r: r.mean_effect)
-    top = [r for r in ranked if r.mean_effect < 0][:5]
-    found, text = verdict_text(test, top, final_layer)
+    test_groups = [groups[i] for i in test_rows]
+    test = suppression(c.output.take(test_rows), c.before.take(test_rows), test_groups, config.n_boot, config.seed)
+    components = component_findings(c.final_effect[test_rows], c.final_names, test_groups, config.n_boot,
+                                     config.seed, config.min_share)
+    rescale = estimate(c.rescale[test_rows], test_groups, config.n_boot, config.seed)
     return Description(
         logit_lens=logit_lens(c, [f.relation for f in known.facts], s.cmap.shape.num_layers),
         final_layer=final_layer,
         mechanisms=Mechanisms(movers=mover_summary(c, config.min_attention, config.seed), mlp_regression=regression,
                               answer_mlp=answer_mlp),
-        verdict=Verdict(test=test, all=suppression(c.output, c.before, groups, config.n_boot, config.seed),
-                        top_suppressors=top, suppression_found=found, text=text),
+        findings=Findings(layer=s.final, test=test, all=suppression(c.output, c.before, groups, config.n_boot,
+                                                                    config.seed),
+                          rescale=rescale, block_lowers=(test.share_suppressed or 0) > 0.5, components=components,
+                          suppressors=[f.name for f in components if f.consistent],
+                          text=headline(s.final, test, rescale, components)),
     )

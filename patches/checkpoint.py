@@ -2,8 +2,8 @@
 
 `check_patch_against(model, patch)` refuses, with a `PatchError` that says why, a patch that
 
-- names a component the model does not have (the document itself is validated when it is read,
-  `Patch.load`),
+- names a component the model does not have, or holds a bias of the wrong length (the document itself
+  is validated when it is read, `Patch.load`),
 - was made for another model, or is applied already (the fingerprint: the shape numbers and the
   sha256 of every tensor the patch touches), or
 - would make a weight non-finite, as stored or in the dtype the model is served in.
@@ -23,7 +23,16 @@ from torch import nn
 from .components import ComponentMap
 from .io import checkpoint_key, resolve_model_dir, safetensors_index
 from .patch import FingerprintMismatchError, Patch, PatchError
-from .rule import GetTensor, HasTensor, TensorEdit, scale_, tensor_edits, tensor_sha256, touched_tensor_names
+from .rule import (
+    GetTensor,
+    HasTensor,
+    TensorEdit,
+    edit_,
+    missing_tensor,
+    tensor_edits,
+    tensor_sha256,
+    touched_tensor_names,
+)
 
 SHAPE_FIELDS = ("architecture", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")
 
@@ -77,9 +86,15 @@ def check_fingerprint(patch: Patch, cmap: ComponentMap, get_tensor: GetTensor,
         ours, theirs = getattr(cmap.shape, field), getattr(expected, field)
         if ours != theirs:
             raise FingerprintMismatchError(f"model.{field}: the patch was made for {theirs!r}, this model has {ours!r}")
-    gains = {cmap.validate(e.component): e.gain for e in patch.edits}
-    names = touched_tensor_names(cmap, gains, has_tensor)
+    edits = tensor_edits(cmap, patch.edits, has_tensor)
+    names = touched_tensor_names(cmap, patch.edits, has_tensor)
     if sorted(expected.tensors) != names:
+        created = sorted((set(names) - set(expected.tensors)) & {e.tensor for e in edits if e.add is not None})
+        if created:
+            raise FingerprintMismatchError(
+                f"model.tensors: this model has {', '.join(created)}, which the patch would add; the patch was "
+                "made for another checkpoint, or this model is already patched"
+            )
         raise FingerprintMismatchError(
             f"model.tensors: the patch fingerprints {sorted(expected.tensors)}, its edits touch {names}"
         )
@@ -89,7 +104,7 @@ def check_fingerprint(patch: Patch, cmap: ComponentMap, get_tensor: GetTensor,
                 f"model.tensors[{name!r}]: sha256 differs; the patch was made for another checkpoint, "
                 "or this model is already patched"
             )
-    return tensor_edits(cmap, gains, has_tensor)
+    return edits
 
 
 def check_finite(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
@@ -97,7 +112,7 @@ def check_finite(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = No
     for candidate in (tensor, tensor.to(dtype) if dtype is not None else None):
         if candidate is not None and not bool(torch.isfinite(candidate).all()):
             where = f" in {str(candidate.dtype).removeprefix('torch.')}"
-            raise PatchError(f"the patch makes {name} non-finite{where}: a gain is too large for this model")
+            raise PatchError(f"the patch makes {name} non-finite{where}: an edit is too large for this model")
 
 
 def check_patch_against(model: str | Path | Checkpoint | nn.Module, patch: Patch, *, dtype: torch.dtype | None = None,
@@ -118,8 +133,9 @@ def check_patch_against(model: str | Path | Checkpoint | nn.Module, patch: Patch
         raise PatchError(str(err)) from None
     with torch.no_grad():
         for name in sorted({edit.tensor for edit in edits}):
-            tensor = get_tensor(name).detach().clone()
-            for edit in (e for e in edits if e.tensor == name):
-                scale_(tensor, edit.index, edit.gain)
+            mine = [e for e in edits if e.tensor == name]
+            tensor = get_tensor(name).detach().clone() if has_tensor(name) else missing_tensor(mine[0])
+            for edit in mine:
+                edit_(tensor, edit)
             check_finite(name, tensor, dtype)
     return edits

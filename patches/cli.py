@@ -65,17 +65,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"dataset sha256 {patch.provenance.dataset_sha256}")
     print("edits:")
     for edit in patch.edits:
-        print(f"  {edit.component:<12} x {edit.gain:.4f}")
+        print(f"  {edit.component:<12} {edit.describe()}")
     for name, value in patch.metrics.items():
         print(f"metric  {name} = {value}")
     if args.model:
         from .checkpoint import Checkpoint
-        from .export import lora_refusal
+        from .export import export_refusals
 
         ckpt = Checkpoint.open(args.model, args.trust_remote_code)
         ckpt.check(patch)
-        reason = lora_refusal(ckpt.cmap, patch, ckpt.has)
-        print(f"applies to {args.model}: yes; LoRA export: {'no, ' + reason if reason else 'yes'}")
+        refusals = export_refusals(ckpt, patch)
+        verdicts = {fmt: f"no, {reason}" if reason else "yes" for fmt, reason in refusals.items()}
+        print(f"applies to {args.model}: yes; merged export: {verdicts['merged']}; LoRA export: {verdicts['lora']}")
     return 0
 
 

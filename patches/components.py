@@ -15,7 +15,7 @@ projections as Conv1D with the weight transposed, so there the head is a block o
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -41,9 +41,18 @@ class ArchSpec:
     layout: Literal["linear", "conv1d"]  # linear: weight [out, in]; conv1d: weight [in, out]
     norm: Literal["layernorm", "rmsnorm"]
     lora_in_vllm: bool  # whether vLLM serves LoRA adapters on this architecture
+    # Where the MLP output projection has no bias, a merged checkpoint carries one only through a config
+    # switch that both transformers and vLLM honour; it gives every listed projection (relative to a
+    # block) a bias. None: no such switch, so a bias edit cannot be merged there.
+    mlp_bias_switch: str | None = None
+    mlp_bias_modules: tuple[str, ...] = ()
 
 
 _LLAMA_LIKE = ArchSpec("model.layers", "self_attn.o_proj", "mlp.down_proj", "model.norm", "linear", "rmsnorm", True)
+# Llama's `mlp_bias` adds biases to gate, up and down projections (LlamaMLP; vLLM's llama.py reads it too).
+# Mistral, Qwen2 and Qwen3 have no such switch in transformers.
+_LLAMA = replace(_LLAMA_LIKE, mlp_bias_switch="mlp_bias",
+                 mlp_bias_modules=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
 
 # fmt: off
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -53,7 +62,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                          "transformer.ln_f",                 "conv1d", "layernorm", False),
     "opt":      ArchSpec("model.decoder.layers", "self_attn.out_proj", "fc2",
                          "model.decoder.final_layer_norm",   "linear", "layernorm", True),
-    "llama":    _LLAMA_LIKE,
+    "llama":    _LLAMA,
     "mistral":  _LLAMA_LIKE,
     "qwen2":    _LLAMA_LIKE,
     "qwen3":    _LLAMA_LIKE,
@@ -251,6 +260,20 @@ class ComponentMap:
         """Index into the projection's weight that selects the component's input features."""
         cols = self.input_slice(component)
         return (cols, slice(None)) if self.spec.layout == "conv1d" else (slice(None), cols)
+
+    def mlp_bias_refusal(self) -> str | None:
+        """Why a merged checkpoint cannot carry a bias on an MLP output projection that has none, or None."""
+        if self.spec.mlp_bias_switch is None:
+            return (f"{self.architecture}'s MLP output projection has no bias, and {self.architecture} has no "
+                    "config switch to add one (transformers and vLLM would ignore it)")
+        return None
+
+    def switched_mlp_biases(self) -> dict[str, int]:
+        """Parameter name -> length of every bias that turning on `spec.mlp_bias_switch` adds."""
+        shape, spec = self.shape, self.spec
+        length = {local: shape.intermediate_size for local in spec.mlp_bias_modules} | {spec.mlp_out: shape.hidden_size}
+        return {f"{spec.layers}.{layer}.{local}.bias": length[local]
+                for layer in range(shape.num_layers) for local in spec.mlp_bias_modules}
 
     def owns_bias(self, component: Component) -> bool:
         """A projection's bias belongs to a component only when the component is the whole MLP."""

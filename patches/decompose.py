@@ -15,6 +15,7 @@ weight. The parts add up to the model's own logits to float rounding.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,8 @@ class Decomposition:
     norm_scale: torch.Tensor  # [batch], the final norm's divisor, frozen
     logits: torch.Tensor  # [batch, vocab], the model's own logits at the position
     layers: list[int] = field(default_factory=list)
+    z: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [batch, heads*d_head], attention out input
+    final_block_in: torch.Tensor | None = None  # [batch, d_model], the stream entering the final block
 
     def index(self, name: str) -> int:
         return self.names.index(name)
@@ -121,7 +124,7 @@ def decompose(
     """Run the model once and split the last real position's residual stream into components."""
     cmap = cmap or ComponentMap(model)
     shape = cmap.shape
-    rows = torch.arange(input_ids.shape[0])
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     pos = last_positions(attention_mask, input_ids).to(input_ids.device)
     batch, seq = input_ids.shape
 
@@ -129,11 +132,17 @@ def decompose(
         # Some blocks (OPT's MLP) flatten batch and sequence; restore them before picking positions.
         return t.reshape(batch, seq, -1)[rows, pos].float()
 
-    points = ["blocks.0.hook_resid_pre", FINAL_NORM_IN]
+    final_in = f"blocks.{shape.num_layers - 1}.hook_resid_pre"
+    points = ["blocks.0.hook_resid_pre", final_in, FINAL_NORM_IN]
     for layer in range(shape.num_layers):
         points += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"]
-    with capture(cmap, points, keep=at_pos) as captured:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    # Only the positions' logits are needed: unembed those columns alone (transformers' logits_to_keep).
+    kwargs, columns = {}, pos
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        keep = pos.unique()
+        kwargs, columns = {"logits_to_keep": keep}, torch.searchsorted(keep, pos)
+    with capture(cmap, list(dict.fromkeys(points)), keep=at_pos) as captured:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
     names, layers, parts = ["embed"], [-1], [captured["blocks.0.hook_resid_pre"]]
     d = shape.head_dim
@@ -158,8 +167,10 @@ def decompose(
         neuron_acts={layer: captured[f"blocks.{layer}.mlp.hook_post"] for layer in range(shape.num_layers)},
         final_resid=final,
         norm_scale=frozen_norm_scale(cmap, final),
-        logits=at_pos(out.logits),
+        logits=out.logits[rows, columns].float(),
         layers=layers,
+        z={layer: captured[f"blocks.{layer}.attn.hook_z"] for layer in range(shape.num_layers)},
+        final_block_in=captured[final_in],
     )
 
 

@@ -10,7 +10,7 @@
 Activations come as the module sees them (OPT's MLP flattens batch and position). A hook function
 gets the activation and returns a replacement, or None to leave it unchanged (TransformerLens'
 convention). `hooks` holds hook functions for a `with` block, `capture` keeps activations, and
-`block_inputs` runs a model only up to one block and returns that block's arguments.
+`run_until` runs a model only as far as the activations it asks for.
 """
 
 from __future__ import annotations
@@ -102,20 +102,24 @@ class _Stop(Exception):
     pass
 
 
-def block_inputs(model: nn.Module, cmap: ComponentMap, layer: int, **inputs: Any) -> tuple[tuple, dict]:
-    """Run `model(**inputs)` only up to block `layer` and return the (args, kwargs) that block was called
-    with; calling the block on them again replays it exactly."""
-    call: list[tuple[tuple, dict]] = []
+def run_until(model: nn.Module, cmap: ComponentMap, names: Sequence[str], **inputs: Any) -> dict[str, torch.Tensor]:
+    """Run `model(**inputs)` only until every named hook point has seen its activation, and return those.
 
-    def stop(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call.append((args, kwargs))
-        raise _Stop
+    The rest of the forward pass (later blocks, the unembedding) is skipped.
+    """
+    cache: dict[str, torch.Tensor] = {}
 
-    handle = cmap.block(layer).register_forward_pre_hook(stop, with_kwargs=True)
+    def store(name: str) -> HookFn:
+        def fn(activation: torch.Tensor) -> None:
+            cache[name] = activation
+            if len(cache) == len(names):
+                raise _Stop
+
+        return fn
+
     try:
-        model(**inputs)
+        with hooks(cmap, {name: store(name) for name in names}):
+            model(**inputs)
     except _Stop:
         pass
-    finally:
-        handle.remove()
-    return call[0]
+    return cache

@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 from .config import ServerConfig
 from .engine import Engine, PatchRefused
 from .errors import ApiError, bad_request, unavailable
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE, Metrics, describe_edits
 from .middleware import VARIANT_HEADER, Admission
 from .patching import read_patch
 from .protocol import (
@@ -124,7 +124,7 @@ def create_app(engine: Engine, config: ServerConfig, *,
                  ", ".join(service.model_names()), engine.max_model_len)
         if state is not None:
             log.info("patch %s (%s) served as %s: %s", state.patch_id,
-                     ", ".join(f"{c}x{g:g}" for c, g in state.edits), state.applied, state.detail)
+                     describe_edits(state.edits, limit=64, biases=state.biases), state.applied, state.detail)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -255,8 +255,8 @@ def create_app(engine: Engine, config: ServerConfig, *,
             raise bad_request(f"patch refused ({kept}): {err}", param, "patch_refused") from None
         metrics.set_patch(state)
         return LoadPatchResponse(
-            patch=PatchInfo(patch_id=state.patch_id, edits=dict(state.edits), applied=state.applied,
-                            detail=state.detail),
+            patch=PatchInfo(patch_id=state.patch_id, edits=dict(state.edits), biases=list(state.biases),
+                            applied=state.applied, detail=state.detail),
             previous_patch_id=previous.patch_id if previous else None, models=service.model_names())
 
     @app.post("/v1/feedback")

@@ -95,10 +95,12 @@ class PatchState:
     edits: tuple[tuple[str, float], ...]  # (component, gain)
     applied: str  # "lora", "merged" or "in-memory"
     detail: str = ""  # one human line for logs and /v1/load_patch replies
+    biases: tuple[str, ...] = ()  # components whose MLP output gets an added bias
 
     @classmethod
     def of(cls, patch: Patch, applied: str, detail: str = "") -> PatchState:
-        return cls(patch.id, tuple((e.component, e.gain) for e in patch.edits), applied, detail)
+        return cls(patch.id, tuple((str(c), g) for c, g in patch.gains.items()), applied, detail,
+                   tuple(str(c) for c in patch.biases))
 
 
 class Engine(abc.ABC):

@@ -55,10 +55,10 @@ def top_k_entropy(top: Sequence[tuple[int, float]]) -> float:
     return -sum(p * math.log(p) for p in [*probs, rest] if p > 0.0)
 
 
-def describe_edits(edits: Sequence[tuple[str, float]], limit: int = 8) -> str:
-    """`L1H0=0.2,L1H3=1.5` for a label value; long patches are cut to keep the label short."""
-    shown = ",".join(f"{component}={gain:g}" for component, gain in edits[:limit])
-    return shown + (f",+{len(edits) - limit} more" if len(edits) > limit else "")
+def describe_edits(edits: Sequence[tuple[str, float]], limit: int = 8, biases: Sequence[str] = ()) -> str:
+    """`L1H0=0.2,L1H3=1.5,L11MLP+bias` for a label value; long patches are cut to keep the label short."""
+    parts = [f"{component}={gain:g}" for component, gain in edits] + [f"{component}+bias" for component in biases]
+    return ",".join(parts[:limit]) + (f",+{len(parts) - limit} more" if len(parts) > limit else "")
 
 
 class Metrics:
@@ -155,8 +155,8 @@ class Metrics:
     def set_patch(self, state: PatchState | None) -> None:
         self.patch_info.clear()  # one series: the patch being served now
         if state is not None:
-            self.patch_info.labels(self.model, "patched", state.patch_id, describe_edits(state.edits),
-                                   state.applied).set(1)
+            edits = describe_edits(state.edits, biases=state.biases)
+            self.patch_info.labels(self.model, "patched", state.patch_id, edits, state.applied).set(1)
 
     def set_ready(self, engine: str, ready: bool) -> None:
         self.ready.labels(self.model, engine).set(1 if ready else 0)

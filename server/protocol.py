@@ -339,7 +339,8 @@ class LoadPatchRequest(Request):
 
 class PatchInfo(Response):
     patch_id: str
-    edits: dict[str, float]
+    edits: dict[str, float]  # gain edits
+    biases: list[str] = []  # components whose MLP output gets an added bias
     applied: str
     detail: str
 

@@ -1,16 +1,9 @@
 """The analysis on the trained demo model (tiny size): the suppression is found and the patch undoes it.
 
-The issue's demo criteria are stated for the default size; the tiny size (2 layers, width 64, a few hundred
-training steps) knows far fewer facts, so the thresholds here are looser:
-
-    issue (default size)                          here (tiny size)
-    final block lowers p(answer) on >= 80%        >= 70% of held-out prompts
-    patch raises accuracy                         does not lower it
-    patch raises mean p(answer)                   raises it, 95% interval above 0
-    patch lowers ECE                              ECE rises by at most 0.01
-    patch beats temperature on accuracy           at least matches it
-    unknown subjects: top-1 rises <= 0.05         <= 0.08
-    neutral NLL rises <= 2%                       <= 5%
+The demo model's criteria are the shipped check sets `analysis/checks/demo.json` (default size, what
+`recallfix demo --model demo` checks) and `demo-tiny.json` (this tiny size: 2 layers, width 64, a few hundred
+training steps; it knows far fewer facts, so the thresholds are looser). This test runs with
+`--require demo-tiny` and asserts every check passes, plus what the check language does not say.
 
 The model is built once into `.cache/` (or $RECALLFIX_TEST_CACHE) and reused while its recipe is unchanged.
 """
@@ -35,17 +28,25 @@ CACHE = Path(os.environ.get("RECALLFIX_TEST_CACHE", Path(__file__).resolve().par
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model_dir = build_demo_model(CACHE / "demo-model-tiny", size="tiny", seed=0, progress=False)
     out = tmp_path_factory.mktemp("demo-analysis") / "run"
-    run_analysis(model_dir, shipped_facts_dir(), out, config=replace(AnalysisConfig(), n_boot=200, progress=False))
+    run_analysis(model_dir, shipped_facts_dir(), out, config=replace(AnalysisConfig(), n_boot=200, progress=False,
+                                                                     require=("demo-tiny",)))
     return json.loads((out / "analysis.json").read_text())
 
 
+def test_demo_meets_its_check_set(demo_run: dict) -> None:
+    checks = demo_run["checks"]
+    assert {c["source"] for c in checks} == {"demo-tiny"} and len(checks) == 7
+    assert [c["name"] for c in checks if not c["passed"]] == []
+
+
 def test_demo_final_layer_suppresses_the_answer(demo_run: dict) -> None:
-    test = demo_run["verdict"]["test"]
+    test = demo_run["findings"]["test"]
     assert test["share_suppressed"] >= 0.70
     assert test["mean_p_after"] < test["mean_p_before"]
-    assert demo_run["verdict"]["suppression_found"]
+    assert demo_run["findings"]["block_lowers"]
+    assert "lowers p(answer) on most held-out prompts" in demo_run["findings"]["text"]
     # what the final block does is found by the decomposition: its components lower log p(answer)
-    assert any(r["mean_effect"] < 0 for r in demo_run["verdict"]["top_suppressors"])
+    assert any(r["mean_effect"] < 0 for r in demo_run["findings"]["components"])
     # the logit lens agrees: p(answer) falls across the last layer, and rises before it
     curve = demo_run["logit_lens"]["all"]["mean_p_answer"]
     assert curve[-1] < curve[-2] and curve[-2] > curve[0]
@@ -56,17 +57,18 @@ def test_demo_patch_undoes_the_suppression_on_held_out_facts(demo_run: dict) -> 
     assert patch is not None and patch["verified"]
     assert patch["gains"] and all(g < 1.0 for g in patch["gains"].values()), "suppressors are turned down"
     diff = demo_run["evaluation"]["test"]["differences"]
-    base_diff, temp_diff = diff["patched_minus_base"], diff["patched_minus_temperature"]
+    base_diff, temp_diff = diff["gains_minus_base"], diff["gains_minus_temperature"]
     assert base_diff["mean_p_answer"]["value"] > 0 and base_diff["mean_p_answer"]["ci_low"] > 0
     assert base_diff["accuracy"]["value"] >= 0
     assert base_diff["ece_equal_width"]["value"] <= 0.01
     assert temp_diff["accuracy"]["value"] >= 0
-    after = demo_run["evaluation"]["suppression_after_patch"]["share_suppressed"]
-    assert after < demo_run["verdict"]["test"]["share_suppressed"]
+    after = demo_run["evaluation"]["suppression_after_patch"]["gains"]["share_suppressed"]
+    assert after < demo_run["findings"]["test"]["share_suppressed"]
 
 
 def test_demo_patch_adds_no_overconfidence_elsewhere(demo_run: dict) -> None:
     ev = demo_run["evaluation"]
     assert ev["unknown"] is not None and ev["unknown"]["n"] > 0  # found next to the model
-    assert ev["unknown"]["differences"]["patched_minus_base"]["mean_confidence"]["value"] <= 0.08
-    assert ev["neutral"]["relative_change"] <= 0.05
+    assert demo_run["data"]["unknown_path"].endswith("unknown_facts.jsonl")
+    assert ev["unknown"]["differences"]["gains_minus_base"]["mean_confidence"]["value"] <= 0.08
+    assert ev["neutral"]["gains"]["relative_change"] <= 0.05

@@ -102,13 +102,12 @@ def test_ablation_effect_is_log_p_without_the_write_and_gradient_matches_it(tiny
 def test_replaying_the_final_block_is_the_full_forward(tiny: tuple) -> None:
     model, tokenizer, cmap, _ = tiny
     batch = next(batches(encode(tokenizer, PROMPTS), 8, pad_id(tokenizer)))
-    inputs = capture_final_block_inputs(model, cmap, batch)
     with torch.no_grad():
         full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
-        replayed = replay_logits(cmap, inputs, last_only=False)
-        last = replay_logits(cmap, inputs, last_only=True)
+        replayed = replay_logits(cmap, capture_final_block_inputs(model, cmap, batch, last_only=False))
+        last = replay_logits(cmap, capture_final_block_inputs(model, cmap, batch))
     valid = batch.attention_mask.bool()
-    assert torch.allclose(replayed[valid], full[valid], atol=1e-4)
+    assert torch.allclose(replayed, full[valid], atol=1e-4)
     assert torch.allclose(last, full[torch.arange(len(batch)), batch.last], atol=1e-4)
 
 
@@ -117,25 +116,25 @@ def test_gain_hooks_equal_the_applied_patch_and_carry_gradients(tiny: tuple) -> 
     final = cmap.shape.num_layers - 1
     gains = {f"L{final}H0": 0.3, f"L{final}H1": 1.7, f"L{final}N5": 0.0, f"L{final}N9": 2.0}
     batch = next(batches(encode(tokenizer, PROMPTS), 8, pad_id(tokenizer)))
-    inputs = capture_final_block_inputs(model, cmap, batch)
+    inputs = capture_final_block_inputs(model, cmap, batch, last_only=False)
     hooks = GainHooks(cmap, list(gains))
     hooks.set(gains)
     with hooks:
-        hooked = replay_logits(cmap, inputs, last_only=False)
-        loss = hooked[:, -1, answers[0]].sum()
+        hooked = replay_logits(cmap, inputs)
+        loss = hooked[:, answers[0]].sum()
         loss.backward()
     assert hooks.delta.grad is not None and torch.isfinite(hooks.delta.grad).all()
     assert hooks.delta.grad.abs().sum() > 0
     with torch.no_grad(), apply_patch(model, make_patch(model, gains)):
         patched = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
     valid = batch.attention_mask.bool()
-    assert torch.allclose(hooked.detach()[valid], patched[valid], atol=1e-4)
+    assert torch.allclose(hooked.detach(), patched[valid], atol=1e-4)
     # whole-MLP gains scale the bias too, as the patch does
     whole = {f"L{final}MLP": 0.5}
     hooks = GainHooks(cmap, list(whole))
     hooks.set(whole)
     with torch.no_grad(), hooks:
-        hooked = replay_logits(cmap, inputs, last_only=True)
+        hooked = replay_logits(cmap, capture_final_block_inputs(model, cmap, batch))
     with torch.no_grad(), apply_patch(model, make_patch(model, whole)):
         patched = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
     assert torch.allclose(hooked, patched[torch.arange(len(batch)), batch.last], atol=1e-4)
@@ -165,7 +164,8 @@ def test_fit_lowers_the_objective_and_restores_the_model(arch: str, monkeypatch:
     batch = next(batches(encode(tokenizer, PROMPTS), 8, pad_id(tokenizer)))
     facts = capture_final_block_inputs(model, cmap, batch)
     facts.targets, facts.recalled = answers[batch.index], torch.tensor([True, True, False])
-    neutral = capture_final_block_inputs(model, cmap, next(batches(encode(tokenizer, ["The weather is mild."]), 8, 0)))
+    neutral = capture_final_block_inputs(model, cmap, next(batches(encode(tokenizer, ["The weather is mild."]), 8, 0)),
+                                         last_only=False)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = fit_gains(model, cmap, ["L1H0", "L1H1", "L1MLP"], [facts], [facts], [neutral],
                        FitConfig(lr=0.05, max_epochs=15, patience=15))
@@ -195,7 +195,8 @@ def test_fit_keeps_no_epoch_over_the_confidence_budget() -> None:
     batch = next(batches(encode(tokenizer, PROMPTS), 8, pad_id(tokenizer)))
     facts = capture_final_block_inputs(model, cmap, batch)
     facts.targets, facts.recalled = answers[batch.index], torch.tensor([True, False, False])
-    neutral = capture_final_block_inputs(model, cmap, next(batches(encode(tokenizer, ["The sky is clear."]), 8, 0)))
+    neutral = capture_final_block_inputs(model, cmap, next(batches(encode(tokenizer, ["The sky is clear."]), 8, 0)),
+                                         last_only=False)
     config = FitConfig(lr=0.1, max_epochs=6, patience=6, max_confidence_rise=0.0, guard_growth=3.0)
     result = fit_gains(model, cmap, ["L1H0", "L1H1", "L1MLP"], [facts], [facts], [neutral], config)
     history = result.history

@@ -75,14 +75,18 @@ def validate_run(run: Path) -> dict:
         if key.startswith("plot_"):
             assert f"({name})" in text, f"{name} not shown in the report"
             assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    patch_schema = json.loads((Path(__import__("recallfix.patches").patches.__file__).parent
+                               / "patch.schema.json").read_text())
+    for method in (doc["evaluation"] or {}).get("methods", []):
+        jsonschema.validate(json.loads((run / method["file"]).read_text()), patch_schema)
+        patch = Patch.load(run / method["file"])
+        assert patch.id == method["patch_id"] and patch.provenance.dataset_sha256 == doc["data"]["facts_sha256"]
     if doc["patch"] is not None:
-        patch_doc = json.loads((run / "patch.json").read_text())
-        patch_schema = json.loads((Path(__import__("recallfix.patches").patches.__file__).parent
-                                   / "patch.schema.json").read_text())
-        jsonschema.validate(patch_doc, patch_schema)
-        patch = Patch.load(run / "patch.json")
+        patch = Patch.load(run / doc["patch"]["file"])
         assert {e.component: e.gain for e in patch.edits} == pytest.approx(doc["patch"]["gains"])
-        assert patch.provenance.dataset_sha256 == doc["data"]["facts_sha256"]
+    if doc["evaluation"] is not None:  # the chosen method is patch.json
+        chosen = next(m for m in doc["evaluation"]["methods"] if m["name"] == doc["evaluation"]["chosen"])
+        assert chosen["file"] == "patch.json"
     return doc
 
 
@@ -112,26 +116,36 @@ def test_pipeline_on_every_architecture(arch: str, tiny_dirs: dict[str, Path], i
     assert len(doc["mechanisms"]["mlp_regression"]) == n_layers
     assert doc["mechanisms"]["movers"]["n_prompts"] == 25
     assert len(doc["mechanisms"]["movers"]["heads"]) == n_layers * doc["model"]["num_heads"]
-    # the verdict's "after" is the logit lens's last layer; "before" its second to last
-    test = doc["verdict"]["all"]
+    # the findings' "after" is the logit lens's last layer; "before" its second to last
+    test = doc["findings"]["all"]
     assert test["mean_p_after"] == pytest.approx(doc["logit_lens"]["all"]["mean_p_answer"][-1], rel=1e-4)
     assert test["mean_p_before"] == pytest.approx(doc["logit_lens"]["all"]["mean_p_answer"][-2], rel=1e-4)
+    # the headline at both levels: the block (with its interval) and every final-block component
+    findings = doc["findings"]
+    assert findings["test"]["share_suppressed_ci"][0] <= findings["test"]["share_suppressed"]
+    assert {c["name"] for c in findings["components"]} == set(names)
+    assert "Final block (layer 1)" in findings["text"] and "Components:" in findings["text"]
     patch = doc["patch"]
     assert set(patch["gains"]) == {f"L{final}H0", f"L{final}MLP"}
     assert patch["verified"] and patch["max_verify_error"] < 1e-3
     assert all(0.0 <= g <= 2.0 for g in patch["gains"].values())
+    assert doc["intercept"]["component"] == f"L{final}MLP"
     ev = doc["evaluation"]
     assert ev["test"]["n"] == doc["data"]["splits"]["test"]
-    for model in ("base", "patched", "temperature"):
+    assert [m["name"] for m in ev["methods"]] == ["gains", "intercept"]
+    assert ev["chosen"] == min(ev["methods"], key=lambda m: m["dev_nll"])["name"] or "vLLM" in ev["choice"]
+    assert set(ev["by_relation"]) == {"capital", "symbol"}
+    assert sum(r["n"] for r in ev["by_relation"].values()) == ev["test"]["n"]
+    for model in ("base", "gains", "intercept", "temperature"):
         assert set(ev["test"]["models"][model]) >= {"accuracy", "ece_equal_width", "ece_equal_mass", "brier", "nll",
                                                     "auroc", "mean_p_answer"}
     # temperature scaling never changes the top-1 token
     assert ev["test"]["models"]["temperature"]["accuracy"]["value"] == ev["test"]["models"]["base"]["accuracy"]["value"]
-    assert ev["neutral"]["n_lines"] == 3
-    assert {c["name"] for c in doc["criteria"]} == {
-        "final_layer_suppresses", "patch_raises_accuracy", "patch_raises_p_answer", "patch_lowers_ece",
-        "patch_beats_temperature_accuracy", "unknown_confidence", "neutral_nll"}
-    assert result.patch is not None and result.patch.id == Patch.load(run / "patch.json").id
+    assert ev["neutral"]["gains"]["n_lines"] == ev["neutral"]["intercept"]["n_lines"] == 3
+    assert doc["checks"] == []  # none asked for: findings only, no PASS/FAIL
+    assert {"block.lowers_share", "patch.nll_change", "gains.unknown_confidence_change",
+            "intercept.neutral_nll_change", f"component.L{final}H0.mean_effect"} <= set(doc["values"])
+    assert result.patch is not None and result.patch.id == Patch.load(run / result.patch.file).id
 
 
 def test_pipeline_in_bfloat16(tiny_dirs: dict[str, Path], inputs: dict[str, Path], tmp_path: Path) -> None:
@@ -150,30 +164,35 @@ def test_reported_patched_numbers_come_from_the_applied_patch(tiny_dirs: dict[st
     """Re-measure the test split's patched p(answer) independently with apply_patch and a plain forward."""
     from recallfix.analysis.facts import answer_token_id, assign_splits, load_facts
 
-    config = replace(FAST, components=("L1H0", "L1H1", "L1MLP"))
+    config = replace(FAST, components=("L1H0", "L1H1", "L1MLP"), method="gains")
     run_analysis(tiny_dirs["gpt2"], inputs["facts"], tmp_path / "run", neutral=inputs["neutral"], config=config)
     doc = json.loads((tmp_path / "run" / "analysis.json").read_text())
     model, tok = load_causal_lm(tiny_dirs["gpt2"])
     facts = [f for f in assign_splits(load_facts(inputs["facts"]), seed=0) if f.split == "test"]
     probs = []
+    assert doc["evaluation"]["methods"][0]["file"] == "patch.json"
     with apply_patch(model, Patch.load(tmp_path / "run" / "patch.json")), torch.no_grad():
         for f in facts:
             p = model(**tok(f.prompt, return_tensors="pt")).logits[0, -1].softmax(-1)
             probs.append(float(p[answer_token_id(tok, f.prompt, f.answer)]))
-    reported = doc["evaluation"]["test"]["models"]["patched"]["mean_p_answer"]["value"]
+    reported = doc["evaluation"]["test"]["models"]["gains"]["mean_p_answer"]["value"]
     assert reported == pytest.approx(sum(probs) / len(probs), rel=1e-4)
 
 
 def test_no_suppressor_means_no_patch_and_a_valid_report(tiny_dirs: dict[str, Path], inputs: dict[str, Path],
                                                          tmp_path: Path) -> None:
-    config = replace(FAST, min_share=1.01)  # no component can suppress on more than 100% of prompts
+    # no component can suppress on more than 100% of prompts
+    config = replace(FAST, min_share=1.01, method="gains", require=("demo",))
     result = run_analysis(tiny_dirs["llama"], inputs["facts"], tmp_path / "run", neutral=inputs["neutral"],
                           config=config)
     doc = validate_run(tmp_path / "run")
     assert result.patch is None and doc["evaluation"] is None
     assert not (tmp_path / "run" / "patch.json").exists()
-    assert [c["name"] for c in doc["criteria"]] == ["final_layer_suppresses"]
-    assert "no patch was made" in (tmp_path / "run" / "report.md").read_text()
+    assert doc["findings"]["suppressors"] == []  # the same share threshold decides a consistent suppressor
+    # the demo set's patch checks cannot pass without a patch: an unmeasured finding fails
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert checks["patch_raises_accuracy"]["value"] is None and not checks["patch_raises_accuracy"]["passed"]
+    assert "Not fitted" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_same_seed_same_patch_other_seed_other_split(tiny_dirs: dict[str, Path], inputs: dict[str, Path],
@@ -289,9 +308,44 @@ def test_cli_analyze_and_its_errors(tiny_dirs: dict[str, Path], inputs: dict[str
     assert code == 0
     assert f"report: {out / 'report.md'}" in printed
     doc = validate_run(out)
+    assert doc["data"]["n_unknown"] == 3
     assert doc["command"].startswith("recallfix ")  # sys.argv: the pytest command line here
     assert Patch.load(out / "patch.json").provenance.command == doc["command"]
     code = recallfix_main(["analyze", "--model", str(tiny_dirs["opt"]), "--facts", str(tmp_path / "nope.jsonl"),
                            "--out", str(tmp_path / "run2"), "--no-progress"])
     assert code == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_require_turns_findings_into_checks_with_an_exit_code(tiny_dirs: dict[str, Path], inputs: dict[str, Path],
+                                                              tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """--require: a check on a measured finding passes or fails by its value; the exit code says which; a malformed
+    check is refused before the run. Also: without --unknown, the unknown subjects are invented in the test
+    templates (always measured), and --method intercept alone writes the bias patch as patch.json."""
+    base = ["analyze", "--model", str(tiny_dirs["llama"]), "--facts", str(inputs["facts"]), "--neutral",
+            str(inputs["neutral"]), "--n-boot", "20", "--batch-size", "4", "--method", "intercept", "--no-progress"]
+    out = tmp_path / "pass"
+    code = recallfix_main([*base, "--out", str(out), "--require",
+                           "block.lowers_share>=0,intercept.nll_change.ci_high>-1000"])
+    assert code == 0, capsys.readouterr()
+    doc = validate_run(out)
+    assert [c["passed"] for c in doc["checks"]] == [True, True]
+    share = doc["findings"]["test"]["share_suppressed"]
+    assert doc["checks"][0]["value"] == share
+    assert doc["data"]["unknown_source"].startswith("invented") and doc["data"]["n_unknown"] > 0
+    assert doc["evaluation"]["unknown"]["n"] == doc["data"]["n_unknown"]
+    assert doc["patch"] is None and doc["evaluation"]["chosen"] == "intercept"
+    patch = Patch.load(out / "patch.json")
+    assert [e.component for e in patch.edits] == [doc["intercept"]["component"]]
+    capsys.readouterr()
+    # the same finding against a threshold it cannot meet: exit code 1, the check printed as FAIL
+    code = recallfix_main([*base, "--out", str(tmp_path / "fail"), "--require", f"block.lowers_share>{share + 0.5}"])
+    assert code == 1
+    assert "[FAIL] block.lowers_share >" in capsys.readouterr().out
+    assert "| **FAIL** |" in (tmp_path / "fail" / "report.md").read_text()
+    for bad, message in (("block.lowers_share=>1", "not a check set"), ("nonsense.finding<1", "no finding named"),
+                         (str(tmp_path / "missing.json"), "missing.json")):
+        code = recallfix_main([*base, "--out", str(tmp_path / "bad"), "--require", bad])
+        assert code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()

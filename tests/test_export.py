@@ -14,10 +14,18 @@ from safetensors import safe_open
 from tiny import ARCHITECTURES, PROMPTS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recallfix.patches import FingerprintMismatchError, Patch, apply_patch, make_patch
-from recallfix.patches.export import LoraUnsupportedError, export_lora, export_merged
+from recallfix.patches import Component, FingerprintMismatchError, Patch, apply_patch, check_patch_against, make_patch
+from recallfix.patches.export import (
+    LoraUnsupportedError,
+    MergedUnsupportedError,
+    export_lora,
+    export_merged,
+    export_refusals,
+)
 
 LORA_ARCHS = ["opt", "llama", "mistral", "qwen2", "qwen3"]
+BIAS_MERGED = ["gpt2", "opt", "llama", "gpt_neox"]  # MLP output bias, or (Llama) the mlp_bias switch
+BIAS_REFUSED = ["mistral", "qwen2", "qwen3"]  # no bias and no switch: transformers and vLLM would drop it
 EDITS = {"L1H0": 0.5, "L1H1": 1.5, "L1N3": 1.7, "L0N5": 0.2}
 
 
@@ -168,3 +176,74 @@ def test_cli_refusals_exit_nonzero_with_one_clear_line(tiny_dirs, tmp_path) -> N
 
     done = recallfix("patch", "export", "--model", tiny_dirs["gpt2"], "--patch", patch_file, "--out", tmp_path / "x")
     assert done.returncode == 2 and "model.architecture" in done.stderr and not (tmp_path / "x").exists()
+
+
+# -- bias edits --------------------------------------------------------------------------------------------
+
+
+def bias_patch(model: torch.nn.Module) -> Patch:
+    hidden = model.config.hidden_size
+    b = torch.randn(hidden, generator=torch.Generator().manual_seed(5))
+    return make_patch(model, {"L1H0": 0.5}, biases={"L1MLP": b, "L0MLP": -0.5 * b})
+
+
+@pytest.mark.parametrize("arch", BIAS_MERGED)
+def test_bias_edit_merged_equals_in_memory_and_lora_is_refused(arch: str, tiny_dirs, tmp_path) -> None:
+    base_dir = tiny_dirs[arch]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = load(base_dir)
+    patch = bias_patch(model)
+    base = logits(model, tokenizer)
+    with apply_patch(model, patch):
+        in_memory = logits(model, tokenizer)
+    assert (in_memory - base).abs().max() > 1e-2, "the patch should change the logits"
+    lora_reason = "L1MLP adds a bias to the MLP output, and LoRA cannot carry bias changes"
+    assert export_refusals(model, patch) == {"merged": None, "lora": lora_reason}
+    assert export_refusals(base_dir, patch) == {"merged": None, "lora": lora_reason}
+
+    out = export_merged(base_dir, patch, tmp_path / "merged")
+    assert (logits(load(out), tokenizer) - in_memory).abs().max() <= 1e-5
+    with pytest.raises(FingerprintMismatchError):
+        check_patch_against(out, patch)  # the export is patched already
+    with pytest.raises(LoraUnsupportedError, match=f"{lora_reason}; use --format merged"):
+        export_lora(base_dir, patch, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_llama_merged_bias_turns_on_mlp_bias_and_writes_every_bias_it_implies(tiny_dirs, tmp_path) -> None:
+    base_dir = tiny_dirs["llama"]
+    model = load(base_dir)
+    patch = bias_patch(model)
+    out = export_merged(base_dir, patch, tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["mlp_bias"] is True
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    expected = {f"model.layers.{layer}.mlp.{proj}.bias" for layer in range(2) for proj in ("gate_proj", "up_proj",
+                                                                                            "down_proj")}
+    assert expected <= set(index)
+    for name in expected:
+        with safe_open(str(out / index[name]), framework="pt") as f:
+            tensor = f.get_tensor(name)
+        edited = {"model.layers.1.mlp.down_proj.bias": patch.biases[Component(1, "mlp")],
+                  "model.layers.0.mlp.down_proj.bias": patch.biases[Component(0, "mlp")]}
+        if name in edited:
+            assert torch.equal(tensor, torch.tensor(edited[name])), name
+        else:
+            assert not tensor.any(), f"{name} should be zeros"
+
+
+@pytest.mark.parametrize("arch", BIAS_REFUSED)
+def test_bias_edit_is_refused_where_a_merged_checkpoint_cannot_carry_it(arch: str, tiny_dirs, tmp_path) -> None:
+    base_dir = tiny_dirs[arch]
+    model = load(base_dir)
+    patch = bias_patch(model)
+    reason = (f"L1MLP adds a bias, but {arch}'s MLP output projection has no bias, and {arch} has no config switch "
+              "to add one")
+    with pytest.raises(MergedUnsupportedError, match=f"cannot export as a merged checkpoint: {reason}"):
+        export_merged(base_dir, patch, tmp_path / "merged")
+    with pytest.raises(LoraUnsupportedError, match="LoRA cannot carry bias changes"):
+        export_lora(base_dir, patch, tmp_path / "lora")
+    assert list(tmp_path.iterdir()) == [], "a refused export writes nothing"
+    refusals = export_refusals(base_dir, patch)
+    assert refusals["merged"].startswith(reason) and "LoRA cannot carry bias changes" in refusals["lora"]
+    with apply_patch(model, patch):  # in memory it still applies
+        assert "model.layers.1.mlp.down_proj.bias" in dict(model.named_parameters())

@@ -1,4 +1,8 @@
-"""The Patch format: validation, refusal with a clear message, exact and reversible application."""
+"""The Patch format: validation, refusal with a clear message, exact and reversible application.
+
+Gain edits and bias edits (schema_version 2): a bias edit in memory equals a hook that adds the same
+vector to the MLP output, also on Llama, whose down projection has no bias until the patch adds one.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 from tiny import PROMPTS, build_model
 
 from recallfix.patches import (
+    Component,
     ComponentMap,
     FingerprintMismatchError,
     Patch,
@@ -19,6 +24,7 @@ from recallfix.patches import (
     apply_patch,
     make_patch,
 )
+from recallfix.patches.hooks import hooks
 from recallfix.patches.patch import SCHEMA_PATH, json_schema
 
 
@@ -81,7 +87,7 @@ def test_apply_changes_only_the_edited_slices_and_reverts_exactly(llama) -> None
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (lambda d: d.update(schema_version=2), "schema_version"),
+        (lambda d: d.update(schema_version=3), "schema_version 3 is not supported (this recallfix reads 1, 2)"),
         (lambda d: d["edits"][0].update(gain=math.nan), "edits.0.gain"),
         (lambda d: d["edits"][0].update(gain=math.inf), "edits.0.gain"),
         (lambda d: d["edits"][0].update(component="L1Q3"), "edits.0.component"),
@@ -89,6 +95,16 @@ def test_apply_changes_only_the_edited_slices_and_reverts_exactly(llama) -> None
         (lambda d: d["edits"].append({"component": "L1MLP", "gain": 2.0}), "both scale layer 1"),
         (lambda d: d.update(edits=[]), "edits"),
         (lambda d: d["model"].pop("hidden_size"), "model.hidden_size"),
+        (lambda d: d["edits"].append({"component": "L0MLP", "bias": [0.0] * 128}),
+         "edits.1.bias: bias edits need schema_version 2"),
+        (lambda d: d.update(schema_version=2, edits=[{"component": "L0MLP", "bias": [0.0, math.nan]}]),
+         "edits.0.bias: bias must hold finite numbers, got nan at index 1"),
+        (lambda d: d.update(schema_version=2, edits=[{"component": "L0H1", "bias": [0.0]}]), "edits.0.component"),
+        (lambda d: d.update(schema_version=2, edits=[{"component": "L0MLP", "bias": [1.0], "gain": 1.0}]),
+         "edits.0.gain: Extra inputs are not permitted"),
+        (lambda d: d.update(schema_version=2, edits=[{"component": "L0MLP", "bias": []}]), "edits.0.bias"),
+        (lambda d: d.update(schema_version=2, edits=[{"component": "L0MLP", "gain": 0.5},
+                                                     {"component": "L0MLP", "bias": [1.0]}]), "L0MLP is edited twice"),
     ],
 )
 def test_invalid_documents_are_refused_naming_the_field(llama, tmp_path, mutate, field) -> None:
@@ -165,3 +181,120 @@ def test_unsupported_architecture_names_the_supported_ones() -> None:
                                      intermediate_size=64)
     with pytest.raises(UnsupportedModelError, match="'bert' is not supported; supported: gpt2, gpt_neox, llama"):
         ComponentMap.from_config(config)
+
+
+# -- bias edits --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return build_model("gpt2")
+
+
+def bias_vector(model: torch.nn.Module, seed: int = 3) -> torch.Tensor:
+    return torch.randn(ComponentMap(model).shape.hidden_size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_gain_only_patches_stay_schema_version_1_and_bias_patches_are_2(llama) -> None:
+    model, _ = llama
+    gains_only = make_patch(model, {"L1H0": 0.5})
+    assert gains_only.schema_version == 1, "older recallfix must still read a gain-only patch"
+    with_bias = make_patch(model, {"L1H0": 0.5}, biases={"L1MLP": bias_vector(model)})
+    assert with_bias.schema_version == 2
+    assert with_bias.id != gains_only.id
+    doc = json.loads(with_bias.model_dump_json())
+    jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text()))
+    assert doc["edits"][1] == {"component": "L1MLP", "bias": bias_vector(model).tolist()}
+
+
+def test_a_version_1_document_is_still_read(llama, tmp_path) -> None:
+    model, _ = llama
+    patch = make_patch(model, {"L1N7": 1.5})
+    doc = json.loads(patch.model_dump_json())
+    assert doc["schema_version"] == 1 and "bias" not in json.dumps(doc["edits"])
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(doc))
+    loaded = Patch.load(path)
+    assert loaded.gains == patch.gains and loaded.biases == {} and loaded.id == patch.id
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bias_edit_in_memory_equals_a_hook_on_the_mlp_output_and_reverts_exactly(arch, llama, gpt2) -> None:
+    model, tokenizer = llama if arch == "llama" else gpt2
+    cmap = ComponentMap(model)
+    b = bias_vector(model)
+    batch = tokenizer(PROMPTS[0], return_tensors="pt")
+    saved, names = weights(model), [n for n, _ in model.named_parameters()]
+    with torch.no_grad():
+        base = model(**batch).logits
+        with hooks(cmap, {"blocks.1.hook_mlp_out": lambda out: out - b}):
+            hooked = model(**batch).logits
+        with apply_patch(model, make_patch(model, {}, biases={"L1MLP": -b})):
+            patched = model(**batch).logits
+            down_bias = dict(model.named_parameters())[f"{cmap.module_name(Component(1, 'mlp'))}.bias"]
+            if arch == "llama":  # the patch added the bias the projection lacked
+                assert torch.equal(down_bias, -b)
+    assert (hooked - base).abs().max() > 1e-2, "the bias should move the logits"
+    assert (patched - hooked).abs().max() <= 1e-5
+    assert [n for n, _ in model.named_parameters()] == names, "revert removes an added bias"
+    assert same_weights(model, saved)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, base)
+
+
+def test_bias_and_neuron_gains_on_one_layer_commute(llama) -> None:
+    model, tokenizer = llama
+    cmap = ComponentMap(model)
+    b = bias_vector(model)
+    batch = tokenizer(PROMPTS[1], return_tensors="pt")
+    with torch.no_grad():
+        with apply_patch(model, make_patch(model, {"L1N3": 2.0, "L1H2": 0.5}, biases={"L1MLP": b})):
+            both = model(**batch).logits
+        with apply_patch(model, make_patch(model, {"L1N3": 2.0, "L1H2": 0.5})), \
+                hooks(cmap, {"blocks.1.hook_mlp_out": lambda out: out + b}):
+            gains_then_hook = model(**batch).logits
+    assert (both - gains_then_hook).abs().max() <= 1e-5
+
+
+def test_bias_edit_fingerprints_the_projection_it_changes(llama, gpt2) -> None:
+    llama_model, gpt2_model = llama[0], gpt2[0]
+    patch = make_patch(llama_model, {}, biases={"L1MLP": bias_vector(llama_model)})
+    assert sorted(patch.model.tensors) == ["model.layers.1.mlp.down_proj.weight"]  # no bias to hash yet
+    patch = make_patch(gpt2_model, {}, biases={"L1MLP": bias_vector(gpt2_model)})
+    assert sorted(patch.model.tensors) == ["transformer.h.1.mlp.c_proj.bias", "transformer.h.1.mlp.c_proj.weight"]
+
+    other, _ = build_model("llama", seed=1)
+    with pytest.raises(FingerprintMismatchError, match="down_proj.weight'\\]: sha256 differs"):
+        apply_patch(other, make_patch(llama_model, {}, biases={"L0MLP": bias_vector(llama_model)}))
+
+
+@pytest.mark.parametrize(("arch", "message"), [
+    ("llama", "this model has model.layers.1.mlp.down_proj.bias, which the patch would add"),
+    ("gpt2", "already patched"),
+])
+def test_double_application_of_a_bias_is_refused(arch, message, llama, gpt2) -> None:
+    model, _ = llama if arch == "llama" else gpt2
+    patch = make_patch(model, {}, biases={"L1MLP": bias_vector(model)})
+    with apply_patch(model, patch), pytest.raises(FingerprintMismatchError, match=message):
+        apply_patch(model, patch)
+
+
+def test_bias_of_the_wrong_length_is_refused_naming_the_field(llama) -> None:
+    model, _ = llama
+    with pytest.raises(ValueError, match="edits.0.bias: 5 values, but the model's hidden_size is 128"):
+        make_patch(model, {}, biases={"L1MLP": [0.1] * 5})
+    patch = make_patch(model, {}, biases={"L1MLP": bias_vector(model)})
+    patch.edits[0].bias = [0.1] * 5
+    saved = weights(model)
+    with pytest.raises(PatchError, match="edits.0.bias: 5 values, but the model's hidden_size is 128"):
+        apply_patch(model, patch)
+    assert same_weights(model, saved)
+
+
+def test_a_non_finite_bias_in_the_serving_dtype_is_refused(llama) -> None:
+    from recallfix.patches import check_patch_against
+
+    model, _ = llama
+    patch = make_patch(model, {}, biases={"L1MLP": torch.full((128,), 1e5)})  # above float16.max
+    with pytest.raises(PatchError, match="down_proj.bias non-finite in float16"):
+        check_patch_against(model, patch, dtype=torch.float16)

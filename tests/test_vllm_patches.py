@@ -77,3 +77,19 @@ def test_vllm_serves_a_gpt2_merged_export(tiny_dirs, tmp_path) -> None:
     results = run_vllm(merged, tmp_path / "out.json")
     with apply_patch(model, patch):
         assert_matches_hf(results["base"], model, tokenizer)
+
+
+def test_vllm_serves_a_llama_merged_export_with_a_bias_edit(tiny_dirs, tmp_path) -> None:
+    """The paper's fix on Llama: the bias only loads through `mlp_bias`, which vLLM must honour too."""
+    base_dir = tiny_dirs["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    bias = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    patch = make_patch(model, {}, biases={"L1MLP": bias})
+    merged = export_merged(base_dir, patch, tmp_path / "merged")
+
+    results = run_vllm(merged, tmp_path / "out.json")
+    with apply_patch(model, patch):
+        assert_matches_hf(results["base"], model, tokenizer)
+    base = run_vllm(base_dir, tmp_path / "base.json")
+    assert top_first_step(base["base"]) != top_first_step(results["base"]), "the bias had no effect in vLLM"

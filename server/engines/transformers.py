@@ -21,9 +21,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from recallfix.patches import Patch, PatchError, check_patch_against
+from recallfix.patches import Patch, PatchError, apply_patch, check_patch_against
 from recallfix.patches.io import load_causal_lm, resolve_model_dir
-from recallfix.patches.rule import scale_
 
 from ..config import ServerConfig
 from ..engine import (
@@ -56,10 +55,7 @@ def patched_copy(base: nn.Module, patch: Patch) -> tuple[nn.Module, list[str]]:
     memo: dict[int, Any] = {id(p): p for name, p in params.items() if name not in edited}
     memo.update({id(b): b for b in base.buffers()})
     patched = copy.deepcopy(base, memo)
-    own = dict(patched.named_parameters())
-    with torch.no_grad():
-        for edit in edits:
-            scale_(own[edit.tensor], edit.index, edit.gain)
+    apply_patch(patched, patch)  # on the copy's own tensors; never reverted: the copy is dropped when replaced
     return patched.eval(), edited
 
 

@@ -1,0 +1,84 @@
+"""`recallfix analyze` on the real pretrained model (SmolLM2-135M-Instruct) over a subset of the shipped facts.
+
+What the issue found on this model and the report must say: its final block *raises* p(answer) on most
+prompts, yet one final-layer head (L29H0) pushes the answer down on most of them. That is a finding at the
+component level, not a failure; the learned patch still lowers held-out NLL. A subset (whole subjects, seeded)
+and fewer bootstrap resamples keep the run to a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recallfix.analysis.require import load_checks, run_checks
+from recallfix.analysis.schema import AnalysisResult
+from recallfix.patches import Patch
+from recallfix.patches.cli import main as recallfix_main
+
+# A few minutes on 2 idle cores; the limit allows for a machine shared with other work.
+pytestmark = [pytest.mark.real_model, pytest.mark.timeout(2400)]
+MAX_FACTS = 300
+
+
+@pytest.fixture(scope="module")
+def real_run(real_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    out = tmp_path_factory.mktemp("real-analysis") / "run"
+    code = recallfix_main(["analyze", "--model", str(real_model_dir), "--out", str(out), "--max-facts", str(MAX_FACTS),
+                           "--n-boot", "100", "--no-progress", "--require",
+                           "gains.nll_change<0,component.L29H0.lowers_share>=0.5"])
+    return out, code
+
+
+def test_headline_describes_both_levels(real_run: tuple[Path, int]) -> None:
+    out, _ = real_run
+    doc = AnalysisResult.model_validate_json((out / "analysis.json").read_text())
+    f = doc.findings
+    # block level: its share with an interval, and the rescale term
+    assert f.test.share_suppressed is not None and f.test.share_suppressed_ci[0] is not None
+    assert f.rescale.value is not None and f.rescale.ci_low is not None
+    assert "Final block (layer 29)" in f.text and "norm's change of scale" in f.text
+    # component level: the suppressor head is found, with its share and mean effect and their intervals
+    head = next(c for c in f.components if c.name == "L29H0")
+    assert head.share_lowers > 0.5 and head.mean_effect < 0 and head.mean_effect_ci[1] < 0 and head.consistent
+    assert "L29H0 lowers p(answer) on" in f.text and "L29H0" in f.suppressors
+    report = (out / "report.md").read_text()
+    assert report.splitlines()[2].startswith("**Findings.** Final block (layer 29)")
+    if not f.block_lowers:  # a block that promotes the answer but holds a suppressor: a finding, never a FAIL
+        assert "promotes the answer overall while holding these suppressors" in f.text
+    assert "**FAIL**" not in report
+
+
+def test_learned_patch_lowers_held_out_nll_and_both_methods_are_compared(real_run: tuple[Path, int]) -> None:
+    out, _ = real_run
+    doc = json.loads((out / "analysis.json").read_text())
+    ev = doc["evaluation"]
+    gains = ev["test"]["differences"]["gains_minus_base"]["nll"]
+    assert gains["value"] < 0
+    assert {m["name"] for m in ev["methods"]} == {"gains", "intercept"}
+    # the choice reads the dev split only; Llama carries the bias in a merged checkpoint, not in LoRA
+    methods = {m["name"]: m for m in ev["methods"]}
+    assert methods["intercept"]["merged"] is None and "LoRA" in methods["intercept"]["lora"]
+    best = min(ev["methods"], key=lambda m: m["dev_nll"])["name"]
+    assert ev["chosen"] == best or abs(methods["gains"]["dev_nll"] - methods["intercept"]["dev_nll"]) < 0.01
+    assert Patch.load(out / "patch.json").id == methods[ev["chosen"]]["patch_id"]
+    other = next(m for m in ev["methods"] if m["name"] != ev["chosen"])
+    assert other["file"] == f"patch.{other['name']}.json" and (out / other["file"]).is_file()
+    # unknown subjects are measured although this model has none: invented in the test templates
+    assert doc["data"]["unknown_source"].startswith("invented") and ev["unknown"]["n"] > 0
+    for model in ("base", "gains", "intercept", "temperature"):
+        assert ev["unknown"]["models"][model]["mean_confidence"]["ci_low"] is not None
+    assert len(ev["by_relation"]) >= 2 and set(ev["by_relation"]) <= set(doc["data"]["relations"])
+    for r in ev["by_relation"].values():
+        assert set(r["differences"]) == {"gains_minus_base", "intercept_minus_base"}
+
+
+def test_require_exit_codes_on_the_real_model(real_run: tuple[Path, int]) -> None:
+    out, code = real_run
+    doc = AnalysisResult.model_validate_json((out / "analysis.json").read_text())
+    assert code == 0 and [c.passed for c in doc.checks] == [True, True]
+    # the demo model's criteria, asked of this model: its block does not suppress, so that check fails
+    demo = {c.name: c for c in run_checks(load_checks(["demo"]), doc.values)}
+    assert demo["final_layer_suppresses"].passed is (doc.findings.test.share_suppressed >= 0.8)
