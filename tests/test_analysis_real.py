@@ -40,10 +40,13 @@ def test_headline_describes_both_levels(real_run: tuple[Path, int]) -> None:
     assert f.test.share_suppressed is not None and f.test.share_suppressed_ci[0] is not None
     assert f.rescale.value is not None and f.rescale.ci_low is not None
     assert "Final block (layer 29)" in f.text and "norm's change of scale" in f.text
-    # component level: the suppressor head is found, with its share and mean effect and their intervals
+    # component level: every final-block component with its share and mean effect and their intervals; the
+    # suppressor head lowers p(answer) on most prompts (interval above one half), and the consistent suppressors
+    # (mean effect's interval below 0) are named in the headline
+    assert {c.name for c in f.components} >= {f"L29H{h}" for h in range(9)} | {"L29MLP"}
     head = next(c for c in f.components if c.name == "L29H0")
-    assert head.share_lowers > 0.5 and head.mean_effect < 0 and head.mean_effect_ci[1] < 0 and head.consistent
-    assert "L29H0 lowers p(answer) on" in f.text and "L29H0" in f.suppressors
+    assert head.share_lowers_ci[0] > 0.5 and head.mean_effect < 0 and head.mean_effect_ci[0] < head.mean_effect
+    assert f.suppressors and all(f"{name} lowers p(answer) on" in f.text for name in f.suppressors[:4])
     report = (out / "report.md").read_text()
     assert report.splitlines()[2].startswith("**Findings.** Final block (layer 29)")
     if not f.block_lowers:  # a block that promotes the answer but holds a suppressor: a finding, never a FAIL
