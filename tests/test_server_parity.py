@@ -1,80 +1,75 @@
-"""Parity on the demo model (float32): the vLLM engine (patch as LoRA) and the transformers engine (patch
-in memory) give the same greedy tokens and log-probabilities, for base and for patched; and patched is
-what `recallfix.patches.apply_patch` makes of the model."""
+"""Offline parity with Hugging Face: the greedy tokens and logprobs `recallfix serve` gives for NAME and
+NAME:patched, in both patch modes, are Hugging Face's own (base, and the patch applied in memory),
+teacher-forced along the served tokens.
+
+Tolerance: 2e-3 nats on every logprob. Both sides run float32, but vLLM's CPU kernels (fused
+RMSNorm, its attention, LoRA's shrink/expand in lora mode) sum in another order than PyTorch's eager
+modules; over SmolLM2's 30 layers that moves a logprob by up to about 1e-3 (the largest seen is
+printed). A patch's effect on these prompts is far larger (checked below), so the tolerance cannot
+hide a patch served wrong.
+"""
 
 from __future__ import annotations
 
-import openai
 import pytest
 import torch
-from server_fixtures import FACT_PROMPTS, NAME, PATCH_GAINS, demo_model_dir, shared_server
+from server_fixtures import FACT_PROMPTS, NAME, PATCH_GAINS, patch_file, shared, smollm2_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-TOLERANCE = 1e-3
-PROMPTS = [*FACT_PROMPTS, "People in Brazil speak", "The Eiffel Tower is in the city of"]
-MODELS = [NAME, f"{NAME}:patched"]
+from recallfix.patches import Patch, apply_patch
+
+TOLERANCE = 2e-3
+STEPS = 4
+TOP = 5
 
 
 @pytest.fixture(scope="module")
-def clients() -> dict[str, openai.OpenAI]:
-    shared_server("vllm", "transformers")
-    return {kind: shared_server(kind).client() for kind in ("vllm", "transformers")}
+def hf() -> tuple[torch.nn.Module, object]:
+    model_dir = smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def greedy(client: openai.OpenAI, model: str, **kwargs):  # noqa: ANN003, ANN201
-    return client.completions.create(model=model, prompt=PROMPTS, temperature=0, logprobs=5, **kwargs)
+def served(server, model: str) -> list[list[tuple[int, dict[int, float]]]]:  # noqa: ANN001
+    """Per prompt: per generated step, (token id, {id: logprob} of the top entries)."""
+    reply = server.client().completions.create(model=model, prompt=FACT_PROMPTS, max_tokens=STEPS, temperature=0.0,
+                                               logprobs=TOP, extra_body={"return_tokens_as_token_ids": True})
+    out = []
+    for choice in sorted(reply.choices, key=lambda c: c.index):
+        steps = []
+        for token, top in zip(choice.logprobs.tokens, choice.logprobs.top_logprobs, strict=True):
+            steps.append((int(token.removeprefix("token_id:")),
+                          {int(t.removeprefix("token_id:")): lp for t, lp in top.items()}))
+        out.append(steps)
+    return out
 
 
-def assert_same_logprobs(a, b) -> None:  # noqa: ANN001 (openai Logprobs objects)
-    assert a.tokens == b.tokens
-    assert [x is None for x in a.token_logprobs] == [x is None for x in b.token_logprobs]
-    for x, y in zip(a.token_logprobs, b.token_logprobs, strict=True):
-        if x is not None:
-            assert x == pytest.approx(y, abs=TOLERANCE)
-    for ta, tb in zip(a.top_logprobs, b.top_logprobs, strict=True):
-        if ta is None or tb is None:
-            assert ta is tb is None
-            continue
-        assert set(ta) == set(tb)
-        for token, value in ta.items():
-            assert value == pytest.approx(tb[token], abs=TOLERANCE), token
+@torch.no_grad()
+def worst_difference(results, model, tokenizer) -> float:  # noqa: ANN001
+    """Checks greedy tokens and top sets against HF; returns the largest logprob difference."""
+    worst = 0.0
+    for prompt, steps in zip(FACT_PROMPTS, results, strict=True):
+        ids = tokenizer(prompt).input_ids
+        for token, top in steps:
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+            assert token == int(logprobs.argmax()), (prompt, ids)
+            assert set(top) <= set(logprobs.topk(TOP + 1).indices.tolist())
+            worst = max(worst, *(abs(lp - float(logprobs[t])) for t, lp in top.items()))
+            ids = [*ids, token]
+    return worst
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_greedy_generation_matches_across_engines(clients: dict[str, openai.OpenAI], model: str) -> None:
-    vllm, hf = (greedy(clients[k], model, max_tokens=8) for k in ("vllm", "transformers"))
-    for a, b in zip(vllm.choices, hf.choices, strict=True):
-        assert a.text == b.text
-        assert a.finish_reason == b.finish_reason
-        assert_same_logprobs(a.logprobs, b.logprobs)
-    assert vllm.usage == hf.usage
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_prompt_scoring_matches_across_engines(clients: dict[str, openai.OpenAI], model: str) -> None:
-    vllm, hf = (greedy(clients[k], model, max_tokens=0, echo=True) for k in ("vllm", "transformers"))
-    for a, b in zip(vllm.choices, hf.choices, strict=True):
-        assert_same_logprobs(a.logprobs, b.logprobs)
-
-
-def test_patched_is_the_patch_applied_to_the_model(clients: dict[str, openai.OpenAI]) -> None:
-    """Each engine's patched variant, at the first generated position, against apply_patch in this process."""
-    from recallfix.patches import apply_patch, make_patch
-    from recallfix.patches.io import load_causal_lm
-
-    model, tokenizer = load_causal_lm(demo_model_dir())
-    prompt = PROMPTS[0]
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        base = torch.log_softmax(model(ids).logits[0, -1], -1)
-        with apply_patch(model, make_patch(model, PATCH_GAINS)):
-            patched = torch.log_softmax(model(ids).logits[0, -1], -1)
-    assert float((patched - base).abs().max()) > 0.05  # the patch changes the prediction: the test can fail
-    for kind, client in clients.items():
-        for model_name, reference in ((NAME, base), (f"{NAME}:patched", patched)):
-            reply = client.completions.create(model=model_name, prompt=prompt, max_tokens=1, temperature=0,
-                                              logprobs=5)
-            top = reply.choices[0].logprobs.top_logprobs[0]
-            expected = {tokenizer.decode([int(i)]): float(reference[i]) for i in reference.topk(5).indices}
-            assert set(top) >= set(expected), (kind, model_name)
-            for token, value in expected.items():
-                assert top[token] == pytest.approx(value, abs=TOLERANCE), (kind, model_name, token)
+@pytest.mark.parametrize("mode", ["merged", "lora"])
+def test_served_logprobs_are_hugging_faces(mode: str, hf) -> None:  # noqa: ANN001
+    model, tokenizer = hf
+    (server,) = shared(f"serve-{mode}")
+    base, patched = served(server, NAME), served(server, f"{NAME}:patched")
+    worst_base = worst_difference(base, model, tokenizer)
+    with apply_patch(model, Patch.load(patch_file(PATCH_GAINS, "learned"))):
+        worst_patched = worst_difference(patched, model, tokenizer)
+    print(f"{mode}: largest |logprob difference| base {worst_base:.2e}, patched {worst_patched:.2e}")
+    assert worst_base <= TOLERANCE and worst_patched <= TOLERANCE
+    # The patch moves these logprobs by far more than the tolerance: a patch served wrong cannot pass.
+    effect = max(abs(base[i][0][1][t] - patched[i][0][1].get(t, base[i][0][1][t])) for i in range(len(base))
+                 for t in base[i][0][1])
+    assert effect > 10 * TOLERANCE
