@@ -13,8 +13,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from recallfix.analysis.config import AnalysisConfig, add_options, from_args
+from recallfix.analysis.config import AnalysisConfig
 from recallfix.analysis.schema import AnalysisResult
+from recallfix.patches.options import add_options, from_args
 
 DEFAULT_DEMO_MODEL = Path(".cache/demo-model")
 DEMO_REAL_MODEL = "smollm2-135m"  # `recallfix demo` without --model: a real pretrained model (models.json)

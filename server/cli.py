@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import FrontConfig, RouterConfig, ServeConfig, add_options, from_args
+from recallfix.patches.options import add_options, from_args
+
+from .config import FrontConfig, RouterConfig, ServeConfig
 
 if TYPE_CHECKING:
     from recallfix.patches import Patch

@@ -1,19 +1,17 @@
 """The settings of the recallfix front, `recallfix serve` and `recallfix router`, each stated once.
 
-Every field with a help text becomes a command-line option (`ab_split` -> `--ab-split`); `from_args`
-reads it back. Options recallfix does not own go to vLLM's API server unchanged (see `vllm_args.py`).
+Every field with a help text becomes a command-line option (`ab_split` -> `--ab-split`;
+`recallfix.patches.options`). Options recallfix does not own go to vLLM's API server unchanged (see `vllm_args.py`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+
+from recallfix.patches.options import option
 
 API_KEY_ENV = "RECALLFIX_API_KEY"
 UPSTREAM_API_KEY_ENV = "RECALLFIX_UPSTREAM_API_KEY"
@@ -24,13 +22,6 @@ def default_cache_dir() -> Path:
     """Where exported adapters and merged checkpoints are kept between runs."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "recallfix" / "serve"
-
-
-def _opt(default: Any, help: str, **cli: Any) -> Any:  # noqa: A002 (argparse's name)
-    """A config field: its default, its help text, and extra argparse settings (choices, metavar, type)."""
-    if callable(default):
-        return field(default_factory=default, metadata={"help": help, **cli})
-    return field(default=default, metadata={"help": help, **cli})
 
 
 def fraction(text: str) -> float:
@@ -44,19 +35,19 @@ def fraction(text: str) -> float:
 class FrontConfig:
     """The HTTP front both commands run: variants, A/B, admission, calibration metrics."""
 
-    served_model_name: str | None = _opt(None, "NAME in the API; NAME:patched and NAME:ab follow "
+    served_model_name: str | None = option(None, "NAME in the API; NAME:patched and NAME:ab follow "
                                                 "(serve: default the model directory's name)", metavar="NAME")
-    host: str = _opt("127.0.0.1", "address the front binds (127.0.0.1: this machine only)")
-    port: int = _opt(8000, "port of the front")
-    api_key: str | None = _opt(lambda: os.environ.get(API_KEY_ENV) or None,
-                               f"require `Authorization: Bearer KEY` (default ${API_KEY_ENV}; unset: no key)",
-                               metavar="KEY")
-    ab_split: float = _opt(0.5, "share of NAME:ab requests served by the patched variant, sticky per `user`",
+    host: str = option("127.0.0.1", "address the front binds (127.0.0.1: this machine only)")
+    port: int = option(8000, "port of the front")
+    api_key: str | None = option(help=f"require `Authorization: Bearer KEY` (default ${API_KEY_ENV}; unset: no key)",
+                                 default_factory=lambda: os.environ.get(API_KEY_ENV) or None, hide_default=True,
+                                 metavar="KEY")
+    ab_split: float = option(0.5, "share of NAME:ab requests served by the patched variant, sticky per `user`",
                            type=fraction)
-    shadow_rate: float = _opt(0.0, "share of requests also scored by the other variant, for the calibration-"
+    shadow_rate: float = option(0.0, "share of requests also scored by the other variant, for the calibration-"
                                    "shift metrics", type=fraction)
-    max_concurrency: int = _opt(64, "requests in flight through the front before new ones get 429", metavar="N")
-    metrics_logprobs: int = _opt(20, "top logprobs asked from the upstream for the confidence and entropy "
+    max_concurrency: int = option(64, "requests in flight through the front before new ones get 429", metavar="N")
+    metrics_logprobs: int = option(20, "top logprobs asked from the upstream for the confidence and entropy "
                                      "metrics when the client asks for none (0: never ask)", metavar="N")
 
     @property
@@ -78,15 +69,15 @@ class FrontConfig:
 class ServeConfig:
     """`recallfix serve`: what runs behind the front (vLLM's own options are kept apart, as argv)."""
 
-    patch: Path | None = _opt(None, "patch file (JSON) served as NAME:patched", type=Path, metavar="FILE")
-    patch_mode: str = _opt("auto", "how the patched variant is served: lora (an adapter in the base server), "
+    patch: Path | None = option(None, "patch file (JSON) served as NAME:patched", type=Path, metavar="FILE")
+    patch_mode: str = option("auto", "how the patched variant is served: lora (an adapter in the base server), "
                                    "merged (a merged checkpoint in a second server), auto (LoRA on GPU where the "
                                    "patch allows it, merged on CPU, where LoRA kernels are slow)",
                            choices=PATCH_MODES)
-    cache_dir: Path = _opt(default_cache_dir, "where exported adapters and merged checkpoints are kept",
-                           type=Path, metavar="DIR")
-    upstream_start_timeout: float = _opt(1800.0, "seconds a vLLM server may take to start", metavar="S")
-    drain_timeout: float = _opt(60.0, "seconds in-flight requests may take to finish at a swap or shutdown",
+    cache_dir: Path = option(help="where exported adapters and merged checkpoints are kept",
+                             default_factory=default_cache_dir, type=Path, metavar="DIR")
+    upstream_start_timeout: float = option(1800.0, "seconds a vLLM server may take to start", metavar="S")
+    drain_timeout: float = option(60.0, "seconds in-flight requests may take to finish at a swap or shutdown",
                                 metavar="S")
 
 
@@ -94,51 +85,21 @@ class ServeConfig:
 class RouterConfig:
     """`recallfix router`: the front over vLLM deployments that run elsewhere."""
 
-    base_url: str = _opt("", "URL of the vLLM server (or Service) of the base model, e.g. http://vllm-base:8000",
+    base_url: str = option("", "URL of the vLLM server (or Service) of the base model, e.g. http://vllm-base:8000",
                          metavar="URL")
-    base_model: str | None = _opt(None, "the base model's name on that server (default: the first it lists)",
+    base_model: str | None = option(None, "the base model's name on that server (default: the first it lists)",
                                   metavar="NAME")
-    patched_url: str | None = _opt(None, "URL of a second vLLM server that serves the patched (merged) model",
+    patched_url: str | None = option(None, "URL of a second vLLM server that serves the patched (merged) model",
                                    metavar="URL")
-    patched_model: str | None = _opt(None, "the patched model's name upstream: a LoRA module on --base-url, or "
+    patched_model: str | None = option(None, "the patched model's name upstream: a LoRA module on --base-url, or "
                                            "the model of --patched-url (default: the first it lists)",
                                      metavar="NAME")
-    upstream_api_key: str | None = _opt(lambda: os.environ.get(UPSTREAM_API_KEY_ENV) or None,
-                                        f"API key of the upstream servers (default ${UPSTREAM_API_KEY_ENV})",
-                                        metavar="KEY")
-    probe_interval: float = _opt(2.0, "seconds between health probes of the upstreams", metavar="S")
+    upstream_api_key: str | None = option(
+        help=f"API key of the upstream servers (default ${UPSTREAM_API_KEY_ENV})",
+        default_factory=lambda: os.environ.get(UPSTREAM_API_KEY_ENV) or None, hide_default=True, metavar="KEY")
+    probe_interval: float = option(2.0, "seconds between health probes of the upstreams", metavar="S")
 
     def __post_init__(self) -> None:
         if not self.base_url:
             raise ValueError("--base-url is required")
 
-
-Config = TypeVar("Config")
-
-
-def _option_type(hint: Any) -> Any:
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(h for h in typing.get_args(hint) if h is not type(None))
-    return hint
-
-
-def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config: type, *,
-                defaults: bool = True) -> None:
-    """One option per field of `config` with a help text. `defaults=False`: absent options stay absent
-    (argparse.SUPPRESS), to read a second time over values parsed before."""
-    hints = typing.get_type_hints(config)
-    for f in dataclasses.fields(config):
-        if "help" not in f.metadata:
-            continue
-        extra = {k: v for k, v in f.metadata.items() if k != "help"}
-        extra.setdefault("type", _option_type(hints[f.name]))
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = "" if default is None or f.name.endswith("api_key") else f" (default: {default})"
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=f.metadata["help"] + shown,
-                            default=default if defaults else argparse.SUPPRESS, **extra)
-
-
-def from_args(config: type[Config], args: argparse.Namespace, **overrides: Any) -> Config:
-    """The dataclass `config` from the options `add_options` added."""
-    names = [f.name for f in dataclasses.fields(config) if "help" in f.metadata]  # type: ignore[arg-type]
-    return config(**{**{name: getattr(args, name) for name in names}, **overrides})

@@ -7,9 +7,10 @@ import math
 
 import pytest
 
+from recallfix.patches.options import from_args
 from recallfix.server.calibration import Answer, FeedbackStore, one_greedy_step
 from recallfix.server.cli import add_router_arguments, split_serve_args
-from recallfix.server.config import FrontConfig, RouterConfig, from_args
+from recallfix.server.config import FrontConfig, RouterConfig
 from recallfix.server.metrics import Metrics, describe_edits, relayed_families
 from recallfix.server.observe import (
     CHAT,
