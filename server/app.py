@@ -72,8 +72,7 @@ def create_app(front: Front, *, load_patch: LoadPatch | None = None, patch_dir: 
         log.info("ready: %s", ", ".join(f"{name}" for name in front.model_names()))
         if backend.patch is not None:
             p = backend.patch
-            log.info("patch %s (%s) served as %s: %s", p.patch_id, ", ".join(f"{c}x{g:g}" for c, g in p.edits),
-                     p.applied, p.detail)
+            log.info("patch %s (%s) served as %s: %s", p.patch_id, p.describe(), p.applied, p.detail)
         while True:
             await asyncio.sleep(probe_interval)
             try:
@@ -183,8 +182,8 @@ def create_app(front: Front, *, load_patch: LoadPatch | None = None, patch_dir: 
         front.metrics.set_patch(state)
         log.info("now serving patch %s as %s", state.patch_id, state.applied)
         return LoadPatchResponse(
-            patch=PatchInfo(patch_id=state.patch_id, edits=dict(state.edits), applied=state.applied,
-                            detail=state.detail),
+            patch=PatchInfo(patch_id=state.patch_id, edits=dict(state.edits), biases=list(state.biases),
+                            applied=state.applied, detail=state.detail),
             previous_patch_id=previous.patch_id if previous else None, models=front.model_names())
 
     @app.get("/openapi.json", include_in_schema=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,30 +127,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeBackend
 
     patch_dir = args.patch_dir or (serve.patch.parent if serve.patch else None)
-    return run(front, lambda metrics: ServeBackend(plan, serve, metrics), serve_mode=True, patch_dir=patch_dir,
-               drain_timeout=serve.drain_timeout)
+    return run(front, lambda metrics: ServeBackend(plan, serve, metrics, front.drain_timeout), serve_mode=True,
+               patch_dir=patch_dir)
 
 
 def make_plan(model_dir: Path, name: str, vllm_argv: list[str], parsed: argparse.Namespace, serve: ServeConfig,
               patch: Patch | None) -> Plan:
-    """Which mode serves the patch, and the upstreams' options and environment."""
+    """Which mode serves the patch, and the upstreams' options and environment. ValueError (nothing started)
+    where the patch cannot be served in the mode asked for."""
+    from recallfix.patches.export import export_refusals
+
     from . import vllm_args
-    from .patching import PatchRefused, adapter_rank, export_cached, lora_modules, vllm_lora_rank
+    from .patching import adapter_rank, export_cached, lora_modules, vllm_lora_rank
     from .serve import LORA_TARGETS_WITHOUT_PATCH, Plan, env_for
 
     on_cpu = vllm_args.on_cpu()
     mode, reason = serve.patch_mode, f"--patch-mode {serve.patch_mode}"
-    adapter = None
-    if patch is not None and mode in ("auto", "lora") and not (mode == "auto" and on_cpu):
-        try:
-            adapter = export_cached("lora", model_dir, patch, serve.cache_dir)
-        except PatchRefused as err:
-            if mode == "lora":
-                raise ValueError(f"--patch-mode lora: {err}") from None
-            mode, reason = "merged", f"LoRA cannot serve this patch ({err})"
+    refused = export_refusals(model_dir, patch) if patch is not None else {"lora": None, "merged": None}
     if mode == "auto":
-        mode, reason = ("merged", CPU_LORA_REASON) if on_cpu else ("lora", "on GPU, the patch served as an "
-                                                                    "adapter in the base server")
+        if refused["lora"]:
+            mode, reason = "merged", f"LoRA cannot serve this patch: {refused['lora']}"
+        elif on_cpu:
+            mode, reason = "merged", CPU_LORA_REASON
+        else:
+            mode, reason = "lora", "on GPU, the patch served as an adapter in the base server"
+    if refused[mode]:
+        raise ValueError(f"--patch {serve.patch}: --patch-mode {mode} cannot serve it: {refused[mode]}"
+                         + ("; use --patch-mode merged" if mode == "lora" and not refused["merged"] else ""))
+    adapter = export_cached("lora", model_dir, patch, serve.cache_dir) if mode == "lora" and patch else None
     rank, targets = None, ()
     if mode == "lora":
         user_rank = parsed.max_lora_rank if any(a.split("=")[0] == "--max-lora-rank" for a in vllm_argv) else 0
@@ -185,11 +190,11 @@ def cmd_router(args: argparse.Namespace) -> int:
     from .router import RouterBackend
 
     return run(front, lambda metrics: RouterBackend(router, metrics), serve_mode=False, patch_dir=None,
-               drain_timeout=30.0, probe_interval=router.probe_interval)
+               probe_interval=router.probe_interval)
 
 
 def run(front_config: FrontConfig, make_backend, *, serve_mode: bool, patch_dir: Path | None,  # noqa: ANN001
-        drain_timeout: float, probe_interval: float = 2.0) -> int:
+        probe_interval: float = 2.0) -> int:
     """Serve until SIGTERM/SIGINT (in-flight requests drain first). 1 if the vLLM servers did not start."""
     import uvicorn
 
@@ -214,9 +219,12 @@ def run(front_config: FrontConfig, make_backend, *, serve_mode: bool, patch_dir:
                      patch_dir=patch_dir, relay_metrics=serve_mode, probe_interval=probe_interval,
                      on_start_failure=on_start_failure)
     server = uvicorn.Server(uvicorn.Config(app, host=front_config.host, port=front_config.port, log_config=None,
-                                           access_log=False, timeout_graceful_shutdown=int(drain_timeout)))
+                                           access_log=False, timeout_graceful_shutdown=int(front_config.drain_timeout)))
     log.info("the recallfix front listens on http://%s:%d (API key %s)", front_config.host, front_config.port,
              "required" if front_config.api_key else "off")
+    # uvicorn raises the signal that stopped it again once it has drained, to end the process by it: after a
+    # drain, a SIGTERM (the way Kubernetes and the recallfix front stop a server) is a clean exit, status 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     if failures:
         print(f"recallfix: error: {failures[0]}", file=sys.stderr)

@@ -36,19 +36,21 @@ class FrontConfig:
     """The HTTP front both commands run: variants, A/B, admission, calibration metrics."""
 
     served_model_name: str | None = option(None, "NAME in the API; NAME:patched and NAME:ab follow "
-                                                "(serve: default the model directory's name)", metavar="NAME")
+                                                  "(serve: default the model directory's name)", metavar="NAME")
     host: str = option("127.0.0.1", "address the front binds (127.0.0.1: this machine only)")
     port: int = option(8000, "port of the front")
     api_key: str | None = option(help=f"require `Authorization: Bearer KEY` (default ${API_KEY_ENV}; unset: no key)",
                                  default_factory=lambda: os.environ.get(API_KEY_ENV) or None, hide_default=True,
                                  metavar="KEY")
     ab_split: float = option(0.5, "share of NAME:ab requests served by the patched variant, sticky per `user`",
-                           type=fraction)
+                             type=fraction)
     shadow_rate: float = option(0.0, "share of requests also scored by the other variant, for the calibration-"
-                                   "shift metrics", type=fraction)
+                                     "shift metrics", type=fraction)
     max_concurrency: int = option(64, "requests in flight through the front before new ones get 429", metavar="N")
     metrics_logprobs: int = option(20, "top logprobs asked from the upstream for the confidence and entropy "
-                                     "metrics when the client asks for none (0: never ask)", metavar="N")
+                                       "metrics when the client asks for none (0: never ask)", metavar="N")
+    drain_timeout: float = option(60.0, "seconds in-flight requests may take to finish at shutdown (serve: and at a "
+                                        "patch swap)", metavar="S")
 
     @property
     def name(self) -> str:
@@ -71,14 +73,12 @@ class ServeConfig:
 
     patch: Path | None = option(None, "patch file (JSON) served as NAME:patched", type=Path, metavar="FILE")
     patch_mode: str = option("auto", "how the patched variant is served: lora (an adapter in the base server), "
-                                   "merged (a merged checkpoint in a second server), auto (LoRA on GPU where the "
-                                   "patch allows it, merged on CPU, where LoRA kernels are slow)",
-                           choices=PATCH_MODES)
+                                     "merged (a merged checkpoint in a second server), auto (LoRA on GPU where the "
+                                     "patch allows it, merged on CPU, where LoRA kernels are slow)",
+                             choices=PATCH_MODES)
     cache_dir: Path = option(help="where exported adapters and merged checkpoints are kept",
                              default_factory=default_cache_dir, type=Path, metavar="DIR")
     upstream_start_timeout: float = option(1800.0, "seconds a vLLM server may take to start", metavar="S")
-    drain_timeout: float = option(60.0, "seconds in-flight requests may take to finish at a swap or shutdown",
-                                metavar="S")
 
 
 @dataclass(frozen=True)
@@ -86,14 +86,14 @@ class RouterConfig:
     """`recallfix router`: the front over vLLM deployments that run elsewhere."""
 
     base_url: str = option("", "URL of the vLLM server (or Service) of the base model, e.g. http://vllm-base:8000",
-                         metavar="URL")
+                           metavar="URL")
     base_model: str | None = option(None, "the base model's name on that server (default: the first it lists)",
-                                  metavar="NAME")
+                                    metavar="NAME")
     patched_url: str | None = option(None, "URL of a second vLLM server that serves the patched (merged) model",
-                                   metavar="URL")
+                                     metavar="URL")
     patched_model: str | None = option(None, "the patched model's name upstream: a LoRA module on --base-url, or "
-                                           "the model of --patched-url (default: the first it lists)",
-                                     metavar="NAME")
+                                             "the model of --patched-url (default: the first it lists)",
+                                       metavar="NAME")
     upstream_api_key: str | None = option(
         help=f"API key of the upstream servers (default ${UPSTREAM_API_KEY_ENV})",
         default_factory=lambda: os.environ.get(UPSTREAM_API_KEY_ENV) or None, hide_default=True, metavar="KEY")

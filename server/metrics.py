@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import prometheus_client
 from prometheus_client import (
@@ -42,6 +43,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from .observe import TokenLogprobs, top_k_entropy
+
+if TYPE_CHECKING:
+    from recallfix.patches import Patch
 
 # `_created` series double the exposition for no use here (Prometheus derives resets itself).
 prometheus_client.disable_created_metrics()
@@ -62,9 +66,18 @@ class PatchState:
     """The patch behind NAME:patched, and how it is served."""
 
     patch_id: str
-    edits: tuple[tuple[str, float], ...]
-    applied: str  # lora | merged | upstream (router: served elsewhere)
+    edits: tuple[tuple[str, float], ...]  # gain edits: (component, gain)
+    biases: tuple[str, ...]  # components whose MLP output gets an added bias (bias edits)
+    applied: str  # lora | merged
     detail: str  # why this mode
+
+    @classmethod
+    def of(cls, patch: Patch, applied: str, detail: str) -> PatchState:
+        return cls(patch.id, tuple((str(c), g) for c, g in patch.gains.items()), tuple(str(c) for c in patch.biases),
+                   applied, detail)
+
+    def describe(self) -> str:
+        return describe_edits(self.edits, biases=self.biases)
 
 
 def describe_edits(edits: Sequence[tuple[str, float]], limit: int = 8, biases: Sequence[str] = ()) -> str:
@@ -123,8 +136,8 @@ class Metrics:
             "recallfix_token_entropy", "Entropy (nats, top-20 estimate) of each generated position.",
             mv, buckets=ENTROPY_BUCKETS, registry=r)
         self.patch_info = Gauge(
-            "recallfix_patch_info", "The patch behind the patched variant (1 while loaded).",
-            [*mv, "patch_id", "edits", "applied"], registry=r)
+            "recallfix_patch_info", "The patch behind the patched variant (1 while loaded): its edits, how it is "
+            "served (applied: lora | merged) and why.", [*mv, "patch_id", "edits", "applied", "reason"], registry=r)
         self.confidence_shift = Histogram(
             "recallfix_confidence_shift",
             "Shadowed requests: patched minus base top-1 probability at the first generated position.",
@@ -215,8 +228,8 @@ class Metrics:
     def set_patch(self, state: PatchState | None) -> None:
         self.patch_info.clear()  # one series: the patch being served now
         if state is not None:
-            edits = describe_edits(state.edits, biases=state.biases)
-            self.patch_info.labels(self.model, "patched", state.patch_id, edits, state.applied).set(1)
+            self.patch_info.labels(self.model, "patched", state.patch_id, state.describe(), state.applied,
+                                   state.detail).set(1)
 
     def set_upstream(self, variant: str, up: bool) -> None:
         self.upstream_up.labels(self.model, variant).set(1 if up else 0)

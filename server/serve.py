@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from recallfix.patches import Patch
+from recallfix.patches.export import export_refusals
 
 from .config import ServeConfig
 from .front import Target, distinct_upstreams
@@ -64,8 +65,8 @@ def adapter_name(patch: Patch) -> str:
 
 
 class ServeBackend:
-    def __init__(self, plan: Plan, config: ServeConfig, metrics: Metrics) -> None:
-        self.plan, self.config, self.metrics = plan, config, metrics
+    def __init__(self, plan: Plan, config: ServeConfig, metrics: Metrics, drain_timeout: float) -> None:
+        self.plan, self.config, self.metrics, self.drain_timeout = plan, config, metrics, drain_timeout
         self.key = secrets.token_urlsafe(24)  # the upstreams answer only the front
         self.targets: dict[Variant, Target] = {}
         self.patch: PatchState | None = None
@@ -116,12 +117,9 @@ class ServeBackend:
             await self.stop()
             raise
         if plan.patch is not None:
-            self.patch = self._state(plan.patch, plan.mode, plan.reason)
+            self.patch = PatchState.of(plan.patch, plan.mode, plan.reason)
         for upstream in self.upstreams():
             self.metrics.set_upstream(upstream.role, True)
-
-    def _state(self, patch: Patch, applied: str, detail: str) -> PatchState:
-        return PatchState(patch.id, tuple((str(e.component), e.gain) for e in patch.edits), applied, detail)
 
     async def tick(self, client: httpx.AsyncClient) -> None:
         """Called every few seconds: report and restart a server that exited unasked."""
@@ -161,7 +159,7 @@ class ServeBackend:
             task.cancel()
         for process in self._processes:
             process.terminate()
-        await asyncio.gather(*(p.stop(self.config.drain_timeout) for p in self._processes))
+        await asyncio.gather(*(p.stop(self.drain_timeout) for p in self._processes))
 
     # -- load_patch ------------------------------------------------------------------------------------
     async def load_patch(self, patch: Patch, client: httpx.AsyncClient) -> PatchState:
@@ -173,6 +171,10 @@ class ServeBackend:
             return await self._load_merged(patch, client)
 
     async def _load_lora(self, patch: Patch, client: httpx.AsyncClient) -> PatchState:
+        refused = (await asyncio.to_thread(export_refusals, self.plan.model_dir, patch))["lora"]
+        if refused:
+            raise PatchRefused(f"this server serves the patch as a LoRA adapter (--patch-mode lora), and LoRA "
+                               f"cannot serve this one: {refused}; restart with --patch-mode merged to serve it")
         adapter = await asyncio.to_thread(export_cached, "lora", self.plan.model_dir, patch, self.config.cache_dir)
         rank, capacity = adapter_rank(adapter), self.plan.max_lora_rank or 0
         if vllm_lora_rank(rank) > capacity:
@@ -195,11 +197,11 @@ class ServeBackend:
             base.upstream.role = "shared"
         if old is not None and old.model != name:
             self._retire(self._unload_adapter(old, client))
-        self.patch = self._state(patch, "lora", "loaded at run time into the base server")
+        self.patch = PatchState.of(patch, "lora", "loaded at run time into the base server")
         return self.patch
 
     async def _unload_adapter(self, old: Target, client: httpx.AsyncClient) -> None:
-        await old.drain(self.config.drain_timeout)
+        await old.drain(self.drain_timeout)
         response = await client.post(old.upstream.url + "/v1/unload_lora_adapter", json={"lora_name": old.model},
                                      headers=old.upstream.headers())
         if response.status_code != 200:
@@ -214,7 +216,7 @@ class ServeBackend:
             await upstream.process.wait_ready(upstream, client, self.config.upstream_start_timeout)
         except BaseException as err:
             self._processes.remove(upstream.process)
-            await upstream.process.stop(self.config.drain_timeout)
+            await upstream.process.stop(self.drain_timeout)
             if isinstance(err, RuntimeError):
                 raise PatchRefused(f"the merged checkpoint's vLLM server did not start: {err}") from None
             raise
@@ -223,15 +225,15 @@ class ServeBackend:
         self.metrics.set_upstream("patched", True)
         if old is not None:
             self._retire(self._stop_old(old))
-        self.patch = self._state(patch, "merged", "a new vLLM server with the merged checkpoint")
+        self.patch = PatchState.of(patch, "merged", "a new vLLM server with the merged checkpoint")
         return self.patch
 
     async def _stop_old(self, old: Target) -> None:
-        if not await old.drain(self.config.drain_timeout):
+        if not await old.drain(self.drain_timeout):
             log.warning("the old patched server still had %d requests after %.0f s", old.in_flight,
-                        self.config.drain_timeout)
+                        self.drain_timeout)
         if old.upstream.process is not None:
-            await old.upstream.process.stop(self.config.drain_timeout)
+            await old.upstream.process.stop(self.drain_timeout)
             self._processes.remove(old.upstream.process)
 
     def _retire(self, work: object) -> None:

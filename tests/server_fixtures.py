@@ -1,9 +1,17 @@
 """Live servers for the server tests, on SmolLM2-135M-Instruct (real weights), and helpers to talk to them.
 
-Each server is a subprocess on a free loopback port: vLLM's own OpenAI server started directly (the
-reference the front is compared with), `recallfix serve` in each patch mode, and `recallfix router`.
-Each kind starts once per test session however many modules use it (pytest would run a session fixture
-once per importing module); all asked for at once start together, and all stop at exit.
+Four kinds of server, each a subprocess on a free loopback port, each started at most once per session:
+
+    serve-lora     `recallfix serve --patch-mode lora` with the learned gains (one vLLM server, LoRA)
+    serve-merged   `recallfix serve` (auto) with the learned gains and the paper's bias edit: auto picks
+                   merged, as LoRA cannot carry a bias (two vLLM servers)
+    vllm-base      vLLM's own OpenAI server on the base checkpoint: the reference the front is compared with
+    vllm-merged    vLLM's own OpenAI server on the merged checkpoint of serve-merged's patch
+
+A test names the kinds it needs with `@pytest.mark.servers(...)` and gets them from the `servers` fixture
+(or `shared(...)` in a module fixture). Tests are ordered so that each kind serves one run of tests
+(the LoRA server's first, the merged server's swap last), and each kind stops after the last test that
+needs it: a 2-core, 24 GiB machine never holds more than four vLLM servers, and no vLLM server starts twice.
 """
 
 from __future__ import annotations
@@ -23,22 +31,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("RECALLFIX_TEST_CACHE", ROOT / ".cache" / "test-models"))
 API_KEY = "test-key"
 NAME = "smol"
-START_TIMEOUT_S = 1800  # a vLLM CPU server starts in 1-3 min on an idle 2-core machine; far slower when shared
+START_TIMEOUT_S = 2400  # a vLLM CPU server starts in 1-3 min on an idle 2-core machine; far slower when shared
+TEST_TIMEOUT_S = 900  # pyproject's pytest timeout, which a test that starts servers gets on top of START_TIMEOUT_S
 # The patch `recallfix analyze` learned on this model (real-models.md): four heads of the last layer.
 PATCH_GAINS = {"L29H0": 0.40, "L29H4": 1.28, "L29H5": 1.07, "L29H7": 1.31}
 OTHER_PATCH_GAINS = {"L29H0": 0.2, "L29H4": 1.5}
+LAST_LAYER = 29
+LAST_MLP = f"L{LAST_LAYER}MLP"  # where the paper's fix adds its bias
 FACT_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "The currency of Japan is the"]
 # vLLM options every server in the tests gets (the front passes them on unchanged): float32 for the
 # comparison with Hugging Face, a short context, eager mode (no compile: a faster start), the tool parser
 # the battery's tool call needs.
 VLLM_OPTIONS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--seed", "0",
                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+# A small KV cache (256 MiB: about 5,800 tokens of SmolLM2 in float32, 11 full 512-token sequences) for every
+# server but serve-lora, which starts with recallfix's own sizing from the free memory (no flag).
+SMALL_KV = ["--kv-cache-memory-bytes", str(256 * 2**20)]
 
 _running: list[Process] = []  # every server started, stopped at exit
 _shared: dict[str, Process] = {}  # the session-wide servers, by kind
@@ -64,24 +79,55 @@ def smollm2_dir() -> Path:
     return resolve_model_dir("smollm2-135m")
 
 
-def patch_file(gains: dict[str, float], name: str) -> Path:
-    """A patch of SmolLM2-135M with these gains, made once per session."""
+@functools.cache
+def hf_model():  # noqa: ANN201 (a transformers model and its tokenizer)
+    """SmolLM2-135M in float32 on Hugging Face, loaded once for the session (patches, parity)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(smollm2_dir())
+
+
+def intercept_bias():  # noqa: ANN201 (a [hidden_size] tensor)
+    """A bias edit in the manner of the paper's fix: minus the final MLP's mean write at the last position of
+    the fact prompts (its shared, prompt-independent part)."""
+    import torch
+
+    from recallfix.patches import ComponentMap
+    from recallfix.patches.hooks import capture
+
+    model, tokenizer = hf_model()
+    point = f"blocks.{LAST_LAYER}.hook_mlp_out"
+    writes = []
+    with torch.no_grad():
+        for prompt in FACT_PROMPTS:
+            with capture(ComponentMap(model), [point]) as cache:
+                model(**tokenizer(prompt, return_tensors="pt"))
+            writes.append(cache[point][0, -1])
+    return -torch.stack(writes).mean(dim=0)
+
+
+def patch_file(name: str) -> Path:
+    """A patch of SmolLM2-135M, made once per session: `learned` (PATCH_GAINS), `other` (OTHER_PATCH_GAINS),
+    `fix` (PATCH_GAINS and the intercept bias), `bias` (the intercept bias alone)."""
     if name not in _made:
         from recallfix.patches import make_patch
-        from recallfix.patches.io import load_causal_lm
 
-        model, _ = load_causal_lm(smollm2_dir())
-        _made[name] = make_patch(model, gains, command="tests").save(scratch_dir("patches") / f"{name}.json")
+        gains = {"learned": PATCH_GAINS, "other": OTHER_PATCH_GAINS, "fix": PATCH_GAINS, "bias": {}}[name]
+        biases = {LAST_MLP: intercept_bias()} if name in ("fix", "bias") else None
+        patch = make_patch(hf_model()[0], gains, biases=biases, command="tests")
+        _made[name] = patch.save(scratch_dir("patches") / f"{name}.json")
     return _made[name]
 
 
-def merged_dir(gains: dict[str, float], name: str) -> Path:
+def merged_dir(name: str) -> Path:
     from recallfix.patches import Patch
     from recallfix.patches.export import export_merged
 
     out = scratch_dir("merged") / name
     if not out.exists():
-        export_merged(smollm2_dir(), Patch.load(patch_file(gains, name)), out)
+        export_merged(smollm2_dir(), Patch.load(patch_file(name)), out)
     return out
 
 
@@ -169,8 +215,9 @@ class Process:
         key = self.key if key == "default" else key
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    def post(self, path: str, body: dict, key: str | None = "default", **kwargs) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, headers=self.headers(key), timeout=300, **kwargs)
+    def post(self, path: str, body: dict, key: str | None = "default", timeout: float = 300,
+             **kwargs) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, headers=self.headers(key), timeout=timeout, **kwargs)
 
     def post_stream(self, path: str, body: dict):  # noqa: ANN201 (a context manager of httpx.Response)
         return httpx.stream("POST", self.url + path, json=body, headers=self.headers(), timeout=300)
@@ -190,46 +237,141 @@ class Process:
 def vllm_server(model: Path, served_name: str, log_name: str) -> Process:
     """vLLM's own OpenAI API server, started directly: the reference."""
     return Process(["-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
-                    served_name, "--host", "127.0.0.1", *VLLM_OPTIONS],
+                    served_name, "--host", "127.0.0.1", *VLLM_OPTIONS, *SMALL_KV],
                    CACHE / "server-tests" / f"{log_name}.log", key=None,
-                   env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
+                   env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"})
 
 
-def serve_process(mode: str, *, kv_auto: bool = False) -> Process:
-    """`recallfix serve` of SmolLM2-135M with the learned patch, in one patch mode."""
-    patch = patch_file(PATCH_GAINS, "learned")
+def serve_process(kind: str) -> Process:
+    """`recallfix serve` of SmolLM2-135M: serve-lora (the learned gains as a LoRA adapter; no KV cache flag,
+    so recallfix sizes it from the free memory: the default start), or serve-merged (the learned gains and
+    the paper's bias edit, --patch-mode auto)."""
+    mode, patch = ("lora", patch_file("learned")) if kind == "serve-lora" else ("auto", patch_file("fix"))
     args = ["-m", "recallfix.server", "serve", str(smollm2_dir()), "--patch", str(patch), "--patch-mode", mode,
             "--served-model-name", NAME, "--api-key", API_KEY, "--shadow-rate", "1.0", "--ab-split", "0.3",
-            "--max-concurrency", "8", "--cache-dir", str(scratch_dir("cache")), *VLLM_OPTIONS]
-    # merged: the KV cache sized by recallfix from the free memory (no flag: the default start).
-    env = {} if kv_auto else {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    return Process(args, CACHE / "server-tests" / f"serve-{mode}.log", env=env)
+            "--max-concurrency", "8", "--cache-dir", str(scratch_dir("cache")),
+            "--upstream-start-timeout", str(START_TIMEOUT_S), *VLLM_OPTIONS,
+            *([] if kind == "serve-lora" else SMALL_KV)]
+    return Process(args, CACHE / "server-tests" / f"{kind}.log")
 
 
 def _make(kind: str) -> Process:
     if kind == "vllm-base":
         return vllm_server(smollm2_dir(), NAME, kind)
     if kind == "vllm-merged":
-        return vllm_server(merged_dir(PATCH_GAINS, "learned"), f"{NAME}:patched", kind)
-    if kind == "serve-merged":
-        return serve_process("merged", kv_auto=True)
-    if kind == "serve-lora":
-        return serve_process("lora")
-    raise ValueError(kind)
+        return vllm_server(merged_dir("fix"), f"{NAME}:patched", kind)
+    if kind in ("serve-lora", "serve-merged"):
+        return serve_process(kind)
+    raise ValueError(f"unknown server kind {kind!r}: one of {', '.join(KINDS)}")
 
 
-ALL_KINDS = ("vllm-base", "vllm-merged", "serve-merged", "serve-lora")
+KINDS = ("serve-lora", "vllm-base", "vllm-merged", "serve-merged")
+PATCH_OF = {"serve-lora": "learned", "serve-merged": "fix"}  # the patch each `recallfix serve` starts with
+_stopped: set[str] = set()
+_failed: dict[str, str] = {}  # kind -> why it did not start (later tests fail at once, pointing at the first)
 
 
 def shared(*kinds: str) -> list[Process]:
-    """The session's servers of these kinds, started on first use and kept: the ones asked for at once
-    start together (a vLLM start is minutes, much of it waiting), then each is waited for."""
+    """The session's servers of these kinds, started on first use: the ones asked for at once start
+    together, then each is waited for. A kind whose last test has run is stopped and never started again."""
     for kind in kinds:
+        if kind in _failed:
+            raise RuntimeError(f"the {kind} server did not start ({_failed[kind]}): see the first test that needed it")
+        if kind in _stopped:
+            raise RuntimeError(f"the {kind} server was stopped after what was thought its last test; a test "
+                               "that needs it must say so with @pytest.mark.servers")
         if kind not in _shared:
             _shared[kind] = _make(kind).start()
+            _started_at[kind] = time.monotonic()
     for kind in kinds:
-        _shared[kind].wait("/ready" if kind.startswith("serve") else "/health")
+        try:
+            _shared[kind].wait("/ready" if kind.startswith("serve") else "/health")
+        except (RuntimeError, TimeoutError) as err:
+            _failed[kind] = f"{type(err).__name__}, log {_shared[kind].log_path}"
+            stop(kind)
+            raise
+        if kind in _started_at:
+            START_TIMES.append((kind, time.monotonic() - _started_at.pop(kind)))
     return [_shared[kind] for kind in kinds]
+
+
+_started_at: dict[str, float] = {}
+START_TIMES: list[tuple[str, float]] = []  # (what, seconds from start to ready), shown at the end of the run
+
+
+def stop(kind: str) -> None:
+    if kind in _shared:
+        _shared.pop(kind).stop()
+    _stopped.add(kind)
+
+
+# -- pytest: which servers a test needs, the order that serves them, and when each stops -------------------
+def needs(item: pytest.Item) -> tuple[str, ...]:
+    """The server kinds an item's `servers` marks name (module, class and parameter marks included)."""
+    kinds: list[str] = []
+    for mark in item.iter_markers("servers"):
+        kinds += [k for k in mark.args if k not in kinds]
+    return tuple(kinds)
+
+
+def rank(item: pytest.Item) -> tuple[int, bool]:
+    """Tests with no server first (in their order), then: the LoRA server's; the vLLM servers' alone (the
+    router); the merged server's beside them (the comparisons); the merged server's alone. Within a group,
+    the tests that swap a server's patch come last."""
+    kinds = set(needs(item))
+    if not kinds:
+        group = 0
+    elif "serve-lora" in kinds:
+        group = 1
+    elif "serve-merged" not in kinds:
+        group = 2
+    else:
+        group = 3 if kinds & {"vllm-base", "vllm-merged"} else 4
+    return group, item.get_closest_marker("swaps_patch") is not None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"servers(*kinds): the live servers the test needs ({', '.join(KINDS)})")
+    config.addinivalue_line("markers", "swaps_patch: the test changes the patch a shared server serves")
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=rank)  # stable: each group keeps its order
+    for item in items:
+        if needs(item):  # the first test of a group waits for its servers to start: their timeout on top
+            item.add_marker(pytest.mark.timeout(START_TIMEOUT_S + TEST_TIMEOUT_S))
+
+
+_last_user: dict[str, str] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    for item in session.items:
+        for kind in needs(item):
+            _last_user[kind] = item.nodeid
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    for kind, last in _last_user.items():
+        if last == item.nodeid and kind in _shared:
+            stop(kind)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+    if START_TIMES:
+        terminalreporter.section("server starts (to ready)")
+        for what, seconds in START_TIMES:
+            terminalreporter.write_line(f"{what}: {seconds:.0f} s")
+
+
+@pytest.fixture
+def servers(request: pytest.FixtureRequest) -> dict[str, Process]:
+    """The servers the test's marks name, by kind."""
+    kinds = needs(request.node)
+    assert kinds, "mark the test with @pytest.mark.servers(KIND, ...)"
+    return dict(zip(kinds, shared(*kinds), strict=True))
 
 
 @atexit.register

@@ -6,8 +6,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from server_fixtures import PATCH_GAINS, ROOT, patch_file, smollm2_dir
+from server_fixtures import ROOT, patch_file, smollm2_dir
 
+from recallfix.patches import Patch
+from recallfix.server.cli import CPU_LORA_REASON, make_plan
 from recallfix.server.config import ServeConfig
 from recallfix.server.vllm_args import engine_args, parse, upstream_command, vllm_parser
 
@@ -36,10 +38,32 @@ def test_a_bad_vllm_option_fails_at_once_with_vllms_message() -> None:
 
 
 def test_a_patch_for_another_model_fails_before_anything_starts(tiny_dirs) -> None:  # noqa: ANN001
-    done = recallfix("serve", str(tiny_dirs["llama"]), "--patch", str(patch_file(PATCH_GAINS, "learned")))
+    done = recallfix("serve", str(tiny_dirs["llama"]), "--patch", str(patch_file("learned")))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("recallfix: error: --patch")
     assert "Traceback" not in done.stderr and "started vLLM" not in done.stderr
+
+
+def test_lora_mode_refuses_a_bias_patch_before_anything_starts(tmp_path) -> None:  # noqa: ANN001
+    bias = patch_file("bias")
+    done = recallfix("serve", str(smollm2_dir()), "--patch", str(bias), "--patch-mode", "lora", "--cache-dir",
+                     str(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"recallfix: error: --patch {bias}: --patch-mode lora cannot serve it: L29MLP adds a bias to the MLP output, "
+        "and LoRA cannot carry bias changes; use --patch-mode merged")
+    assert "Traceback" not in done.stderr and "started vLLM" not in done.stderr
+    assert not any(tmp_path.iterdir()), "nothing was to be exported"
+
+
+def test_auto_mode_says_why_it_serves_merged(tmp_path) -> None:  # noqa: ANN001
+    """auto: merged where LoRA cannot carry the patch (the reason named), else by the platform (CPU here)."""
+    model = smollm2_dir()
+    for name, reason in (("bias", "LoRA cannot serve this patch: L29MLP adds a bias to the MLP output"),
+                         ("learned", CPU_LORA_REASON)):
+        config = ServeConfig(patch=patch_file(name), patch_mode="auto", cache_dir=tmp_path)
+        plan = make_plan(model, "smol", [], parse(model, []), config, Patch.load(patch_file(name)))
+        assert plan.mode == "merged" and plan.reason.startswith(reason), plan.reason
 
 
 def test_parallelism_reaches_vllms_engine_arguments() -> None:

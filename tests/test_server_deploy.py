@@ -18,7 +18,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from server_fixtures import FACT_PROMPTS, NAME, ROOT, Metrics, shared
+from server_fixtures import FACT_PROMPTS, NAME, ROOT, Metrics, Process
 
 from recallfix.server.cli import add_router_arguments, add_serve_arguments, split_serve_args
 from recallfix.server.vllm_args import parse as vllm_parse
@@ -170,10 +170,11 @@ def selectors(expr) -> set[str]:  # noqa: ANN001 (a promql_parser expression)
     return names
 
 
-def test_dashboard_queries_parse_and_name_live_series() -> None:
+@pytest.mark.servers("serve-merged")
+def test_dashboard_queries_parse_and_name_live_series(servers: dict[str, Process]) -> None:
     import promql_parser
 
-    (serve,) = shared("serve-merged")
+    serve = servers["serve-merged"]
     client = serve.client()  # traffic of every kind, so that every labelled series exists
     reply = client.completions.create(model=f"{NAME}:patched", prompt=FACT_PROMPTS[0], max_tokens=2)
     client.completions.create(model=NAME, prompt=FACT_PROMPTS[1], max_tokens=2, stream=True)

@@ -1,24 +1,26 @@
 """Patches at run time: `/v1/load_patch` swaps the patched variant under load with no failed request, in
 both modes (lora: an adapter loaded into the running vLLM server; merged: a new vLLM server, switched to
-when ready, the old one drained and stopped), and a refused patch changes nothing, bit for bit.
+when ready, the old one drained and stopped), and a refused patch (a bias patch in LoRA mode among them)
+changes nothing, bit for bit.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from server_fixtures import (
     NAME,
-    OTHER_PATCH_GAINS,
-    PATCH_GAINS,
+    PATCH_OF,
+    START_TIMEOUT_S,
+    START_TIMES,
     Metrics,
     Process,
     patch_file,
     scratch_dir,
-    shared,
 )
 
 from recallfix.patches import Patch
@@ -76,40 +78,51 @@ class Load:
             t.join(timeout=300)
 
 
-@pytest.mark.parametrize("mode", ["lora", "merged"])
-def test_load_patch_swaps_under_load_and_back(mode: str) -> None:
-    (server,) = shared(f"serve-{mode}")
-    learned, other = patch_file(PATCH_GAINS, "learned"), patch_file(OTHER_PATCH_GAINS, "other")
+@pytest.mark.swaps_patch
+@pytest.mark.parametrize("kind", [pytest.param(kind, marks=pytest.mark.servers(kind))
+                                  for kind in ("serve-lora", "serve-merged")])
+def test_load_patch_swaps_under_load_and_back(kind: str, servers) -> None:  # noqa: ANN001
+    server = servers[kind]
+    mine, other = patch_file(PATCH_OF[kind]), patch_file("other")
     before = first_logprobs(server)
     with Load(server) as load:
-        swapped = server.post("/v1/load_patch", {"path": str(other)})
+        started = time.monotonic()
+        swapped = server.post("/v1/load_patch", {"path": str(other)}, timeout=START_TIMEOUT_S)
+        START_TIMES.append((f"{kind}: load_patch", time.monotonic() - started))
         assert swapped.status_code == 200, swapped.text
-        assert swapped.json()["patch"]["applied"] == mode
-        assert swapped.json()["previous_patch_id"] == Patch.load(learned).id
+        assert swapped.json()["patch"]["applied"] == kind.removeprefix("serve-")
+        assert swapped.json()["previous_patch_id"] == Patch.load(mine).id
         after = first_logprobs(server)
-        back = server.post("/v1/load_patch", {"patch": Patch.load(learned).model_dump(mode="json")})
+        started = time.monotonic()
+        back = server.post("/v1/load_patch", {"patch": Patch.load(mine).model_dump(mode="json")},
+                           timeout=START_TIMEOUT_S)
+        START_TIMES.append((f"{kind}: load_patch back", time.monotonic() - started))
         assert back.status_code == 200, back.text
+        assert back.json()["patch"]["biases"] == [str(c) for c in Patch.load(mine).biases]
     assert load.statuses and set(load.statuses) == {200}, f"failed requests during the swap: {load.statuses}"
     assert after != before, "the new patch changed nothing"
-    assert first_logprobs(server) == pytest.approx(before, abs=1e-5)  # the learned patch again
-    assert served_patch(server)["patch_id"] == Patch.load(learned).id
+    assert first_logprobs(server) == pytest.approx(before, abs=1e-5)  # its own patch again
+    assert served_patch(server)["patch_id"] == Patch.load(mine).id
 
 
-def test_refused_patches_say_why_and_change_nothing(tiny_dirs, tmp_path: Path) -> None:  # noqa: ANN001
+@pytest.mark.servers("serve-lora")
+def test_refused_patches_say_why_and_change_nothing(servers, tiny_dirs, tmp_path: Path) -> None:  # noqa: ANN001
     from recallfix.patches import make_patch
     from recallfix.patches.io import load_causal_lm
 
-    (server,) = shared("serve-lora")
+    server = servers["serve-lora"]
     before, info = first_logprobs(server), served_patch(server)
     foreign = make_patch(load_causal_lm(tiny_dirs["llama"])[0], {"L1H0": 0.5}).save(scratch_dir("patches") / "f.json")
-    tampered = Patch.load(patch_file(PATCH_GAINS, "learned")).model_dump(mode="json")
+    tampered = Patch.load(patch_file("learned")).model_dump(mode="json")
     tampered["edits"][0]["gain"] = float("1e39")  # not finite once applied in float32
     outside = Path(tmp_path / "p.json")
-    outside.write_text(Patch.load(patch_file(PATCH_GAINS, "learned")).model_dump_json())
-    for body, why in (({"path": str(foreign)}, "fingerprint|architecture|shape|does not match|layers"),
+    outside.write_text(Patch.load(patch_file("learned")).model_dump_json())
+    for body, why in (({"path": str(foreign)}, "hidden_size: the patch was made for 128, this model has 576"),
                       ({"patch": tampered}, "finite|gain|invalid"),
                       ({"path": str(outside)}, "outside the patch directory"),
-                      ({"patch": {"edits": "nonsense"}}, "invalid patch")):
+                      ({"patch": {"edits": "nonsense"}}, "invalid patch"),
+                      ({"path": str(patch_file("bias"))}, r"--patch-mode lora.*LoRA cannot.*L29MLP adds a bias.*"
+                                                          r"--patch-mode merged")):
         refused = server.post("/v1/load_patch", body)
         assert refused.status_code == 400, refused.text
         error = refused.json()["error"]

@@ -12,12 +12,15 @@ import subprocess
 
 import httpx
 import pytest
-from server_fixtures import FACT_PROMPTS, NAME, Metrics, Process, shared, wait_for
+from server_fixtures import FACT_PROMPTS, NAME, Metrics, Process, wait_for
+
+pytestmark = pytest.mark.servers("serve-merged", "vllm-base", "vllm-merged")
 
 
-@pytest.fixture(scope="module")
-def servers() -> tuple[Process, Process, Process]:
-    return tuple(shared("serve-merged", "vllm-base", "vllm-merged"))  # type: ignore[return-value]
+@pytest.fixture
+def trio(servers: dict[str, Process]) -> tuple[Process, Process, Process]:
+    """`recallfix serve` (merged), and vLLM's own servers of its base and merged-patched checkpoints."""
+    return servers["serve-merged"], servers["vllm-base"], servers["vllm-merged"]
 
 
 def promtool_findings(text: str) -> set[str]:
@@ -33,8 +36,8 @@ def settled(server: Process) -> Metrics:
     return wait_for(lambda: (m := server.metrics()).value("recallfix_shadow_pending") == 0 and m, timeout=300)
 
 
-def test_metrics_pass_promtool_and_relay_vllms_series(servers) -> None:  # noqa: ANN001
-    serve, base, _ = servers
+def test_metrics_pass_promtool_and_relay_vllms_series(trio) -> None:  # noqa: ANN001
+    serve, base, _ = trio
     serve.client().completions.create(model=f"{NAME}:patched", prompt="Hello", max_tokens=2)
     text = serve.metrics_text()
     ours, vllms = promtool_findings(text), promtool_findings(base.metrics_text())
@@ -46,11 +49,14 @@ def test_metrics_pass_promtool_and_relay_vllms_series(servers) -> None:  # noqa:
     assert metrics.value("vllm:generation_tokens_total", variant="patched") >= 2
     assert metrics.value("recallfix_upstream_up", variant="patched") == 1
     info = [labels for name, labels, v in metrics.samples if name == "recallfix_patch_info" and v == 1]
-    assert len(info) == 1 and info[0]["applied"] == "merged" and info[0]["edits"].startswith("L29H0=0.4")
+    assert len(info) == 1 and info[0]["edits"] == "L29H0=0.4,L29H4=1.28,L29H5=1.07,L29H7=1.31,L29MLP+bias"
+    # --patch-mode auto: merged, and why (LoRA cannot carry the bias), in the series and in the log
+    assert info[0]["applied"] == "merged" and "LoRA cannot" in info[0]["reason"] and "bias" in info[0]["reason"]
+    assert f"served merged ({info[0]['reason']})" in serve.log()
 
 
-def test_counts_match_the_traffic(servers) -> None:  # noqa: ANN001
-    serve = servers[0]
+def test_counts_match_the_traffic(trio) -> None:  # noqa: ANN001
+    serve = trio[0]
     client = serve.client()
     before = settled(serve)
     usage = {"base": [0, 0, 0], "patched": [0, 0, 0]}  # prompt tokens, generated tokens, choices
@@ -82,8 +88,8 @@ def first_top1(server: Process, model: str, prompt: str) -> tuple[str, float]:
     return max(top.items(), key=lambda kv: kv[1])
 
 
-def test_shadow_scoring_measures_the_shift_vllm_gives(servers) -> None:  # noqa: ANN001
-    serve, base, merged = servers
+def test_shadow_scoring_measures_the_shift_vllm_gives(trio) -> None:  # noqa: ANN001
+    serve, base, merged = trio
     before = settled(serve)
     for prompt in FACT_PROMPTS:
         serve.client().completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0.0)
@@ -103,8 +109,8 @@ def test_shadow_scoring_measures_the_shift_vllm_gives(servers) -> None:  # noqa:
     assert after.delta(before, "recallfix_confidence_shift_count", variant="base") == len(FACT_PROMPTS)
 
 
-def test_feedback_fills_the_reliability_series_once(servers) -> None:  # noqa: ANN001
-    serve, _, merged = servers
+def test_feedback_fills_the_reliability_series_once(trio) -> None:  # noqa: ANN001
+    serve, _, merged = trio
     reply = serve.client().completions.create(model=f"{NAME}:patched", prompt=FACT_PROMPTS[0], max_tokens=2,
                                               temperature=0.0)
     before = settled(serve)
@@ -118,8 +124,8 @@ def test_feedback_fills_the_reliability_series_once(servers) -> None:  # noqa: A
     assert again.status_code == 404 and again.json()["error"]["param"] == "id"
 
 
-def test_probes_and_metrics_need_no_key_and_the_rest_does(servers) -> None:  # noqa: ANN001
-    serve = servers[0]
+def test_probes_and_metrics_need_no_key_and_the_rest_does(trio) -> None:  # noqa: ANN001
+    serve = trio[0]
     for path in ("/health", "/ready", "/metrics"):
         assert httpx.get(serve.url + path, timeout=30).status_code == 200
     for path in ("/v1/models", "/tokenize"):

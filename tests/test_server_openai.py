@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from server_fixtures import NAME, Process, shared
+from server_fixtures import NAME, Process
+
+pytestmark = pytest.mark.servers("serve-merged", "vllm-base", "vllm-merged")
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
@@ -79,19 +81,19 @@ def texts(reply: Any) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def servers() -> dict[str, Process]:
-    serve, base, merged = shared("serve-merged", "vllm-base", "vllm-merged")
-    return {"serve": serve, NAME: base, f"{NAME}:patched": merged}
+@pytest.fixture
+def peers(servers: dict[str, Process]) -> dict[str, Process]:
+    """`recallfix serve` (merged), and vLLM's own server of each name's checkpoint."""
+    return {"serve": servers["serve-merged"], NAME: servers["vllm-base"], f"{NAME}:patched": servers["vllm-merged"]}
 
 
 @pytest.mark.parametrize("variant", ["base", "patched"])
 @pytest.mark.parametrize("case, endpoint, arguments", BATTERY, ids=[c[0] for c in BATTERY])
-def test_battery_matches_vllms_own_server(servers: dict[str, Process], case: str, endpoint: str,
+def test_battery_matches_vllms_own_server(peers: dict[str, Process], case: str, endpoint: str,
                                           arguments: dict[str, Any], variant: str) -> None:
     model = NAME if variant == "base" else f"{NAME}:patched"
-    ours, header = call(servers["serve"], model, endpoint, arguments)
-    theirs, _ = call(servers[model], model, endpoint, arguments)
+    ours, header = call(peers["serve"], model, endpoint, arguments)
+    theirs, _ = call(peers[model], model, endpoint, arguments)
     assert header == variant
     assert shape(ours) == shape(theirs), f"{case}: the reply's shape differs from vLLM's"
     assert texts(ours) == texts(theirs), f"{case}: the same greedy/seeded call gave other text"
@@ -99,26 +101,26 @@ def test_battery_matches_vllms_own_server(servers: dict[str, Process], case: str
     assert all(event["model"] == model for event in events)
 
 
-def test_ab_serves_one_variant_per_user(servers: dict[str, Process]) -> None:
+def test_ab_serves_one_variant_per_user(peers: dict[str, Process]) -> None:
     seen = {}
     for user in ("ann", "bob", "cy", "dee", "eve", "fay"):
         for _ in range(2):
-            reply, header = call(servers["serve"], f"{NAME}:ab", "completions", {"user": user, "max_tokens": 2})
+            reply, header = call(peers["serve"], f"{NAME}:ab", "completions", {"user": user, "max_tokens": 2})
             assert reply["model"] == f"{NAME}:ab"
             assert seen.setdefault(user, header) == header  # sticky
     assert set(seen.values()) <= {"base", "patched"}
 
 
-def test_models_lists_the_three_names_with_vllms_card(servers: dict[str, Process]) -> None:
-    ours = servers["serve"].client().models.list().to_dict()
-    theirs = servers[NAME].client().models.list().to_dict()
+def test_models_lists_the_three_names_with_vllms_card(peers: dict[str, Process]) -> None:
+    ours = peers["serve"].client().models.list().to_dict()
+    theirs = peers[NAME].client().models.list().to_dict()
     assert [card["id"] for card in ours["data"]] == [NAME, f"{NAME}:patched", f"{NAME}:ab"]
     assert shape(ours["data"][0]) == shape(theirs["data"][0])
     assert ours["data"][0]["max_model_len"] == theirs["data"][0]["max_model_len"]
 
 
-def test_other_vllm_endpoints_pass_through(servers: dict[str, Process]) -> None:
-    serve, base = servers["serve"], servers[NAME]
+def test_other_vllm_endpoints_pass_through(peers: dict[str, Process]) -> None:
+    serve, base = peers["serve"], peers[NAME]
     for path, body in (("/tokenize", {"model": NAME, "prompt": PROMPT}),
                        ("/detokenize", {"model": f"{NAME}:patched", "tokens": [504, 3575]}),
                        ("/tokenize", {"prompt": PROMPT})):
@@ -128,15 +130,15 @@ def test_other_vllm_endpoints_pass_through(servers: dict[str, Process]) -> None:
     assert serve.get("/version").json() == base.get("/version").json()
 
 
-def test_upstream_client_errors_are_relayed_as_they_are(servers: dict[str, Process]) -> None:
+def test_upstream_client_errors_are_relayed_as_they_are(peers: dict[str, Process]) -> None:
     body = {"model": NAME, "prompt": PROMPT, "max_tokens": 4, "temperature": -1}
-    ours, theirs = servers["serve"].post("/v1/completions", body), servers[NAME].post("/v1/completions", body)
+    ours, theirs = peers["serve"].post("/v1/completions", body), peers[NAME].post("/v1/completions", body)
     assert ours.status_code == theirs.status_code == 400
     assert shape(ours.json()) == shape(theirs.json()) and ours.json()["error"]["message"]
 
 
-def test_openapi_covers_the_fronts_routes_and_the_pass_through_ones(servers: dict[str, Process]) -> None:
-    paths = servers["serve"].get("/openapi.json", key=None).json()["paths"]
+def test_openapi_covers_the_fronts_routes_and_the_pass_through_ones(peers: dict[str, Process]) -> None:
+    paths = peers["serve"].get("/openapi.json", key=None).json()["paths"]
     assert {"/v1/feedback", "/v1/load_patch", "/ready", "/v1/models"} <= set(paths)  # the front's own
     assert {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize"} <= set(paths)  # vLLM's
     assert "/v1/load_lora_adapter" not in paths and "post" in paths["/v1/load_patch"]

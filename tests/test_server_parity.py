@@ -1,37 +1,36 @@
 """Offline parity with Hugging Face: the greedy tokens and logprobs `recallfix serve` gives for NAME and
-NAME:patched, in both patch modes, are Hugging Face's own (base, and the patch applied in memory),
-teacher-forced along the served tokens.
+NAME:patched, in both patch modes, are Hugging Face's own (base, and the patch applied in memory with
+`apply_patch`), teacher-forced along the served tokens.
+
+- lora: the learned gains, served as a LoRA adapter in the base server;
+- merged: the learned gains and the paper's bias edit on the last MLP (`--patch-mode auto` serves it
+  merged, as LoRA cannot carry a bias), in a second server.
 
 Tolerance: 2e-3 nats on every logprob. Both sides run float32, but vLLM's CPU kernels (fused
 RMSNorm, its attention, LoRA's shrink/expand in lora mode) sum in another order than PyTorch's eager
 modules; over SmolLM2's 30 layers that moves a logprob by up to about 1e-3 (the largest seen is
-printed). A patch's effect on these prompts is far larger (checked below), so the tolerance cannot
-hide a patch served wrong.
+printed). A patch's effect on these prompts is far larger (checked below: each edit kind moves them
+by more than 10x the tolerance), so the tolerance cannot hide a patch served wrong, or a bias dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
-from server_fixtures import FACT_PROMPTS, NAME, PATCH_GAINS, patch_file, shared, smollm2_dir
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from server_fixtures import FACT_PROMPTS, NAME, PATCH_OF, Process, hf_model, patch_file
 
-from recallfix.patches import Patch, apply_patch
+from recallfix.patches import Patch, apply_patch, make_patch
 
 TOLERANCE = 2e-3
 STEPS = 4
 TOP = 5
 
-
-@pytest.fixture(scope="module")
-def hf() -> tuple[torch.nn.Module, object]:
-    model_dir = smollm2_dir()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
+Served = list[list[tuple[int, dict[int, float]]]]  # per prompt, per step: (token id, {id: logprob} of the top)
 
 
-def served(server, model: str) -> list[list[tuple[int, dict[int, float]]]]:  # noqa: ANN001
-    """Per prompt: per generated step, (token id, {id: logprob} of the top entries)."""
+def served(server: Process, model: str) -> Served:
     reply = server.client().completions.create(model=model, prompt=FACT_PROMPTS, max_tokens=STEPS, temperature=0.0,
                                                logprobs=TOP, extra_body={"return_tokens_as_token_ids": True})
     out = []
@@ -45,31 +44,46 @@ def served(server, model: str) -> list[list[tuple[int, dict[int, float]]]]:  # n
 
 
 @torch.no_grad()
-def worst_difference(results, model, tokenizer) -> float:  # noqa: ANN001
-    """Checks greedy tokens and top sets against HF; returns the largest logprob difference."""
-    worst = 0.0
+def differences(results: Served, model: torch.nn.Module, tokenizer) -> tuple[float, bool]:  # noqa: ANN001
+    """Hugging Face teacher-forced along the served tokens: the largest |logprob difference| over the served
+    top entries, and whether every served token is HF's greedy choice and every top set HF's."""
+    worst, agree = 0.0, True
     for prompt, steps in zip(FACT_PROMPTS, results, strict=True):
         ids = tokenizer(prompt).input_ids
         for token, top in steps:
             logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
-            assert token == int(logprobs.argmax()), (prompt, ids)
-            assert set(top) <= set(logprobs.topk(TOP + 1).indices.tolist())
+            agree &= token == int(logprobs.argmax()) and set(top) <= set(logprobs.topk(TOP + 1).indices.tolist())
             worst = max(worst, *(abs(lp - float(logprobs[t])) for t, lp in top.items()))
             ids = [*ids, token]
-    return worst
+    return worst, agree
 
 
-@pytest.mark.parametrize("mode", ["merged", "lora"])
-def test_served_logprobs_are_hugging_faces(mode: str, hf) -> None:  # noqa: ANN001
-    model, tokenizer = hf
-    (server,) = shared(f"serve-{mode}")
+def without(model: torch.nn.Module, patch: Patch, kind: str) -> Patch | None:
+    """`patch` with its edits of one kind (gain | bias) left out; None where nothing is left."""
+    gains = {} if kind == "gain" else {str(c): g for c, g in patch.gains.items()}
+    biases = {} if kind == "bias" else {str(c): b for c, b in patch.biases.items()}
+    return make_patch(model, gains, biases=biases) if gains or biases else None
+
+
+@pytest.mark.parametrize("kind", [pytest.param(kind, marks=pytest.mark.servers(kind))
+                                  for kind in ("serve-lora", "serve-merged")])
+def test_served_logprobs_are_hugging_faces(kind: str, servers) -> None:  # noqa: ANN001
+    model, tokenizer = hf_model()
+    server, patch = servers[kind], Patch.load(patch_file(PATCH_OF[kind]))
     base, patched = served(server, NAME), served(server, f"{NAME}:patched")
-    worst_base = worst_difference(base, model, tokenizer)
-    with apply_patch(model, Patch.load(patch_file(PATCH_GAINS, "learned"))):
-        worst_patched = worst_difference(patched, model, tokenizer)
-    print(f"{mode}: largest |logprob difference| base {worst_base:.2e}, patched {worst_patched:.2e}")
+    worst_base, base_agrees = differences(base, model, tokenizer)
+    with apply_patch(model, patch):
+        worst_patched, patched_agrees = differences(patched, model, tokenizer)
+    print(f"{kind}: largest |logprob difference| base {worst_base:.2e}, patched {worst_patched:.2e}")
+    assert base_agrees and patched_agrees, "a served greedy token or top set is not Hugging Face's"
     assert worst_base <= TOLERANCE and worst_patched <= TOLERANCE
-    # The patch moves these logprobs by far more than the tolerance: a patch served wrong cannot pass.
-    effect = max(abs(base[i][0][1][t] - patched[i][0][1].get(t, base[i][0][1][t])) for i in range(len(base))
-                 for t in base[i][0][1])
-    assert effect > 10 * TOLERANCE
+    # Each kind of edit moves these logprobs by far more than the tolerance: HF with either kind left out
+    # disagrees with what was served, so a patch served wrong (or its bias dropped) cannot pass.
+    kinds = ["gain"] * bool(patch.gains) + ["bias"] * bool(patch.biases)
+    assert kinds == (["gain", "bias"] if kind == "serve-merged" else ["gain"])
+    for left_out in kinds:
+        part = without(model, patch, left_out)
+        with apply_patch(model, part) if part is not None else contextlib.nullcontext():
+            effect = differences(patched, model, tokenizer)[0]
+        print(f"{kind}: served patched vs HF without its {left_out} edits: {effect:.2e}")
+        assert effect > 10 * TOLERANCE, f"{kind}: the patch's {left_out} edits change nothing measurable"

@@ -14,6 +14,8 @@ import httpx
 import pytest
 from server_fixtures import API_KEY, CACHE, NAME, Process, free_port, shared, sse_events
 
+pytestmark = pytest.mark.servers("vllm-base", "vllm-merged")
+
 
 def router(base: Process, *, patched_url: str, extra: tuple[str, ...] = ()) -> Process:
     args = ["-m", "recallfix.server", "router", "--served-model-name", NAME, "--base-url", base.url,
@@ -96,7 +98,8 @@ def test_a_down_upstream_is_503_and_the_other_variant_serves(upstreams) -> None:
 
 def test_sigterm_drains_a_stream_in_flight(upstreams) -> None:  # noqa: ANN001
     base, merged = upstreams
-    draining = router(base, patched_url=merged.url).wait()
+    # --drain-timeout: the stream must finish however slowly a shared machine generates it
+    draining = router(base, patched_url=merged.url, extra=("--drain-timeout", "600")).wait()
     body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 48, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", draining.url + "/v1/completions", json=body, headers=draining.headers(),
                       timeout=300) as response:
