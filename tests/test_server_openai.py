@@ -72,12 +72,30 @@ def call(server: Process, model: str, endpoint: str, arguments: dict[str, Any]) 
     return parsed.to_dict(), raw.headers.get("x-recallfix-variant")
 
 
-def texts(reply: Any) -> list[str]:
+def per_choice(reply: Any) -> Any:
+    """A streamed reply as its events per choice, in order ("usage": the events with no choice); a whole
+    reply as it is. vLLM interleaves the choices of an n > 1 stream as they come, which no client may rely
+    on; each choice's own events, and their order, are what the two servers must agree on."""
+    if not isinstance(reply, list):
+        return reply
+    out: dict[str, list[Any]] = {}
+    for event in reply:
+        choices = event.get("choices") or []
+        if not choices:
+            out.setdefault("usage", []).append(event)
+        for choice in choices:
+            out.setdefault(f"choice {choice.get('index')}", []).append({**event, "choices": [choice]})
+    return out
+
+
+def texts(reply: Any) -> dict[int, list[str]]:
+    """Per choice index, its text: a whole reply's, or each of a stream's pieces, in order."""
     events = reply if isinstance(reply, list) else [reply]
-    out = []
+    out: dict[int, list[str]] = {}
     for event in events:
         for choice in event.get("choices", []):
-            out.append(choice.get("text") or (choice.get("message") or choice.get("delta") or {}).get("content") or "")
+            text = choice.get("text") or (choice.get("message") or choice.get("delta") or {}).get("content") or ""
+            out.setdefault(choice.get("index", 0), []).append(text)
     return out
 
 
@@ -95,7 +113,7 @@ def test_battery_matches_vllms_own_server(peers: dict[str, Process], case: str, 
     ours, header = call(peers["serve"], model, endpoint, arguments)
     theirs, _ = call(peers[model], model, endpoint, arguments)
     assert header == variant
-    assert shape(ours) == shape(theirs), f"{case}: the reply's shape differs from vLLM's"
+    assert shape(per_choice(ours)) == shape(per_choice(theirs)), f"{case}: the reply's shape differs from vLLM's"
     assert texts(ours) == texts(theirs), f"{case}: the same greedy/seeded call gave other text"
     events = ours if isinstance(ours, list) else [ours]
     assert all(event["model"] == model for event in events)

