@@ -16,7 +16,8 @@ Steps (numbers in analysis.json under the same names; the module that computes t
                   removed (a bias edit); `both` (default): both, patch.json the lower dev NLL  [methods]
 6. evaluation     each patch applied with `apply_patch`, on the test split (and per relation), the unknown
                   subjects and held-out neutral text, in one table with the base model and temperature
-                  scaling (T fitted on train), with cluster-bootstrap intervals            [evaluate]
+                  scaling (T fitted on train), with cluster-bootstrap intervals; the patches edit the final
+                  block only, so the blocks below run once and each model replays the final block [evaluate]
 7. checks         only those asked for (--require): findings against thresholds         [require]
 
 Settings: `config.AnalysisConfig`. Inputs: `inputs`. Every section is a `schema` model from where it is
@@ -40,7 +41,7 @@ from recallfix.patches.io import atomic_directory, atomic_write_text
 from .attribution import select_suppressors, summarize, top_neurons
 from .collect import Collected, collect
 from .config import AnalysisConfig
-from .evaluate import evaluate, fit_baseline_temperature, patch_metrics, run_model, split_nll
+from .evaluate import capture_inputs, evaluate, fit_baseline_temperature, patch_metrics, run_model, split_nll
 from .facts import FactsFormatError, dataset_sha256
 from .inputs import AnalysisError, Loaded, load_inputs
 from .learn import _log, learn_patch
@@ -144,11 +145,14 @@ def run_analysis(
 
     patches: dict[str, Patch] = {}
     patch_info, intercept_info = None, None
+    with timer("temperature fit"):
+        temperature = fit_baseline_temperature(s, c, config)
     if "gains" in config.methods:
         selected, rule = choose_components(s, c, config)
         if selected:
             with timer("fit"):
-                patches["gains"], patch_info = learn_patch(s, c, selected, rule, config, command, facts_sha)
+                patches["gains"], patch_info = learn_patch(s, c, selected, rule, config, command, facts_sha,
+                                                           temperature)
         else:
             _log(config.progress, "no final-layer component suppresses the answer on the train split: no gains")
     if "intercept" in config.methods:
@@ -157,18 +161,18 @@ def run_analysis(
     evaluation, files_of = None, {}
     if patches:
         with timer("evaluation"):
-            methods = [method_info(s, name, patch, split_nll(s, "dev", patch, config.batch_size))
+            inputs = capture_inputs(s, c, config)
+            methods = [method_info(s, name, patch, split_nll(s, inputs.dev, patch))
                        for name, patch in patches.items()]
             chosen, choice = choose(methods)
             files_of = file_names(methods, chosen)
             methods = [m.model_copy(update={"file": files_of[m.name]}) for m in methods]
             _log(config.progress, f"patch.json: {choice}")
-            base_runs = run_model(s, None, config, "base")
-            runs = {name: run_model(s, patch, config, name) for name, patch in patches.items()}
-            temperature = fit_baseline_temperature(s, c, config)
+            base_runs = run_model(s, inputs, None)
+            runs = {name: run_model(s, inputs, patch) for name, patch in patches.items()}
         with timer("bootstrap"):
-            evaluation = evaluate(s, c, base_runs, runs, temperature, methods, chosen, choice,
-                                  split_nll(s, "dev", None, config.batch_size), config)
+            evaluation = evaluate(s, c, inputs, base_runs, runs, temperature, methods, chosen, choice,
+                                  split_nll(s, inputs.dev, None), config)
         patches = {name: p.model_copy(update={"metrics": patch_metrics(evaluation, name)})
                    for name, p in patches.items()}
         if patch_info is not None:
