@@ -32,7 +32,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="run directory to write (RUN)")
-    p.add_argument("--force", action="store_true", help="replace RUN if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace RUN if it exists (demo: recompute even when RUN is up to date)")
     add_options(p, AnalysisConfig)
 
 
@@ -108,12 +109,23 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from recallfix.analysis.demo_model import build_demo_model
     from recallfix.analysis.facts import shipped_facts_dir
-    from recallfix.analysis.pipeline import run_analysis
+    from recallfix.analysis.pipeline import inputs_key, run_analysis
 
     config = from_args(AnalysisConfig, args)
     model: str | Path = args.model
     if args.model == "demo":
         model = build_demo_model(args.model_dir, size=args.size, seed=0, progress=config.progress)
         config = replace(config, require=config.require or (DEMO_CHECKS[args.size],))
-    result = run_analysis(model, shipped_facts_dir(), args.out, config=config, command=_command(), force=args.force)
+    facts = shipped_facts_dir()
+    previous = args.out / "analysis.json"
+    if previous.exists() and not args.force:
+        try:
+            result = AnalysisResult.model_validate_json(previous.read_text())
+        except ValueError:  # another version's or a damaged analysis.json: recompute
+            result = None
+        if result is not None and result.inputs_key == inputs_key(model, facts, None, None, config):
+            print(f"{args.out} is up to date (same recallfix, model, facts and settings; --force recomputes it)")
+            return _summary(result, args.out)
+    # The demo's run directory is its own: an out-of-date run is replaced.
+    result = run_analysis(model, facts, args.out, config=config, command=_command(), force=True)
     return _summary(result, args.out)
