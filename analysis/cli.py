@@ -80,11 +80,13 @@ def add_demo_cli(subcommands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _summary(result: AnalysisResult, out: Path) -> int:
-    """Print the findings and the checks asked for; the exit code (1 when a check fails)."""
-    print(result.findings.text)
-    if result.evaluation is not None:
-        print(f"patch.json: {result.evaluation.choice}")
+def _summary(result: AnalysisResult, out: Path, *, logged: bool = False) -> int:
+    """Print the findings (unless the run's log just showed them) and the checks asked for; the exit code (1 when
+    a check fails)."""
+    if not logged:
+        print(result.findings.text)
+        if result.evaluation is not None:
+            print(f"patch.json: {result.evaluation.choice}")
     for c in result.checks:
         value = "n/a" if c.value is None else f"{c.value:.4f}"
         print(f"  [{'PASS' if c.passed else 'FAIL'}] {c.expression}: {value}")
@@ -103,7 +105,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     facts = args.facts or shipped_facts_dir()
     result = run_analysis(args.model, facts, args.out, unknown=args.unknown, neutral=args.neutral,
                           config=from_args(AnalysisConfig, args), command=_command(), force=args.force)
-    return _summary(result, args.out)
+    return _summary(result, args.out, logged=args.progress)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -128,4 +130,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return _summary(result, args.out)
     # The demo's run directory is its own: an out-of-date run is replaced.
     result = run_analysis(model, facts, args.out, config=config, command=_command(), force=True)
-    return _summary(result, args.out)
+    return _summary(result, args.out, logged=config.progress)
