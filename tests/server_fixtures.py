@@ -155,9 +155,10 @@ class Server:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", API_KEY), max_retries=0,
                              timeout=120, **kwargs)
 
-    def post(self, path: str, body: dict, key: str | None = API_KEY, **kwargs) -> httpx.Response:
+    def post(self, path: str, body: dict, key: str | None = API_KEY, timeout: float = 120,
+             **kwargs) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(self.url + path, json=body, headers=headers, timeout=120, **kwargs)
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=timeout, **kwargs)
 
     def get(self, path: str, key: str | None = API_KEY) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}

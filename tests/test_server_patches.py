@@ -132,7 +132,8 @@ def test_vllm_serves_a_patch_beyond_its_lora_rank_from_a_merged_engine(tmp_path:
     assert width > 128
     wide = Patch.load(patch_file(demo_model_dir(), {f"L1N{i}": 0.5 for i in range(width)}, tmp_path / "wide.json"))
     try:
-        loaded = server.post("/v1/load_patch", {"path": str(tmp_path / "wide.json")})
+        # Starting the second engine took up to 270 s on a loaded 2-core machine: wait for it, not 120 s.
+        loaded = server.post("/v1/load_patch", {"path": str(tmp_path / "wide.json")}, timeout=600)
         assert loaded.status_code == 200, loaded.text
         detail = loaded.json()["patch"]["detail"]
         assert loaded.json()["patch"]["applied"] == "merged" and "restart with --max-lora-rank" in detail
