@@ -68,7 +68,7 @@ test: $(STAMP) model
 # The real model (SmolLM2-135M-Instruct, cached) -> analysis -> patches (learned gains, the paper's intercept fix)
 # -> report. `recallfix demo --model demo` does the same on the project's own demo model, with its check set.
 demo: $(STAMP) model
-	$(VENV)/bin/recallfix demo --out runs/demo --force
+	$(VENV)/bin/recallfix demo --out runs/demo
 	@echo
 	@echo "Serve it, base and patched side by side (OpenAI API on 127.0.0.1:8000):"
 	@echo "  $(VENV)/bin/recallfix serve smollm2-135m --patch runs/demo/patch.json --served-model-name demo"

@@ -3,15 +3,16 @@
 One pass per batch through `recallfix.patches.decompose` (activations captured at named hook points
 of `recallfix.patches.hooks`, only the last position kept) gives the exact per-component writes;
 everything else (logit lens, DLA, neurons, the MLP regressions) is computed from them and reduced
-to a few numbers per prompt (`records.Dist` for each distribution) before the next batch. Attention patterns, needed
-for the mover heads only, come from a second pass with eager attention (the last row of each map).
+to a few numbers per prompt (`records.Dist` for each distribution) before the next batch. The
+mover heads also need the attention patterns: with `mechanisms` the same pass runs with eager attention (the
+only implementation that returns the weights) and keeps the last position's row of each map.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from .movers import attention_to_subject, head_token_attribution
 from .records import Dist
 from .regression import intercept_readout, regress_mlp_on_heads
 
-__all__ = ["Collected", "Dist", "collect", "collect_attention", "eager_attention", "final_block_parts", "token_nll"]
+__all__ = ["Collected", "Dist", "collect", "eager_attention", "final_block_parts", "token_nll"]
 
 
 @dataclass
@@ -115,7 +116,7 @@ def collect(
 
     outputs_only: keep only `output`, `before`, `x_final` and the final block's parts (what an evaluation of a
     patched model reads); the logit lens, attributions and effects, which cost a full-vocabulary readout each,
-    stay zero.
+    stay zero. mechanisms (with `subjects`): also the mover heads' attention, from the same pass.
     """
     shape = cmap.shape
     n, num_layers, final = len(token_ids), shape.num_layers, shape.num_layers - 1
@@ -137,6 +138,7 @@ def collect(
     final_effect: torch.Tensor | None = None
     names: list[str] = []
     final_names: list[str] = []
+    mechanisms = mechanisms and not outputs_only
     if mechanisms:
         nan = float("nan")
         beta = torch.zeros(n, num_layers, shape.num_heads)
@@ -144,40 +146,48 @@ def collect(
         intercept_dla = torch.zeros(n, num_layers)
         intercept_rank = torch.zeros(n, num_layers, dtype=torch.long)
         subject_attribution = torch.full((n, num_layers, shape.num_heads), nan)
+        attention = torch.full((n, num_layers, shape.num_heads), nan)
+    with_attention = mechanisms and subjects is not None and _has_eager_attention(model)
 
     bar = progress_bar(batches(token_ids, batch_size, pad, device), total=num_batches(n, batch_size), desc=desc,
                        progress=progress)
-    for batch in bar:
-        rows = batch.index
-        answers = answer_ids[rows].to(device)
-        dec = decompose(model, batch.input_ids, batch.attention_mask, cmap)
-        names = dec.names
-        residuals = layer_residuals(dec, num_layers)
-        output.put(rows, answer_stats(dec.logits, answers))
-        before.put(rows, answer_stats(lens_logits(cmap, residuals[:, final]), answers))
-        x_final[rows] = dec.final_resid.cpu()
-        final_names = dec.written_by(final)
-        mid, heads, mlp = final_block_parts(dec, cmap, residuals[:, final])
-        final_resid_mid[rows], final_head_writes[rows], final_mlp_out[rows] = mid.cpu(), heads.cpu(), mlp.cpu()
-        final_block_in[rows], final_z[rows] = dec.final_block_in.cpu(), dec.z[final].cpu()
-        if outputs_only:
-            continue
-        p, rank = logit_lens(cmap, residuals, answers)
-        lens_p[rows], lens_rank[rows] = p.cpu(), rank.cpu()
-        batch_dla = direct_logit_attribution(dec, cmap, answers).cpu()
-        if dla is None:
-            dla = torch.zeros(n, batch_dla.shape[1])
-        dla[rows] = batch_dla
-        neuron_dla[rows] = neuron_attribution(dec, cmap, final, answers).cpu()
-        writes = torch.stack([dec.resid[:, dec.index(c)] for c in final_names], dim=1)
-        batch_effect = ablation_effect(cmap, dec.final_resid, writes, answers).cpu()
-        if final_effect is None:
-            final_effect = torch.zeros(n, len(final_names))
-        final_effect[rows] = batch_effect
-        grad = logprob_gradient(cmap, dec.final_resid, answers)
-        neuron_effect[rows] = neuron_logprob_attribution(cmap, grad, dec.neuron_acts[final], final).cpu()
-        rescale[rows] = rescale_term(cmap, residuals[:, final], dec.final_resid, answers).cpu()
-        if mechanisms:
+    with eager_attention(model) if with_attention else nullcontext():
+        for batch in bar:
+            rows = batch.index
+            answers = answer_ids[rows].to(device)
+            dec = decompose(model, batch.input_ids, batch.attention_mask, cmap, attentions=with_attention)
+            names = dec.names
+            residuals = layer_residuals(dec, num_layers)
+            out_stats = answer_stats(dec.logits, answers)
+            before_stats = answer_stats(lens_logits(cmap, residuals[:, final]), answers)
+            output.put(rows, out_stats)
+            before.put(rows, before_stats)
+            x_final[rows] = dec.final_resid.cpu()
+            final_names = dec.written_by(final)
+            mid, heads, mlp = final_block_parts(dec, cmap, residuals[:, final])
+            final_resid_mid[rows], final_head_writes[rows], final_mlp_out[rows] = mid.cpu(), heads.cpu(), mlp.cpu()
+            final_block_in[rows], final_z[rows] = dec.final_block_in.cpu(), dec.z[final].cpu()
+            if outputs_only:
+                continue
+            # The lens after the last two blocks is what entered the final block and the model's own output.
+            p, rank = logit_lens(cmap, residuals[:, :final], answers)
+            lens_p[rows] = torch.cat([p, before_stats.p_answer[:, None], out_stats.p_answer[:, None]], dim=1).cpu()
+            lens_rank[rows] = torch.cat([rank, before_stats.rank[:, None], out_stats.rank[:, None]], dim=1).cpu()
+            batch_dla = direct_logit_attribution(dec, cmap, answers).cpu()
+            if dla is None:
+                dla = torch.zeros(n, batch_dla.shape[1])
+            dla[rows] = batch_dla
+            neuron_dla[rows] = neuron_attribution(dec, cmap, final, answers).cpu()
+            writes = torch.stack([dec.resid[:, dec.index(c)] for c in final_names], dim=1)
+            batch_effect = ablation_effect(cmap, dec.final_resid, writes, answers).cpu()
+            if final_effect is None:
+                final_effect = torch.zeros(n, len(final_names))
+            final_effect[rows] = batch_effect
+            grad = logprob_gradient(cmap, dec.final_resid, answers)
+            neuron_effect[rows] = neuron_logprob_attribution(cmap, grad, dec.neuron_acts[final], final).cpu()
+            rescale[rows] = rescale_term(cmap, residuals[:, final], dec.final_resid, answers).cpu()
+            if not mechanisms:
+                continue
             intercepts = []
             for layer in range(num_layers):
                 reg = regress_mlp_on_heads(dec, cmap, layer)
@@ -186,14 +196,20 @@ def collect(
                 intercepts.append(reg.intercept)
             i_dla, i_rank = intercept_readout(cmap, dec, torch.stack(intercepts, dim=1), answers)
             intercept_dla[rows], intercept_rank[rows] = i_dla.cpu(), i_rank.cpu()
-            if subjects is not None:
-                first = [subjects[int(r)][0] if subjects[int(r)] else None for r in rows]
-                has = torch.tensor([f is not None for f in first])
-                if has.any():
-                    positions = torch.tensor([f or 0 for f in first], device=device)
-                    tokens = batch.input_ids[torch.arange(len(rows), device=device), positions]
-                    attribution = head_token_attribution(dec, cmap, tokens).cpu()
-                    subject_attribution[rows[has]] = attribution[has]
+            if subjects is None:
+                continue
+            first = [subjects[int(r)][0] if subjects[int(r)] else None for r in rows]
+            has = torch.tensor([f is not None for f in first])
+            if not has.any():
+                continue
+            positions = torch.tensor([f or 0 for f in first], device=device)
+            tokens = batch.input_ids[torch.arange(len(rows), device=device), positions]
+            subject_attribution[rows[has]] = head_token_attribution(dec, cmap, tokens).cpu()[has]
+            if dec.attention is not None:
+                mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+                for r, i in enumerate(rows.tolist()):
+                    mask[r, subjects[i] or []] = True
+                attention[rows[has]] = attention_to_subject(dec.attention, mask.to(device)).cpu()[has]
     empty = torch.zeros(n, 0)
     result = Collected(names=names, output=output, before=before, lens_p=lens_p, lens_rank=lens_rank,
                        x_final=x_final, dla=dla if dla is not None else empty, final_names=final_names,
@@ -201,53 +217,22 @@ def collect(
                        neuron_dla=neuron_dla, neuron_effect=neuron_effect, final_head_writes=final_head_writes,
                        final_resid_mid=final_resid_mid, final_mlp_out=final_mlp_out, final_block_in=final_block_in,
                        final_z=final_z)
-    if mechanisms and not outputs_only:
+    if mechanisms:
         result.beta, result.r2 = beta, r2
         result.intercept_dla, result.intercept_rank = intercept_dla, intercept_rank
         result.subject_attribution = subject_attribution
-        if subjects is not None:
-            try:
-                result.attention = collect_attention(model, cmap, token_ids, subjects, pad=pad,
-                                                     batch_size=batch_size, progress=progress,
-                                                     desc=f"{desc} (attention)")
-            except (ValueError, NotImplementedError) as err:  # a model without eager attention weights
-                warnings.warn(f"no attention patterns ({err}); mover heads are skipped", stacklevel=2)
+        result.attention = attention if with_attention else None
     return result
 
 
-@torch.no_grad()
-def collect_attention(
-    model: nn.Module,
-    cmap: ComponentMap,
-    token_ids: Sequence[Sequence[int]],
-    subjects: Sequence[list[int] | None],
-    *,
-    pad: int,
-    batch_size: int,
-    progress: bool = False,
-    desc: str = "attention",
-) -> torch.Tensor:
-    """Attention from the last position to the subject tokens, per layer and head. [N, L, H], NaN w/o subject."""
-    shape = cmap.shape
-    n = len(token_ids)
-    out = torch.full((n, shape.num_layers, shape.num_heads), float("nan"))
-    keep = [i for i in range(n) if subjects[i]]
-    if not keep:
-        return out
-    device = _device(model)
-    kept_ids = [token_ids[i] for i in keep]
-    with eager_attention(model):
-        bar = progress_bar(batches(kept_ids, batch_size, pad, device), total=num_batches(len(keep), batch_size),
-                           desc=desc, progress=progress)
-        for batch in bar:
-            rows = [keep[int(r)] for r in batch.index]
-            mask = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-            for r, i in enumerate(rows):
-                mask[r, subjects[i]] = True
-            result = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           output_attentions=True, use_cache=False)
-            out[torch.tensor(rows)] = attention_to_subject(result.attentions, batch.last, mask).cpu()
-    return out
+def _has_eager_attention(model: nn.Module) -> bool:
+    """Whether the model can switch to eager attention (which returns the weights the mover heads read)."""
+    try:
+        with eager_attention(model):
+            return True
+    except (ValueError, NotImplementedError) as err:
+        warnings.warn(f"no attention patterns ({err}); mover heads are skipped", stacklevel=3)
+        return False
 
 
 @torch.no_grad()

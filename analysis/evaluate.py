@@ -3,8 +3,8 @@
 per relation), the unknown subjects and the held-out neutral lines; and the headline numbers stored in a
 patch file.
 
-`run_base`/`run_patched` do the forward passes, `evaluate` the bootstrap (cluster-bootstrap over subjects,
-paired across models; over lines for the neutral text), so the two can be timed apart.
+`capture_inputs` and `run_model` do the forward passes, `evaluate` the bootstrap (cluster-bootstrap over
+subjects, paired across models; over lines for the neutral text), so the two can be timed apart.
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from recallfix.patches import ComponentMap, Patch, apply_patch
 
 from . import calibration as cal
 from .batching import batches, encode
-from .collect import Collected, collect, token_nll
+from .collect import Collected
 from .config import AnalysisConfig
-from .inputs import Loaded, Prompts
+from .fit import BlockInputs, capture_final_block_inputs, replay_chunks, replay_logits
+from .inputs import Loaded
 from .lens import answer_stats, lens_logits
 from .records import Dist
 from .schema import EstimateModel, Evaluation, MethodInfo, NeutralEvaluation, RelationEvaluation, SetEvaluation
@@ -32,16 +34,25 @@ RELATION_METRICS = ("accuracy", "mean_p_answer", "ece_equal_width")
 
 # -- the temperature baseline -----------------------------------------------------------------------
 
+# Logits kept in memory while the temperature is fitted (rows x vocab floats); above it they are recomputed on
+# every Newton step instead (very large vocabularies or train splits).
+MAX_CACHED_LOGITS = 100_000_000
+
 
 def logit_chunks(cmap: ComponentMap, x_final: torch.Tensor, answers: torch.Tensor, batch_size: int,
                  device: torch.device) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """The model's logits recomputed from the stored final residuals, batch by batch (for `fit_temperature`)."""
+    """The model's logits from the stored final residuals, batch by batch (for `fit_temperature`): computed once
+    and kept when they fit in `MAX_CACHED_LOGITS`, else recomputed on every call."""
     def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         with torch.no_grad():
             for start in range(0, len(answers), batch_size):
                 rows = slice(start, start + batch_size)
                 yield lens_logits(cmap, x_final[rows].to(device)), answers[rows].to(device)
-    return chunks
+
+    if len(answers) * cmap.shape.vocab_size > MAX_CACHED_LOGITS:
+        return chunks
+    cached = list(chunks())
+    return lambda: iter(cached)
 
 
 def fit_baseline_temperature(s: Loaded, c: Collected, config: AnalysisConfig) -> float:
@@ -51,58 +62,106 @@ def fit_baseline_temperature(s: Loaded, c: Collected, config: AnalysisConfig) ->
                                             s.device))
 
 
-def temperature_dist(cmap: ComponentMap, x_final: torch.Tensor, answers: torch.Tensor, temperature: float,
-                     batch_size: int, device: torch.device) -> Dist:
-    """The next-token numbers of softmax(logits / T), logits recomputed from the stored final residuals."""
-    out = Dist.empty(len(answers))
-    for start in range(0, len(answers), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(answers)))
-        logits = lens_logits(cmap, x_final[rows].to(device))
-        out.put(rows, answer_stats(logits, answers[rows].to(device), temperature))
-    return out
-
-
 # -- forward passes ---------------------------------------------------------------------------------
+#
+# Every patch here edits the final block only, so the blocks below compute the same for the base model and
+# for every patch: they run once (the analysis pass for the facts, `capture_inputs` for the unknown subjects
+# and the neutral text), and each model is the final block -> final norm -> unembedding replayed on what
+# entered it (`fit.replay_logits`, the real modules with the patch applied to their weights).
+
+
+@dataclass
+class Inputs:
+    """What enters the final block, per prompt set, once for every model evaluated."""
+
+    dev: BlockInputs  # last position of each dev fact
+    test: BlockInputs  # last position of each test fact
+    unknown: BlockInputs | None  # last position of each unknown-subject prompt
+    neutral: BlockInputs  # every position of the held-out neutral lines but the last, target: the next token
+    neutral_line: torch.Tensor  # [positions] the line of each neutral position
+
+
+def _fact_inputs(c: Collected, rows: torch.Tensor, answers: torch.Tensor, s: Loaded) -> BlockInputs:
+    return BlockInputs(c.final_block_in[rows].to(s.device, s.dtype), c.final_z[rows].to(s.device, s.dtype),
+                       targets=answers.to(s.device))
 
 
 @torch.no_grad()
-def split_nll(s: Loaded, split: str, patch: Patch | None, batch_size: int) -> float:
-    """Mean NLL of the answer on one split of the facts, with `patch` applied (None: the base model)."""
-    rows = s.known.rows(split)
-    tokens, answers = [s.known.token_ids[i] for i in rows], s.known.answers[rows]
-    total = 0.0
-    with apply_patch(s.lm, patch) if patch is not None else nullcontext():
-        for batch in batches(tokens, batch_size, s.pad, s.device):
-            logits = s.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-            last = logits[torch.arange(len(batch), device=logits.device), batch.last].float().log_softmax(dim=-1)
-            total -= float(last.gather(1, answers[batch.index].to(last.device)[:, None]).sum())
-    return total / max(len(rows), 1)
+def capture_inputs(s: Loaded, c: Collected, config: AnalysisConfig) -> Inputs:
+    """The final block's inputs for every evaluation set, from the analysis pass and one partial pass each."""
+    known, bs = s.known, config.batch_size
+    unknown = None
+    if s.unknown is not None:
+        parts, order = [], []
+        for batch in batches(s.unknown.token_ids, bs, s.pad, s.device):
+            parts.append(capture_final_block_inputs(s.lm, s.cmap, batch))
+            order.append(batch.index)
+        unknown = BlockInputs.cat(parts).rows(torch.argsort(torch.cat(order)).to(s.device))
+        unknown.targets = s.unknown.answers.to(s.device)
+    lines = encode(s.tokenizer, s.neutral_eval)
+    neutral, line_of = [], []
+    for batch in batches(lines, bs, s.pad, s.device):
+        predicting = batch.attention_mask.clone()
+        predicting[torch.arange(len(batch), device=s.device), batch.last] = 0  # the last token predicts nothing
+        inputs = capture_final_block_inputs(s.lm, s.cmap, batch, positions=predicting.bool())
+        next_ids = torch.roll(batch.input_ids, -1, dims=1)[predicting.bool()]
+        neutral.append(BlockInputs(inputs.x, inputs.z, targets=next_ids))
+        line_of.append(batch.index.to(s.device)[:, None].expand_as(predicting)[predicting.bool()])
+    return Inputs(
+        dev=_fact_inputs(c, known.rows("dev"), known.answers[known.rows("dev")], s),
+        test=_fact_inputs(c, known.rows("test"), known.answers[known.rows("test")], s),
+        unknown=unknown,
+        neutral=BlockInputs.cat(neutral),
+        neutral_line=torch.cat(line_of),
+    )
+
+
+def _final_layer_only(cmap: ComponentMap, patch: Patch) -> None:
+    final = cmap.shape.num_layers - 1
+    layers = {cmap.validate(str(e.component)).layer for e in patch.edits}
+    if layers - {final}:
+        raise ValueError(f"patch {patch.id} edits layers {sorted(layers)}; the evaluation replays only the final "
+                         f"block (L{final})")
+
+
+@torch.no_grad()
+def replay_dist(model: nn.Module, cmap: ComponentMap, inputs: BlockInputs, patch: Patch | None,
+                temperature: float = 1.0) -> Dist:
+    """The next-token numbers of each row of `inputs` (targets: the answers) with `patch` applied (None: the base
+    model), the logits divided by `temperature`."""
+    if patch is not None:
+        _final_layer_only(cmap, patch)
+    out = Dist.empty(len(inputs))
+    with apply_patch(model, patch) if patch is not None else nullcontext():
+        for rows, part in replay_chunks(inputs):
+            assert part.targets is not None
+            out.put(rows.cpu(), answer_stats(replay_logits(cmap, part), part.targets, temperature))
+    return out
+
+
+def split_nll(s: Loaded, inputs: BlockInputs, patch: Patch | None) -> float:
+    """Mean NLL of the answer over `inputs` (e.g. the dev split) with `patch` applied (None: the base model)."""
+    return float(replay_dist(s.lm, s.cmap, inputs, patch).nll.double().mean()) if len(inputs) else float("nan")
 
 
 @dataclass
 class Runs:
-    """The passes the evaluation reads for one model (base or patched) beyond what `Collected` holds."""
+    """One model's numbers on the evaluation sets."""
 
-    test: Collected | None  # None for the base model: the analysis pass has it
-    unknown: Collected | None
+    test: Dist
+    unknown: Dist | None
     neutral: tuple[torch.Tensor, torch.Tensor]  # per-line NLL sums and token counts
 
 
-def run_model(s: Loaded, patch: Patch | None, config: AnalysisConfig, label: str) -> Runs:
-    """Test split (patched only), unknown subjects and neutral text, with `patch` applied (None: base)."""
-    bs, progress = config.batch_size, config.progress
-
-    def run(prompts: Prompts, rows: torch.Tensor | None, desc: str) -> Collected:
-        tokens = prompts.token_ids if rows is None else [prompts.token_ids[i] for i in rows]
-        answers = prompts.answers if rows is None else prompts.answers[rows]
-        return collect(s.lm, s.cmap, tokens, answers, pad=s.pad, batch_size=bs, outputs_only=True, progress=progress,
-                       desc=f"{desc} ({label})")
-
-    with apply_patch(s.lm, patch) if patch is not None else nullcontext():
-        test = run(s.known, s.known.rows("test"), "test") if patch is not None else None
-        unknown = run(s.unknown, None, "unknown") if s.unknown else None
-        neutral = token_nll(s.lm, encode(s.tokenizer, s.neutral_eval), pad=s.pad, batch_size=bs, progress=progress)
-    return Runs(test, unknown, neutral)
+def run_model(s: Loaded, inputs: Inputs, patch: Patch | None) -> Runs:
+    """Test split, unknown subjects and neutral text, with `patch` applied (None: base)."""
+    neutral = replay_dist(s.lm, s.cmap, inputs.neutral, patch)
+    lines = len(s.neutral_eval)
+    sums = torch.zeros(lines, dtype=torch.float64).index_add_(0, inputs.neutral_line.cpu(), neutral.nll.double())
+    counts = torch.bincount(inputs.neutral_line.cpu(), minlength=lines)
+    return Runs(test=replay_dist(s.lm, s.cmap, inputs.test, patch),
+                unknown=replay_dist(s.lm, s.cmap, inputs.unknown, patch) if inputs.unknown is not None else None,
+                neutral=(sums, counts))
 
 
 # -- the bootstrap ----------------------------------------------------------------------------------
@@ -174,22 +233,21 @@ def neutral_summary(base: tuple[torch.Tensor, torch.Tensor], patched: tuple[torc
                              relative_change_ci=[num(lo), num(hi)])
 
 
-def evaluate(s: Loaded, c: Collected, base: Runs, patched: dict[str, Runs], temperature: float,
+def evaluate(s: Loaded, c: Collected, inputs: Inputs, base: Runs, patched: dict[str, Runs], temperature: float,
              methods: list[MethodInfo], chosen: str, choice: str, base_dev_nll: float,
              config: AnalysisConfig) -> Evaluation:
     """The one comparison: base, every method in `patched` and the temperature baseline, on the same prompts."""
-    known, cmap, bs, dev, n_boot, seed = s.known, s.cmap, config.batch_size, s.device, config.n_boot, config.seed
+    known, n_boot, seed = s.known, config.n_boot, config.seed
     names = list(patched)
     test_rows = known.rows("test")
     test_groups = [known.groups[i] for i in test_rows]
-    test_models = {"base": c.output.take(test_rows), **{m: r.test.output for m, r in patched.items() if r.test},
-                   "temperature": temperature_dist(cmap, c.x_final[test_rows], known.answers[test_rows],
-                                                   temperature, bs, dev)}
+    test_models = {"base": base.test, **{m: r.test for m, r in patched.items()},
+                   "temperature": replay_dist(s.lm, s.cmap, inputs.test, None, temperature)}
     unknown = None
-    if s.unknown is not None and base.unknown is not None:
+    if s.unknown is not None and base.unknown is not None and inputs.unknown is not None:
         unknown = evaluate_set({
-            "base": base.unknown.output, **{m: r.unknown.output for m, r in patched.items() if r.unknown},
-            "temperature": temperature_dist(cmap, base.unknown.x_final, s.unknown.answers, temperature, bs, dev),
+            "base": base.unknown, **{m: r.unknown for m, r in patched.items() if r.unknown},
+            "temperature": replay_dist(s.lm, s.cmap, inputs.unknown, None, temperature),
         }, names, s.unknown.groups, n_boot, seed)
     relations = [known.facts[i].relation or "(none)" for i in test_rows]
     return Evaluation(
@@ -197,8 +255,8 @@ def evaluate(s: Loaded, c: Collected, base: Runs, patched: dict[str, Runs], temp
         choice=choice, test=evaluate_set(test_models, names, test_groups, n_boot, seed), unknown=unknown,
         neutral={m: neutral_summary(base.neutral, r.neutral, n_boot, seed) for m, r in patched.items()},
         by_relation=relation_table(test_models, names, relations, test_groups, n_boot, seed),
-        suppression_after_patch={m: suppression(r.test.output, r.test.before, test_groups, n_boot, seed)
-                                 for m, r in patched.items() if r.test},
+        suppression_after_patch={m: suppression(r.test, c.before.take(test_rows), test_groups, n_boot, seed)
+                                 for m, r in patched.items()},
     )
 
 

@@ -173,21 +173,22 @@ class BlockInputs:
 
 
 @torch.no_grad()
-def capture_final_block_inputs(model: nn.Module, cmap: ComponentMap, batch: Batch, *,
-                               last_only: bool = True) -> BlockInputs:
+def capture_final_block_inputs(model: nn.Module, cmap: ComponentMap, batch: Batch, *, last_only: bool = True,
+                               positions: torch.Tensor | None = None) -> BlockInputs:
     """Run the model into its final block, up to the attention output projection (the rest is skipped), and keep
-    the block's inputs at the last real position of each row (last_only) or at every real position."""
+    the block's inputs at the last real position of each row (last_only), at every real position, or where the
+    [batch, seq] bool mask `positions` is set (rows in row-major order)."""
     final = cmap.shape.num_layers - 1
     x_at, z_at = f"blocks.{final}.hook_resid_pre", f"blocks.{final}.attn.hook_z"
     seen = run_until(model, cmap, [x_at, z_at], input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      use_cache=False)
     size, seq = batch.input_ids.shape
     x, z = seen[x_at].reshape(size, seq, -1), seen[z_at].reshape(size, seq, -1)
-    if last_only:
+    if positions is None and last_only:
         rows = torch.arange(size, device=x.device)
         return BlockInputs(x[rows, batch.last], z[rows, batch.last])
-    valid = batch.attention_mask.bool()
-    return BlockInputs(x[valid], z[valid])
+    where = batch.attention_mask.bool() if positions is None else positions
+    return BlockInputs(x[where], z[where])
 
 
 @contextmanager
@@ -239,6 +240,8 @@ class FitConfig:
     guard_growth: float = 3.0  # the guard weight is multiplied by this after an epoch over budget
     min_gain: float = 0.0
     max_gain: float = 2.0
+    recalled_per_step: int = 32  # recalled train facts in each training step (an epoch is one pass over them)
+    guarded_per_step: int = 64  # other train prompts in each training step's KL guard (0: all of them)
     neutral_per_step: int = 64  # neutral positions in each training step's KL guard (0: all of them)
     seed: int = 0
 
@@ -258,9 +261,16 @@ MAX_STORED_BASE = 200_000_000
 CHUNK = 256  # positions per replay where no gradient is taken
 
 
-def _chunks(inputs: BlockInputs) -> Iterator[BlockInputs]:
+def replay_chunks(inputs: BlockInputs) -> Iterator[tuple[torch.Tensor, BlockInputs]]:
+    """`inputs` in parts of at most `CHUNK` rows: (the rows, that part)."""
     for start in range(0, len(inputs), CHUNK):
-        yield inputs.rows(torch.arange(start, min(start + CHUNK, len(inputs)), device=inputs.x.device))
+        rows = torch.arange(start, min(start + CHUNK, len(inputs)), device=inputs.x.device)
+        yield rows, inputs.rows(rows)
+
+
+def _chunks(inputs: BlockInputs) -> Iterator[BlockInputs]:
+    for _, part in replay_chunks(inputs):
+        yield part
 
 
 def set_base(cmap: ComponentMap, facts: Sequence[BlockInputs], neutral: BlockInputs | None) -> None:
@@ -331,11 +341,35 @@ def _objective(cmap: ComponentMap, facts: Sequence[BlockInputs], neutral: BlockI
             "confidence_rise_unrecalled": rise}
 
 
-def _neutral_sample(total: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """`size` of `total` positions drawn without replacement (all of them when size is 0 or not smaller)."""
+def _sample(total: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """`size` of `total` rows drawn without replacement (all of them when size is 0 or not smaller)."""
     if size <= 0 or size >= total:
         return torch.arange(total)
     return torch.randperm(total, generator=generator)[:size]
+
+
+def _split_recalled(facts: Sequence[BlockInputs]) -> tuple[BlockInputs | None, BlockInputs | None]:
+    """All fact rows joined, split into (recalled, guarded); None for an empty part."""
+    if not facts:
+        return None, None
+    joined = BlockInputs.cat(facts)
+    assert joined.recalled is not None
+    recalled = joined.recalled.nonzero().flatten()
+    guarded = (~joined.recalled).nonzero().flatten()
+    return (joined.rows(recalled) if len(recalled) else None), (joined.rows(guarded) if len(guarded) else None)
+
+
+def _step_loss(cmap: ComponentMap, recalled: BlockInputs | None, guarded: BlockInputs | None,
+               neutral: BlockInputs | None, hooks: GainHooks, config: FitConfig, guard: float) -> torch.Tensor:
+    """One training step's estimate of the objective: each term the mean over its own sample of rows."""
+    loss = config.l2 * hooks.delta.pow(2).sum()
+    if recalled is not None:
+        loss = loss + fact_loss(cmap, recalled)[0] / len(recalled)
+    if guarded is not None:
+        loss = loss + guard * fact_loss(cmap, guarded)[1] / len(guarded)
+    if neutral is not None and config.kl_weight > 0:
+        loss = loss + config.kl_weight * neutral_kl(cmap, neutral, hooks) / len(neutral)
+    return loss
 
 
 def fit_gains(
@@ -352,9 +386,12 @@ def fit_gains(
     """Fit gains on `names` (final-layer components) as described in the module docstring.
 
     `train`/`dev`: fact batches with targets and `recalled`; `neutral`: neutral-text positions (the parts are
-    joined). Base log-probs are stored first (gains 1 = the base model). Each training step takes the KL guard
-    on `neutral_per_step` neutral positions drawn at random (an unbiased estimate of its mean over all of
-    them); the per-epoch dev objective takes it on every position.
+    joined). Base log-probs are stored first (gains 1 = the base model). Each training step takes the three
+    terms of the objective on their own samples: `recalled_per_step` recalled train facts (an epoch is one pass
+    over them), `guarded_per_step` of the other train prompts and `neutral_per_step` neutral positions drawn at
+    random, so each term is an unbiased estimate of its mean over the whole set (only the recalled facts carry
+    the signal the fit follows; the guards only need to be estimated). The per-epoch dev objective takes every
+    dev prompt and neutral position.
     """
     device = next(model.parameters()).device
     hooks = GainHooks(cmap, names, device)
@@ -363,13 +400,16 @@ def fit_gains(
         p.requires_grad_(False)
     neutral_all = BlockInputs.cat(neutral) if neutral else None
     set_base(cmap, [*train, *dev], neutral_all)
-    totals = _totals(train, neutral_all)
+    recalled, guarded = _split_recalled(train)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam([hooks.delta], lr=config.lr)
     history: list[dict[str, float]] = []
     epoch = 0
     guard = config.guard_weight
     budget = config.max_confidence_rise
+
+    def rows(inputs: BlockInputs | None, index: torch.Tensor) -> BlockInputs | None:
+        return None if inputs is None else inputs.rows(index.to(inputs.x.device))
 
     def score(metrics: dict[str, float]) -> float:
         # With a budget: the dev NLL of recalled facts, among epochs within budget (others never win).
@@ -387,24 +427,25 @@ def fit_gains(
             best, best_gains, best_epoch, bad = score(dev_obj), hooks.as_dict(), 0, 0
             bar = progress_bar(range(1, config.max_epochs + 1), progress=progress, desc="fit gains")
             for epoch in bar:
-                order = torch.randperm(len(train), generator=generator).tolist()
+                n_recalled = len(recalled) if recalled is not None else 0
+                order = torch.randperm(n_recalled, generator=generator)
+                per_step = max(1, config.recalled_per_step)
+                steps = [order[i : i + per_step] for i in range(0, n_recalled, per_step)] or [order]
                 train_objective = 0.0
-                for i in order:
-                    # This batch's share of the epoch objective, times the number of batches: an unbiased
-                    # estimate of the whole objective whatever the batch composition.
-                    nll, kl, _ = fact_loss(cmap, train[i])
-                    loss = len(train) * (nll / max(1, totals.recalled) + guard * kl / max(1, totals.unrecalled))
-                    if neutral_all is not None and config.kl_weight > 0:
-                        sample = _neutral_sample(len(neutral_all), config.neutral_per_step, generator)
-                        kl_sum = neutral_kl(cmap, neutral_all.rows(sample.to(neutral_all.x.device)), hooks)
-                        loss = loss + config.kl_weight * kl_sum / len(sample)
-                    loss = loss + config.l2 * hooks.delta.pow(2).sum()
+                for step in steps:
+                    guard_rows = _sample(len(guarded), config.guarded_per_step, generator) if guarded else None
+                    neutral_rows = (_sample(len(neutral_all), config.neutral_per_step, generator)
+                                    if neutral_all is not None else None)
+                    loss = _step_loss(cmap, rows(recalled, step) if len(step) else None,
+                                      rows(guarded, guard_rows) if guard_rows is not None else None,
+                                      rows(neutral_all, neutral_rows) if neutral_rows is not None else None,
+                                      hooks, config, guard)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     with torch.no_grad():
                         hooks.delta.clamp_(config.min_gain - 1, config.max_gain - 1)
-                    train_objective += float(loss.detach()) / len(train)
+                    train_objective += float(loss.detach()) / len(steps)
                 dev_obj = _objective(cmap, dev, neutral_all, hooks, config, guard)
                 history.append({"epoch": epoch, "guard_weight": guard, "train_objective": train_objective,
                                 **{f"dev_{k}": v for k, v in dev_obj.items()}})

@@ -16,11 +16,9 @@ from tqdm.auto import tqdm
 
 from recallfix.patches import ComponentMap, Patch, apply_patch, make_patch
 
-from . import calibration as cal
 from .batching import Batch, batch_rows, batches, encode
 from .collect import Collected
 from .config import AnalysisConfig
-from .evaluate import logit_chunks
 from .facts import Fact
 from .fit import BlockInputs, FitConfig, GainHooks, capture_final_block_inputs, fit_gains, replay_logits
 from .inputs import AnalysisError, Loaded
@@ -68,8 +66,9 @@ def verify_patch(model: nn.Module, cmap: ComponentMap, patch: Patch, gains: dict
 
 
 def learn_patch(s: Loaded, c: Collected, selected: list[str], rule: str, config: AnalysisConfig, command: str,
-                facts_sha: str) -> tuple[Patch, PatchInfo]:
-    """Step 5: fit the gains (train; early stopping on dev), fit the temperature baseline, check the patch."""
+                facts_sha: str, temperature: float) -> tuple[Patch, PatchInfo]:
+    """Step 5: fit the gains (train; early stopping on dev), check the patch. `temperature`: the baseline's T,
+    recorded beside the gains."""
     known, cmap, dev = s.known, s.cmap, s.device
     train_rows, dev_rows = known.rows("train"), known.rows("dev")
     recalled = c.before.rank <= config.recall_rank
@@ -98,8 +97,6 @@ def learn_patch(s: Loaded, c: Collected, selected: list[str], rule: str, config:
     # 4 decimals: far below the fit's own noise, and the patch then does not depend on float summation order
     # (thread count, device), so the same seed gives the same patch file.
     gains = {name: round(g, GAIN_DECIMALS) for name, g in fit.gains.items()}
-    temperature = cal.fit_temperature(logit_chunks(cmap, c.x_final[train_rows], known.answers[train_rows],
-                                                   config.batch_size, dev))
     _log(config.progress, f"gains {', '.join(f'{k}={v:.3f}' for k, v in gains.items())} (best epoch "
                           f"{fit.best_epoch}/{fit.epochs_run}); temperature baseline T={temperature:.3f}")
     patch = make_patch(s.lm, gains, command=command, dataset_sha256=facts_sha)

@@ -32,7 +32,7 @@ def layer_residuals(dec: Decomposition, num_layers: int) -> torch.Tensor:
 
 # Residual vectors per unembedding matmul: enough rows for an efficient matmul, few enough that the
 # [rows, vocab] logits stay small while each is reduced to a couple of numbers.
-ROWS = 256
+ROWS = 512
 
 
 def lens_logits(cmap: ComponentMap, x: torch.Tensor) -> torch.Tensor:

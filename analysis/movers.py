@@ -20,16 +20,13 @@ from recallfix.patches.components import Component, ComponentMap
 from recallfix.patches.decompose import Decomposition, direct_logit_attribution
 
 
-def attention_to_subject(attentions: tuple[torch.Tensor, ...], last: torch.Tensor,
-                         subject_mask: torch.Tensor) -> torch.Tensor:
-    """Attention of the last real position to the subject tokens, per layer and head. [batch, L, H]
+def attention_to_subject(attention: torch.Tensor, subject_mask: torch.Tensor) -> torch.Tensor:
+    """Attention of the position to the subject tokens, per layer and head. [batch, L, H]
 
-    attentions: per layer [batch, heads, query, key]; subject_mask [batch, seq] (bool).
+    attention: the position's row of every map [batch, L, H, seq] (`Decomposition.attention`); subject_mask
+    [batch, seq] (bool).
     """
-    rows = torch.arange(last.shape[0], device=last.device)
-    mask = subject_mask.to(attentions[0].dtype)
-    per_layer = [torch.einsum("bhk,bk->bh", a[rows, :, last].float(), mask.float()) for a in attentions]
-    return torch.stack(per_layer, dim=1)
+    return torch.einsum("blhk,bk->blh", attention.float(), subject_mask.float())
 
 
 def head_token_attribution(dec: Decomposition, cmap: ComponentMap, token_ids: torch.Tensor) -> torch.Tensor:

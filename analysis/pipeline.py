@@ -16,7 +16,8 @@ Steps (numbers in analysis.json under the same names; the module that computes t
                   removed (a bias edit); `both` (default): both, patch.json the lower dev NLL  [methods]
 6. evaluation     each patch applied with `apply_patch`, on the test split (and per relation), the unknown
                   subjects and held-out neutral text, in one table with the base model and temperature
-                  scaling (T fitted on train), with cluster-bootstrap intervals            [evaluate]
+                  scaling (T fitted on train), with cluster-bootstrap intervals; the patches edit the final
+                  block only, so the blocks below run once and each model replays the final block [evaluate]
 7. checks         only those asked for (--require): findings against thresholds         [require]
 
 Settings: `config.AnalysisConfig`. Inputs: `inputs`. Every section is a `schema` model from where it is
@@ -25,22 +26,25 @@ computed; the report (`report`, `plots`) renders the `AnalysisResult` this retur
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from recallfix.patches import Patch, __version__
-from recallfix.patches.io import atomic_directory, atomic_write_text
+from recallfix.patches.io import atomic_directory, atomic_write_text, resolve_model_dir
 
 from .attribution import select_suppressors, summarize, top_neurons
 from .collect import Collected, collect
 from .config import AnalysisConfig
-from .evaluate import evaluate, fit_baseline_temperature, patch_metrics, run_model, split_nll
+from .evaluate import capture_inputs, evaluate, fit_baseline_temperature, patch_metrics, run_model, split_nll
 from .facts import FactsFormatError, dataset_sha256
 from .inputs import AnalysisError, Loaded, load_inputs
 from .learn import _log, learn_patch
@@ -100,6 +104,25 @@ def data_info(s: Loaded, facts: str | Path, facts_sha: str, splits: dict[str, in
                     n_neutral_fit=len(s.neutral_fit), n_neutral_eval=len(s.neutral_eval), seed=seed)
 
 
+def inputs_key(model: str | Path, facts: str | Path, unknown: str | Path | None, neutral: str | Path | None,
+               config: AnalysisConfig) -> str:
+    """sha256 of what a run's files depend on: the recallfix version, the model's files (name, size, mtime), the
+    bytes of the facts, unknown and neutral files, and every setting (progress aside)."""
+    h = hashlib.sha256(f"recallfix {__version__}\n".encode())
+    model_dir = resolve_model_dir(model)
+    for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
+        stat = path.stat()
+        h.update(f"model {path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    for label, given in (("facts", facts), ("unknown", unknown), ("neutral", neutral)):
+        root = Path(given) if given is not None else None
+        files = sorted(root.rglob("*")) if root is not None and root.is_dir() else [root] if root else []
+        for path in (f for f in files if f is not None and f.is_file()):
+            h.update(f"{label} {path.name} ".encode() + hashlib.sha256(path.read_bytes()).digest())
+    settings = {k: v for k, v in asdict(config).items() if k != "progress"}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 def run_analysis(
     model: str | Path,
     facts: str | Path,
@@ -121,6 +144,7 @@ def run_analysis(
 
     config = config or AnalysisConfig()
     checks = load_checks(config.require or ())  # a malformed check fails before the long run
+    key = inputs_key(model, facts, unknown, neutral, config)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists (pass --force to replace it)")
@@ -144,11 +168,14 @@ def run_analysis(
 
     patches: dict[str, Patch] = {}
     patch_info, intercept_info = None, None
+    with timer("temperature fit"):
+        temperature = fit_baseline_temperature(s, c, config)
     if "gains" in config.methods:
         selected, rule = choose_components(s, c, config)
         if selected:
             with timer("fit"):
-                patches["gains"], patch_info = learn_patch(s, c, selected, rule, config, command, facts_sha)
+                patches["gains"], patch_info = learn_patch(s, c, selected, rule, config, command, facts_sha,
+                                                           temperature)
         else:
             _log(config.progress, "no final-layer component suppresses the answer on the train split: no gains")
     if "intercept" in config.methods:
@@ -157,18 +184,18 @@ def run_analysis(
     evaluation, files_of = None, {}
     if patches:
         with timer("evaluation"):
-            methods = [method_info(s, name, patch, split_nll(s, "dev", patch, config.batch_size))
+            inputs = capture_inputs(s, c, config)
+            methods = [method_info(s, name, patch, split_nll(s, inputs.dev, patch))
                        for name, patch in patches.items()]
             chosen, choice = choose(methods)
             files_of = file_names(methods, chosen)
             methods = [m.model_copy(update={"file": files_of[m.name]}) for m in methods]
             _log(config.progress, f"patch.json: {choice}")
-            base_runs = run_model(s, None, config, "base")
-            runs = {name: run_model(s, patch, config, name) for name, patch in patches.items()}
-            temperature = fit_baseline_temperature(s, c, config)
+            base_runs = run_model(s, inputs, None)
+            runs = {name: run_model(s, inputs, patch) for name, patch in patches.items()}
         with timer("bootstrap"):
-            evaluation = evaluate(s, c, base_runs, runs, temperature, methods, chosen, choice,
-                                  split_nll(s, "dev", None, config.batch_size), config)
+            evaluation = evaluate(s, c, inputs, base_runs, runs, temperature, methods, chosen, choice,
+                                  split_nll(s, inputs.dev, None), config)
         patches = {name: p.model_copy(update={"metrics": patch_metrics(evaluation, name)})
                    for name, p in patches.items()}
         if patch_info is not None:
@@ -179,7 +206,7 @@ def run_analysis(
     values = finding_values(described.findings, evaluation)
     result = AnalysisResult(
         schema_version=SCHEMA_VERSION, tool_version=__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command, inputs_key=key,
         model=model_info(s, model), data=data_info(s, facts, facts_sha, splits, described.logit_lens, config.seed),
         logit_lens=described.logit_lens, final_layer=described.final_layer, mechanisms=described.mechanisms,
         findings=described.findings, patch=patch_info, intercept=intercept_info, evaluation=evaluation,
@@ -200,4 +227,4 @@ def run_analysis(
     return result
 
 
-__all__ = ["AnalysisConfig", "AnalysisError", "FactsFormatError", "run_analysis"]
+__all__ = ["AnalysisConfig", "AnalysisError", "FactsFormatError", "inputs_key", "run_analysis"]

@@ -15,6 +15,7 @@ import tempfile
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from .memory import keep_freed_memory
 from .version import __version__
 
 log = logging.getLogger("recallfix")
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -43,6 +43,8 @@ class Decomposition:
     layers: list[int] = field(default_factory=list)
     z: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [batch, heads*d_head], attention out input
     final_block_in: torch.Tensor | None = None  # [batch, d_model], the stream entering the final block
+    # [batch, layers, heads, seq]: each head's attention from the position to every key (`attentions=True`)
+    attention: torch.Tensor | None = None
 
     def index(self, name: str) -> int:
         return self.names.index(name)
@@ -120,8 +122,14 @@ def decompose(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     cmap: ComponentMap | None = None,
+    *,
+    attentions: bool = False,
 ) -> Decomposition:
-    """Run the model once and split the last real position's residual stream into components."""
+    """Run the model once and split the last real position's residual stream into components.
+
+    attentions: also keep the position's row of every attention map (`Decomposition.attention`); the model
+    must run an attention implementation that returns the weights (eager).
+    """
     cmap = cmap or ComponentMap(model)
     shape = cmap.shape
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -137,10 +145,11 @@ def decompose(
     for layer in range(shape.num_layers):
         points += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"]
     # Only the positions' logits are needed: unembed those columns alone (transformers' logits_to_keep).
-    kwargs, columns = {}, pos
+    kwargs: dict[str, object] = {"output_attentions": True} if attentions else {}
+    columns = pos
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         keep = pos.unique()
-        kwargs, columns = {"logits_to_keep": keep}, torch.searchsorted(keep, pos)
+        kwargs["logits_to_keep"], columns = keep, torch.searchsorted(keep, pos)
     with capture(cmap, list(dict.fromkeys(points)), keep=at_pos) as captured:
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
@@ -161,6 +170,12 @@ def decompose(
         layers += [layer] * (len(names) - len(layers))
 
     final = captured[FINAL_NORM_IN]
+    attention = None
+    if attentions:
+        maps = getattr(out, "attentions", None)
+        if not maps or any(m is None for m in maps):
+            raise ValueError(f"{type(model).__name__} returned no attention weights (needs eager attention)")
+        attention = torch.stack([m[rows, :, pos].float() for m in maps], dim=1)
     return Decomposition(
         names=names,
         resid=torch.stack(parts, dim=1),
@@ -171,6 +186,7 @@ def decompose(
         layers=layers,
         z={layer: captured[f"blocks.{layer}.attn.hook_z"] for layer in range(shape.num_layers)},
         final_block_in=captured[final_in],
+        attention=attention,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,7 +124,10 @@ def load_model(
 ) -> torch.nn.Module:
     """Load a Hugging Face causal LM from safetensors only, in eval mode."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():  # transformers' "Loading weights" bar would fill a log file with \r frames
+        hf_logging.disable_progress_bar()
     lm = AutoModelForCausalLM.from_pretrained(
         resolve_model_dir(model), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )

@@ -83,13 +83,13 @@ def test_fit_inputs_from_the_analysis_pass_equal_a_forward_pass_into_the_final_b
                               c.output.p_answer[order], atol=1e-5)
 
 
-def test_neutral_positions_are_sampled_without_replacement_and_reproducibly() -> None:
-    draw = fit_module._neutral_sample(1000, 64, torch.Generator().manual_seed(0))
-    again = fit_module._neutral_sample(1000, 64, torch.Generator().manual_seed(0))
+def test_step_samples_are_drawn_without_replacement_and_reproducibly() -> None:
+    draw = fit_module._sample(1000, 64, torch.Generator().manual_seed(0))
+    again = fit_module._sample(1000, 64, torch.Generator().manual_seed(0))
     assert len(draw) == 64 == len(set(draw.tolist())) and torch.equal(draw, again)
     assert int(draw.min()) >= 0 and int(draw.max()) < 1000
-    assert torch.equal(fit_module._neutral_sample(50, 64, torch.Generator()), torch.arange(50))  # fewer: all
-    assert torch.equal(fit_module._neutral_sample(50, 0, torch.Generator()), torch.arange(50))  # 0: all
+    assert torch.equal(fit_module._sample(50, 64, torch.Generator()), torch.arange(50))  # fewer: all
+    assert torch.equal(fit_module._sample(50, 0, torch.Generator()), torch.arange(50))  # 0: all
 
 
 def test_outputs_only_keeps_what_an_evaluation_reads() -> None:

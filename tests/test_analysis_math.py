@@ -158,15 +158,14 @@ def test_regression_survives_collinear_heads() -> None:
 # -- movers -----------------------------------------------------------------------------------------
 
 
-def test_attention_to_subject_sums_the_last_rows_subject_columns() -> None:
+def test_attention_to_subject_sums_the_subject_columns() -> None:
     torch.manual_seed(0)
-    layers = [torch.rand(2, 3, 5, 5).softmax(-1) for _ in range(2)]
-    last = torch.tensor([4, 2])
+    rows = torch.rand(2, 2, 3, 5).softmax(-1)  # [batch, layers, heads, keys]
     mask = torch.tensor([[0, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
-    out = attention_to_subject(tuple(layers), last, mask)
+    out = attention_to_subject(rows, mask)
     assert out.shape == (2, 2, 3)
-    assert torch.allclose(out[0, 1, 2], layers[1][0, 2, 4, 1] + layers[1][0, 2, 4, 2])
-    assert torch.allclose(out[1, 0, 0], layers[0][1, 0, 2, 0])
+    assert torch.allclose(out[0, 1, 2], rows[0, 1, 2, 1] + rows[0, 1, 2, 2])
+    assert torch.allclose(out[1, 0, 0], rows[1, 0, 0, 0])
 
 
 def test_pearson_and_mover_flags() -> None:
@@ -245,3 +244,4 @@ def test_nonce_facts_fill_train_templates_with_names_the_relation_has_no_answer_
     symbol = [f for f in made if f.relation == "symbol"]
     assert {f.subject for f in symbol} & {"France", "Japan", "Peru", "Paris", "Tokyo", "Lima"}
     assert nonce_facts(facts, 0, seed=0) == []
+

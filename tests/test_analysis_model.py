@@ -9,7 +9,7 @@ from tiny import ARCHITECTURES, PROMPTS, build_model
 from recallfix.analysis import fit as fit_module
 from recallfix.analysis.attribution import ablation_effect, logprob_gradient, neuron_logprob_attribution
 from recallfix.analysis.batching import batches, encode, pad_id, subject_spans
-from recallfix.analysis.collect import collect, collect_attention, eager_attention
+from recallfix.analysis.collect import collect, eager_attention
 from recallfix.analysis.fit import FitConfig, GainHooks, capture_final_block_inputs, fit_gains, replay_logits
 from recallfix.analysis.lens import layer_residuals, lens_logits
 from recallfix.patches import ComponentMap, apply_patch, decompose, make_patch
@@ -58,6 +58,12 @@ def test_logit_lens_ends_at_the_model_output_and_starts_at_the_embedding(tiny: t
     with torch.no_grad():
         expected = cmap.unembed()(cmap.final_norm()(h)).float()
     assert torch.allclose(lens_logits(cmap, residuals[:, 1]), expected, atol=1e-3)
+    # collect's lens: every column is the lens of that residual (the last two reuse `before` and the output)
+    c = collect(model, cmap, encode(tokenizer, PROMPTS), answers, pad=pad_id(tokenizer), batch_size=8)
+    rows = batch.index
+    for layer in range(cmap.shape.num_layers + 1):
+        p = lens_logits(cmap, residuals[:, layer]).softmax(-1)[torch.arange(len(batch)), answers[rows]]
+        assert torch.allclose(c.lens_p[rows, layer], p, rtol=1e-3, atol=1e-6)
 
 
 def test_block_change_splits_exactly_into_dla_plus_rescale(tiny: tuple) -> None:
@@ -140,20 +146,26 @@ def test_gain_hooks_equal_the_applied_patch_and_carry_gradients(tiny: tuple) -> 
     assert torch.allclose(hooked, patched[torch.arange(len(batch)), batch.last], atol=1e-4)
 
 
-def test_attention_to_subject_and_eager_switch_is_restored(tiny: tuple) -> None:
+def test_mover_attention_comes_from_the_analysis_pass_and_eager_is_restored(tiny: tuple) -> None:
     model, tokenizer, cmap, _ = tiny
     before = model.config._attn_implementation
     spans = subject_spans(tokenizer, PROMPTS, SUBJECTS, [None] * 3)
     assert all(spans)
     ids = encode(tokenizer, PROMPTS)
-    att = collect_attention(model, cmap, ids, spans, pad=pad_id(tokenizer), batch_size=2)
+    answers = torch.zeros(len(ids), dtype=torch.long)
+    c = collect(model, cmap, ids, answers, pad=pad_id(tokenizer), batch_size=2, subjects=spans, mechanisms=True)
     assert model.config._attn_implementation == before
-    assert att.shape == (3, cmap.shape.num_layers, cmap.shape.num_heads)
-    assert ((att >= 0) & (att <= 1 + 1e-5)).all()
+    assert c.attention is not None and c.attention.shape == (3, cmap.shape.num_layers, cmap.shape.num_heads)
+    assert ((c.attention >= 0) & (c.attention <= 1 + 1e-5)).all()
     with eager_attention(model), torch.no_grad():
         out = model(**tokenizer(PROMPTS[0], return_tensors="pt"), output_attentions=True)
-    expected = out.attentions[0][0, :, -1, spans[0]].sum(-1)
-    assert torch.allclose(att[0, 0], expected, atol=1e-5)
+    for layer in range(cmap.shape.num_layers):
+        expected = out.attentions[layer][0, :, -1, spans[0]].sum(-1)
+        assert torch.allclose(c.attention[0, layer], expected, atol=1e-5)
+    # Eager attention in the analysis pass gives the same outputs as the default implementation.
+    plain = collect(model, cmap, ids, answers, pad=pad_id(tokenizer), batch_size=2)
+    assert torch.allclose(c.x_final, plain.x_final, atol=1e-5)
+    assert plain.attention is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -206,3 +218,33 @@ def test_fit_keeps_no_epoch_over_the_confidence_budget() -> None:
         over = before["dev_confidence_rise_unrecalled"] > 0.0
         assert after["guard_weight"] == pytest.approx(before["guard_weight"] * (3.0 if over else 1.0))
     assert any(h["dev_confidence_rise_unrecalled"] > 0 for h in history[1:]), "the test needs an epoch over budget"
+
+
+def test_evaluation_replay_equals_the_patched_forward_pass(tiny: tuple) -> None:
+    """The evaluation runs the blocks below the final one once and replays the final block per patch: the same
+    numbers as a forward pass of the patched model, at the last position and at every neutral position."""
+    from recallfix.analysis.evaluate import replay_dist
+
+    model, tokenizer, cmap, answers = tiny
+    final = cmap.shape.num_layers - 1
+    torch.manual_seed(0)
+    patch = make_patch(model, {f"L{final}H0": 0.3, f"L{final}H1": 1.4},
+                       biases={f"L{final}MLP": 0.1 * torch.randn(cmap.shape.hidden_size)})
+    ids = encode(tokenizer, PROMPTS)
+    batch = next(batches(ids, len(ids), pad_id(tokenizer), "cpu"))
+    last = capture_final_block_inputs(model, cmap, batch)
+    last.targets = answers[batch.index]
+    every = batch.attention_mask.bool()
+    everywhere = capture_final_block_inputs(model, cmap, batch, positions=every)
+    everywhere.targets = torch.roll(batch.input_ids, -1, dims=1)[every]
+    replayed = replay_dist(model, cmap, last, patch)
+    replayed_all = replay_dist(model, cmap, everywhere, patch, temperature=2.0)
+    with torch.no_grad(), apply_patch(model, patch):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    rows = torch.arange(len(batch))
+    expected = logits[rows, batch.last].log_softmax(-1)[rows, last.targets]
+    assert torch.allclose(-replayed.nll, expected, atol=1e-4)
+    expected_all = (logits[every] / 2.0).log_softmax(-1)[torch.arange(int(every.sum())), everywhere.targets]
+    assert torch.allclose(-replayed_all.nll, expected_all, atol=1e-4)
+    base = replay_dist(model, cmap, last, None)
+    assert not torch.allclose(base.nll, replayed.nll, atol=1e-3)  # the patch does change the numbers
