@@ -10,8 +10,9 @@ Four kinds of server, each a subprocess on a free loopback port, each started at
 
 A test names the kinds it needs with `@pytest.mark.servers(...)` and gets them from the `servers` fixture
 (or `shared(...)` in a module fixture). Tests are ordered so that each kind serves one run of tests
-(the LoRA server's first, the merged server's swap last), and each kind stops after the last test that
-needs it: a 2-core, 24 GiB machine never holds more than four vLLM servers, and no vLLM server starts twice.
+(the LoRA server's first, the merged server's swap last), the next group's servers start while a group runs,
+and each kind stops after the last test that needs it: a 2-core, 24 GiB machine never holds more than four
+vLLM engines, and no vLLM server starts twice.
 """
 
 from __future__ import annotations
@@ -344,12 +345,36 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 _last_user: dict[str, str] = {}
+_prestart: dict[str, tuple[str, ...]] = {}  # nodeid -> kinds to start (not wait for) before it runs
+ENGINES = {"serve-lora": 1, "vllm-base": 1, "vllm-merged": 1, "serve-merged": 2}  # vLLM engines of each kind
+MAX_ENGINES = 4  # at most this many engines up at once (memory of a 24 GiB machine)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    for item in session.items:
+    items = session.items
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
         for kind in needs(item):
+            first.setdefault(kind, i)
             _last_user[kind] = item.nodeid
+    last = {kind: next(i for i, item in enumerate(items) if item.nodeid == nodeid)
+            for kind, nodeid in _last_user.items()}
+    # While a group of tests runs on its servers, the next group's servers start beside them: an engine's start
+    # (1-4 min here) is mostly not CPU-bound, so starting them together saves a start's wait per group.
+    for i, item in enumerate(items):
+        if not needs(item):
+            continue
+        live = {kind for kind in first if first[kind] <= i <= last[kind]}
+        new = next((set(needs(later)) - live for later in items[i + 1:] if set(needs(later)) - live), set())
+        if new and sum(ENGINES[k] for k in live | new) <= MAX_ENGINES:
+            _prestart[item.nodeid] = tuple(k for k in KINDS if k in new)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for kind in _prestart.get(item.nodeid, ()):
+        if kind not in _shared and kind not in _stopped and kind not in _failed:
+            _shared[kind] = _make(kind).start()
+            _started_at[kind] = time.monotonic()
 
 
 @pytest.hookimpl(trylast=True)

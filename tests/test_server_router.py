@@ -63,18 +63,21 @@ def test_errors_have_openais_shape(front: Process) -> None:
 
 def test_over_max_concurrency_is_429_with_retry_after(front: Process) -> None:
     body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
-    started = threading.Event()
+    started, measured = threading.Event(), threading.Event()
 
-    def hold() -> None:
+    def hold() -> None:  # one stream in flight until the second request has its answer, then hang up
         with httpx.stream("POST", front.url + "/v1/completions", json=body, headers=front.headers(),
                           timeout=300) as response:
             for _ in response.iter_lines():
                 started.set()
+                if measured.is_set():
+                    break
 
     holder = threading.Thread(target=hold)
     holder.start()
-    assert started.wait(120)
+    assert started.wait(300)
     over = front.post("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 1})
+    measured.set()
     holder.join()
     assert over.status_code == 429 and over.headers["retry-after"]
     assert over.json()["error"]["type"] == "rate_limit_error"
@@ -100,7 +103,7 @@ def test_sigterm_drains_a_stream_in_flight(upstreams) -> None:  # noqa: ANN001
     base, merged = upstreams
     # --drain-timeout: the stream must finish however slowly a shared machine generates it
     draining = router(base, patched_url=merged.url, extra=("--drain-timeout", "600")).wait()
-    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 48, "stream": True, "ignore_eos": True}
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 16, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", draining.url + "/v1/completions", json=body, headers=draining.headers(),
                       timeout=300) as response:
         lines = response.iter_lines()
@@ -109,7 +112,7 @@ def test_sigterm_drains_a_stream_in_flight(upstreams) -> None:  # noqa: ANN001
         rest = [line for line in lines if line.startswith("data: ")]
     assert first and rest[-1] == "data: [DONE]"
     finished = [json.loads(line[6:])["choices"][0].get("finish_reason") for line in rest[:-1]]
-    assert finished[-1] == "length"  # all 48 tokens came, after the signal
+    assert finished[-1] == "length"  # all 16 tokens came, after the signal
     assert draining.proc.wait(timeout=60) == 0
 
 
