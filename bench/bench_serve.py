@@ -74,7 +74,10 @@ class Server:
     def start(self) -> Server:
         env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false",
                # vLLM's CPU default pins every engine to the same cores; recallfix serve unpins its own
-               "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+               "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+               # four engines share the machine: one OpenMP thread each (the front passes it on to its servers),
+               # or a thread waits at each barrier for a peer that another engine keeps off the cores
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         env.pop("RECALLFIX_API_KEY", None)
         with self.log.open("w") as log:
             self.proc = subprocess.Popen([sys.executable, *self.args, "--port", str(self.port)], stdout=log,
@@ -194,7 +197,8 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace, info:
     }
     lines = [BEGIN, "## `recallfix serve` against vLLM's own server (bench/bench_serve.py)", "",
              f"- machine: {info}; load average {min(loads):.1f}-{max(loads):.1f} during the rounds{note}",
-             f"- code: {commit()}; model {args.model}; vLLM options of every server: `{' '.join(VLLM_OPTIONS)}`",
+             f"- code: {commit()}; model {args.model}; vLLM options of every server: `{' '.join(VLLM_OPTIONS)}`, "
+             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}",
              f"- a run: {args.requests} completions ({args.lora_requests} for the lora targets), {args.concurrency} at "
              f"a time, {args.max_tokens} tokens each (ignore_eos, greedy); one warm-up run per target, then "
              f"{args.rounds} rounds, the targets in turn; tokens/s is the median over the rounds, latencies are "
