@@ -1,16 +1,20 @@
 """Patches at run time: `/v1/load_patch` swaps the patched variant under load with no failed request, in
 both modes (lora: an adapter loaded into the running vLLM server; merged: a new vLLM server, switched to
-when ready, the old one drained and stopped), and a refused patch (a bias patch in LoRA mode among them)
-changes nothing, bit for bit.
+when ready, the old one drained and stopped), a refused patch (a bias patch in LoRA mode among them)
+changes nothing, bit for bit, and a vLLM server that dies unasked is reported (503 for its variant, /ready,
+`recallfix_upstream_crashes_total`, its exit in the log) and started again.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from server_fixtures import (
     NAME,
@@ -21,6 +25,7 @@ from server_fixtures import (
     Process,
     patch_file,
     scratch_dir,
+    wait_for,
 )
 
 from recallfix.patches import Patch
@@ -130,3 +135,28 @@ def test_refused_patches_say_why_and_change_nothing(servers, tiny_dirs, tmp_path
         assert re.search(why, error["message"]), error["message"]
     assert first_logprobs(server) == before  # bit for bit
     assert served_patch(server) == info
+
+
+@pytest.mark.servers("serve-merged")
+def test_a_crashed_vllm_server_is_reported_and_started_again(servers) -> None:  # noqa: ANN001
+    server = servers["serve-merged"]
+    (patched,) = [p for p in psutil.Process(server.proc.pid).children()
+                  if f"{NAME}:patched" in p.cmdline() and "--served-model-name" in p.cmdline()]
+    before = server.metrics()
+    os.killpg(patched.pid, signal.SIGKILL)  # the patched variant's API server and its engine die unasked
+    assert wait_for(lambda: server.get("/ready").status_code == 503, timeout=120), "a dead server is not reported"
+    down = server.post("/v1/completions", {"model": f"{NAME}:patched", "prompt": "x", "max_tokens": 1})
+    assert down.status_code == 503 and down.json()["error"]["type"] == "service_unavailable"
+    assert down.headers["retry-after"]
+    up = server.post("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 1})
+    assert up.status_code == 200  # the other variant serves on
+    crashed = server.metrics()
+    assert crashed.delta(before, "recallfix_upstream_crashes_total", variant="patched") == 1
+    assert crashed.value("recallfix_upstream_up", variant="patched") == 0
+    assert "vLLM (patched) exited with signal 9" in server.log()
+    # ... and started again from the same command
+    started = time.monotonic()
+    assert wait_for(lambda: server.get("/ready").status_code == 200, timeout=START_TIMEOUT_S), server.log()[-3000:]
+    START_TIMES.append(("serve-merged: restart after a crash", time.monotonic() - started))
+    again = server.post("/v1/completions", {"model": f"{NAME}:patched", "prompt": "x", "max_tokens": 1})
+    assert again.status_code == 200 and again.headers["x-recallfix-variant"] == "patched"
