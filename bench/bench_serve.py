@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from bench_doc import markers, write_section  # bench/ is on sys.path: these run as scripts
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench_serve:begin -->", "<!-- bench_serve:end -->"
+BEGIN, END = markers("bench_serve")
 NAME = "smol"
 # The patch `recallfix analyze` learned on SmolLM2-135M (shared/notes/real-models.md): four heads of the last layer.
 GAINS = {"L29H0": 0.40, "L29H4": 1.28, "L29H5": 1.07, "L29H7": 1.31}
@@ -220,17 +220,6 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace, info:
     return "\n".join(lines) + "\n"
 
 
-def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section.rstrip("\n") + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    from recallfix.patches.io import atomic_write_text
-
-    atomic_write_text(DOC, text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -284,7 +273,7 @@ def main() -> None:
     results = {target: summarize(r) for target, r in runs.items()}
     # the table names the models as clients do
     section = report(results, args, info, loads, args.note).replace("NAME", NAME)
-    write_doc(section)
+    write_section("bench_serve", section)
     print(section)
 
 
