@@ -22,7 +22,7 @@ from recallfix.patches.components import Component, ComponentMap
 from recallfix.patches.decompose import Decomposition, decompose, direct_logit_attribution, neuron_attribution
 
 from .attribution import ablation_effect, logprob_gradient, neuron_logprob_attribution, rescale_term
-from .batching import batches, num_batches, progress_bar
+from .batching import Batch, batches, num_batches, progress_bar
 from .lens import answer_stats, layer_residuals, lens_logits, logit_lens
 from .movers import attention_to_subject, head_token_attribution
 from .records import Dist
@@ -38,8 +38,10 @@ class Collected:
     names: list[str]  # decomposition components (columns of dla)
     output: Dist  # the model's own next-token distribution
     before: Dist  # logit lens of the stream entering the final block
-    lens_p: torch.Tensor  # [N, L+1] p(answer) after each layer (0 = embeddings)
-    lens_rank: torch.Tensor  # [N, L+1]
+    # The logit lens through the layers and the mechanisms cover the rows of `sample` ([M], sorted), in its order:
+    sample: torch.Tensor  # [M] rows of the prompts they cover
+    lens_p: torch.Tensor  # [M, L+1] p(answer) after each layer (0 = embeddings)
+    lens_rank: torch.Tensor  # [M, L+1]
     x_final: torch.Tensor  # [N, d] residual stream entering the final norm
     dla: torch.Tensor  # [N, components] DLA of every component to the answer
     final_names: list[str]  # the final block's components (heads, attention bias, MLP)
@@ -55,12 +57,12 @@ class Collected:
     final_block_in: torch.Tensor  # [N, d] the stream entering the final block
     final_z: torch.Tensor  # [N, heads * d_head] the input of its attention output projection
     # Mechanisms (only when asked for):
-    beta: torch.Tensor | None = None  # [N, L, H] MLP-on-heads regression coefficients
-    r2: torch.Tensor | None = None  # [N, L]
-    intercept_dla: torch.Tensor | None = None  # [N, L]
-    intercept_rank: torch.Tensor | None = None  # [N, L]
-    subject_attribution: torch.Tensor | None = None  # [N, L, H]; NaN where the subject is unknown
-    attention: torch.Tensor | None = None  # [N, L, H]; NaN where the subject is unknown
+    beta: torch.Tensor | None = None  # [M, L, H] MLP-on-heads regression coefficients
+    r2: torch.Tensor | None = None  # [M, L]
+    intercept_dla: torch.Tensor | None = None  # [M, L]
+    intercept_rank: torch.Tensor | None = None  # [M, L]
+    subject_attribution: torch.Tensor | None = None  # [M, L, H]; NaN where the subject is unknown
+    attention: torch.Tensor | None = None  # [M, L, H]; NaN where the subject is unknown
 
 
 @contextmanager
@@ -108,6 +110,7 @@ def collect(
     batch_size: int,
     subjects: Sequence[list[int] | None] | None = None,
     mechanisms: bool = False,
+    sample: torch.Tensor | None = None,
     outputs_only: bool = False,
     progress: bool = False,
     desc: str = "forward",
@@ -116,15 +119,22 @@ def collect(
 
     outputs_only: keep only `output`, `before`, `x_final` and the final block's parts (what an evaluation of a
     patched model reads); the logit lens, attributions and effects, which cost a full-vocabulary readout each,
-    stay zero. mechanisms (with `subjects`): also the mover heads' attention, from the same pass.
+    stay zero. mechanisms (with `subjects`): also the MLP regressions and the mover heads' attention, from the
+    same pass. sample: the rows (sorted) that get the logit lens through the layers and the mechanisms, about 60
+    full-vocabulary readouts per prompt (None: every row); the final block's numbers cover every row.
     """
     shape = cmap.shape
     n, num_layers, final = len(token_ids), shape.num_layers, shape.num_layers - 1
     device = _device(model)
     answer_ids = answer_ids.to(torch.long)
+    everyone = torch.arange(n)
+    sample = torch.zeros(0, dtype=torch.long) if outputs_only else everyone if sample is None else sample
+    m = len(sample)
+    slot = torch.full((n,), -1, dtype=torch.long)
+    slot[sample] = torch.arange(m)
     output, before = Dist.empty(n), Dist.empty(n)
-    lens_p = torch.zeros(n, num_layers + 1)
-    lens_rank = torch.zeros(n, num_layers + 1, dtype=torch.long)
+    lens_p = torch.zeros(m, num_layers + 1)
+    lens_rank = torch.zeros(m, num_layers + 1, dtype=torch.long)
     x_final = torch.zeros(n, shape.hidden_size)
     neuron_dla = torch.zeros(n, shape.intermediate_size)
     neuron_effect = torch.zeros(n, shape.intermediate_size)
@@ -141,73 +151,84 @@ def collect(
     mechanisms = mechanisms and not outputs_only
     if mechanisms:
         nan = float("nan")
-        beta = torch.zeros(n, num_layers, shape.num_heads)
-        r2 = torch.zeros(n, num_layers)
-        intercept_dla = torch.zeros(n, num_layers)
-        intercept_rank = torch.zeros(n, num_layers, dtype=torch.long)
-        subject_attribution = torch.full((n, num_layers, shape.num_heads), nan)
-        attention = torch.full((n, num_layers, shape.num_heads), nan)
+        beta = torch.zeros(m, num_layers, shape.num_heads)
+        r2 = torch.zeros(m, num_layers)
+        intercept_dla = torch.zeros(m, num_layers)
+        intercept_rank = torch.zeros(m, num_layers, dtype=torch.long)
+        subject_attribution = torch.full((m, num_layers, shape.num_heads), nan)
+        attention = torch.full((m, num_layers, shape.num_heads), nan)
     with_attention = mechanisms and subjects is not None and _has_eager_attention(model)
 
-    bar = progress_bar(batches(token_ids, batch_size, pad, device), total=num_batches(n, batch_size), desc=desc,
-                       progress=progress)
-    with eager_attention(model) if with_attention else nullcontext():
-        for batch in bar:
-            rows = batch.index
-            answers = answer_ids[rows].to(device)
-            dec = decompose(model, batch.input_ids, batch.attention_mask, cmap, attentions=with_attention)
-            names = dec.names
-            residuals = layer_residuals(dec, num_layers)
-            out_stats = answer_stats(dec.logits, answers)
-            before_stats = answer_stats(lens_logits(cmap, residuals[:, final]), answers)
-            output.put(rows, out_stats)
-            before.put(rows, before_stats)
-            x_final[rows] = dec.final_resid.cpu()
-            final_names = dec.written_by(final)
-            mid, heads, mlp = final_block_parts(dec, cmap, residuals[:, final])
-            final_resid_mid[rows], final_head_writes[rows], final_mlp_out[rows] = mid.cpu(), heads.cpu(), mlp.cpu()
-            final_block_in[rows], final_z[rows] = dec.final_block_in.cpu(), dec.z[final].cpu()
-            if outputs_only:
-                continue
-            # The lens after the last two blocks is what entered the final block and the model's own output.
-            p, rank = logit_lens(cmap, residuals[:, :final], answers)
-            lens_p[rows] = torch.cat([p, before_stats.p_answer[:, None], out_stats.p_answer[:, None]], dim=1).cpu()
-            lens_rank[rows] = torch.cat([rank, before_stats.rank[:, None], out_stats.rank[:, None]], dim=1).cpu()
-            batch_dla = direct_logit_attribution(dec, cmap, answers).cpu()
-            if dla is None:
-                dla = torch.zeros(n, batch_dla.shape[1])
-            dla[rows] = batch_dla
-            neuron_dla[rows] = neuron_attribution(dec, cmap, final, answers).cpu()
-            writes = torch.stack([dec.resid[:, dec.index(c)] for c in final_names], dim=1)
-            batch_effect = ablation_effect(cmap, dec.final_resid, writes, answers).cpu()
-            if final_effect is None:
-                final_effect = torch.zeros(n, len(final_names))
-            final_effect[rows] = batch_effect
-            grad = logprob_gradient(cmap, dec.final_resid, answers)
-            neuron_effect[rows] = neuron_logprob_attribution(cmap, grad, dec.neuron_acts[final], final).cpu()
-            rescale[rows] = rescale_term(cmap, residuals[:, final], dec.final_resid, answers).cpu()
-            if not mechanisms:
-                continue
-            reg = regress_mlps_on_heads(dec, cmap)
-            beta[rows], r2[rows] = reg.beta.cpu(), reg.r2.cpu()
-            i_dla, i_rank = intercept_readout(cmap, dec, reg.intercept, answers)
-            intercept_dla[rows], intercept_rank[rows] = i_dla.cpu(), i_rank.cpu()
-            if subjects is None:
-                continue
-            first = [subjects[int(r)][0] if subjects[int(r)] else None for r in rows]
-            has = torch.tensor([f is not None for f in first])
-            if not has.any():
-                continue
-            positions = torch.tensor([f or 0 for f in first], device=device)
-            tokens = batch.input_ids[torch.arange(len(rows), device=device), positions]
-            subject_attribution[rows[has]] = head_token_attribution(dec, cmap, tokens).cpu()[has]
-            if dec.attention is not None:
-                mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
-                for r, i in enumerate(rows.tolist()):
-                    mask[r, subjects[i] or []] = True
-                attention[rows[has]] = attention_to_subject(dec.attention, mask.to(device)).cpu()[has]
+    # The sampled rows first, with eager attention when the mover heads need the maps; then the rest (sdpa).
+    in_sample = torch.zeros(n, dtype=torch.bool)
+    in_sample[sample] = True
+    groups = [(rows, deep) for rows, deep in ((sample, True), (everyone[~in_sample], False)) if len(rows)]
+
+    def passes() -> Iterator[tuple[torch.Tensor, Batch, bool]]:
+        for group, deep in groups:
+            with eager_attention(model) if deep and with_attention else nullcontext():
+                for batch in batches([token_ids[int(i)] for i in group], batch_size, pad, device):
+                    yield group[batch.index], batch, deep
+
+    total = sum(num_batches(len(group), batch_size) for group, _ in groups)
+    for rows, batch, deep in progress_bar(passes(), total=total, desc=desc, progress=progress):
+        answers = answer_ids[rows].to(device)
+        dec = decompose(model, batch.input_ids, batch.attention_mask, cmap, attentions=deep and with_attention)
+        names = dec.names
+        residuals = layer_residuals(dec, num_layers)
+        out_stats = answer_stats(dec.logits, answers)
+        before_stats = answer_stats(lens_logits(cmap, residuals[:, final]), answers)
+        output.put(rows, out_stats)
+        before.put(rows, before_stats)
+        x_final[rows] = dec.final_resid.cpu()
+        final_names = dec.written_by(final)
+        mid, heads, mlp = final_block_parts(dec, cmap, residuals[:, final])
+        final_resid_mid[rows], final_head_writes[rows], final_mlp_out[rows] = mid.cpu(), heads.cpu(), mlp.cpu()
+        final_block_in[rows], final_z[rows] = dec.final_block_in.cpu(), dec.z[final].cpu()
+        if outputs_only:
+            continue
+        batch_dla = direct_logit_attribution(dec, cmap, answers).cpu()
+        if dla is None:
+            dla = torch.zeros(n, batch_dla.shape[1])
+        dla[rows] = batch_dla
+        neuron_dla[rows] = neuron_attribution(dec, cmap, final, answers).cpu()
+        writes = torch.stack([dec.resid[:, dec.index(c)] for c in final_names], dim=1)
+        batch_effect = ablation_effect(cmap, dec.final_resid, writes, answers).cpu()
+        if final_effect is None:
+            final_effect = torch.zeros(n, len(final_names))
+        final_effect[rows] = batch_effect
+        grad = logprob_gradient(cmap, dec.final_resid, answers)
+        neuron_effect[rows] = neuron_logprob_attribution(cmap, grad, dec.neuron_acts[final], final).cpu()
+        rescale[rows] = rescale_term(cmap, residuals[:, final], dec.final_resid, answers).cpu()
+        if not deep:
+            continue
+        at = slot[rows]
+        # The lens after the last two blocks is what entered the final block and the model's own output.
+        p, rank = logit_lens(cmap, residuals[:, :final], answers)
+        lens_p[at] = torch.cat([p, before_stats.p_answer[:, None], out_stats.p_answer[:, None]], dim=1).cpu()
+        lens_rank[at] = torch.cat([rank, before_stats.rank[:, None], out_stats.rank[:, None]], dim=1).cpu()
+        if not mechanisms:
+            continue
+        reg = regress_mlps_on_heads(dec, cmap)
+        beta[at], r2[at] = reg.beta.cpu(), reg.r2.cpu()
+        i_dla, i_rank = intercept_readout(cmap, dec, reg.intercept, answers)
+        intercept_dla[at], intercept_rank[at] = i_dla.cpu(), i_rank.cpu()
+        if subjects is None:
+            continue
+        first = [subjects[int(r)][0] if subjects[int(r)] else None for r in rows]
+        has = torch.tensor([f is not None for f in first])
+        if not has.any():
+            continue
+        positions = torch.tensor([f or 0 for f in first], device=device)
+        tokens = batch.input_ids[torch.arange(len(rows), device=device), positions]
+        subject_attribution[at[has]] = head_token_attribution(dec, cmap, tokens).cpu()[has]
+        if dec.attention is not None:
+            mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+            for r, i in enumerate(rows.tolist()):
+                mask[r, subjects[i] or []] = True
+            attention[at[has]] = attention_to_subject(dec.attention, mask.to(device)).cpu()[has]
     empty = torch.zeros(n, 0)
-    result = Collected(names=names, output=output, before=before, lens_p=lens_p, lens_rank=lens_rank,
+    result = Collected(names=names, output=output, before=before, sample=sample, lens_p=lens_p, lens_rank=lens_rank,
                        x_final=x_final, dla=dla if dla is not None else empty, final_names=final_names,
                        final_effect=final_effect if final_effect is not None else empty, rescale=rescale,
                        neuron_dla=neuron_dla, neuron_effect=neuron_effect, final_head_writes=final_head_writes,

@@ -344,6 +344,12 @@ def _objective(cmap: ComponentMap, facts: Sequence[BlockInputs], neutral: BlockI
             "confidence_rise_unrecalled": rise}
 
 
+def _rechunk(parts: Sequence[BlockInputs]) -> list[BlockInputs]:
+    """The rows of `parts` in parts of `CHUNK`: the per-epoch objective and the base log-probs then take a few
+    large readout products instead of one per prompt batch."""
+    return list(_chunks(BlockInputs.cat(parts))) if parts else []
+
+
 def _sample(total: int, size: int, generator: torch.Generator) -> torch.Tensor:
     """`size` of `total` rows drawn without replacement (all of them when size is 0 or not smaller)."""
     if size <= 0 or size >= total:
@@ -366,10 +372,11 @@ def _step_loss(cmap: ComponentMap, recalled: BlockInputs | None, guarded: BlockI
                neutral: BlockInputs | None, hooks: GainHooks, config: FitConfig, guard: float) -> torch.Tensor:
     """One training step's estimate of the objective: each term the mean over its own sample of rows."""
     loss = config.l2 * hooks.delta.pow(2).sum()
-    if recalled is not None:
-        loss = loss + fact_loss(cmap, recalled)[0] / len(recalled)
-    if guarded is not None:
-        loss = loss + guard * fact_loss(cmap, guarded)[1] / len(guarded)
+    facts = [part for part in (recalled, guarded) if part is not None]
+    if facts:  # one replay of both samples: fact_loss sums each term over its own rows
+        nll, kl, _ = fact_loss(cmap, BlockInputs.cat(facts))
+        loss = loss + (nll / len(recalled) if recalled is not None else 0)
+        loss = loss + (guard * kl / len(guarded) if guarded is not None else 0)
     if neutral is not None and config.kl_weight > 0:
         loss = loss + config.kl_weight * neutral_kl(cmap, neutral, hooks) / len(neutral)
     return loss
@@ -402,6 +409,7 @@ def fit_gains(
     for p in model.parameters():
         p.requires_grad_(False)
     neutral_all = BlockInputs.cat(neutral) if neutral else None
+    train, dev = _rechunk(train), _rechunk(dev)
     set_base(cmap, [*train, *dev], neutral_all)
     recalled, guarded = _split_recalled(train)
     generator = torch.Generator().manual_seed(config.seed)

@@ -123,6 +123,13 @@ def inputs_key(model: str | Path, facts: str | Path, unknown: str | Path | None,
     return h.hexdigest()
 
 
+def mechanism_sample(n: int, size: int, seed: int) -> torch.Tensor | None:
+    """The rows (sorted) of a seeded sample of `size` of `n` prompts; None (all of them) when size is 0 or >= n."""
+    if size <= 0 or size >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+
+
 def run_analysis(
     model: str | Path,
     facts: str | Path,
@@ -162,7 +169,8 @@ def run_analysis(
 
     with timer("analysis pass"):
         c = collect(s.lm, s.cmap, known.token_ids, known.answers, pad=s.pad, batch_size=config.batch_size,
-                    subjects=known.subjects, mechanisms=True, progress=config.progress, desc="facts")
+                    subjects=known.subjects, mechanisms=True, progress=config.progress, desc="facts",
+                    sample=mechanism_sample(len(known.facts), config.mechanism_prompts, config.seed))
     described = describe(s, c, config)
     _log(config.progress, described.findings.text)
 

@@ -122,9 +122,17 @@ def _setup(d: AnalysisResult) -> list[str]:
     return out
 
 
+def _sample_note(n: int, n_facts: int) -> str:
+    if n >= n_facts:
+        return f"Over all {n_facts} prompts.\n"
+    return (f"Over a seeded sample of {n} of the {n_facts} prompts (`--mechanism-prompts`: each costs a "
+            f"full-vocabulary readout per layer); the final block's numbers (sections 2 and 4) are not sampled.\n")
+
+
 def _logit_lens(d: AnalysisResult) -> list[str]:
-    out = ["## 1. Logit lens\n", _image(d.files, "plot_logit_lens", "logit lens")]
     curve = d.logit_lens.all
+    out = ["## 1. Logit lens\n", _sample_note(curve.n, d.data.n_facts),
+           _image(d.files, "plot_logit_lens", "logit lens")]
     out.append(_table(["after block"] + ["emb" if i == 0 else str(i) for i in range(len(curve.mean_p_answer))],
                       [["mean p(answer)"] + [_f(v) for v in curve.mean_p_answer],
                        ["median rank"] + [_f(v, ".0f") for v in curve.median_rank],
@@ -159,7 +167,7 @@ def _final_layer(d: AnalysisResult) -> list[str]:
 
 def _mechanisms(d: AnalysisResult) -> list[str]:
     mech = d.mechanisms
-    out = ["\n## 3. Mechanisms\n"]
+    out = ["\n## 3. Mechanisms\n", _sample_note(mech.n_prompts, d.data.n_facts)]
     movers = mech.movers
     if movers:
         out.append(f"### Mover heads ({movers.n_prompts} prompts with a located subject)\n")

@@ -132,6 +132,8 @@ class MlpRegression(Strict):
 
 
 class Mechanisms(Strict):
+    n_prompts: int = Field(description="prompts the logit lens, the MLP regressions and the mover heads cover (a "
+                                       "seeded sample of the facts when there are more than mechanism_prompts)")
     movers: Movers | None
     mlp_regression: list[MlpRegression]
     answer_mlp: str | None = Field(description="the MLP whose intercept points at the answer most (mean DLA)")

@@ -64,9 +64,10 @@ def lens_curve(p: torch.Tensor, rank: torch.Tensor) -> LensCurve:
 
 
 def logit_lens(c: Collected, relations: Sequence[str | None], num_layers: int) -> LogitLens:
+    """The lens curves over the prompts the lens covered (`c.sample`); `relations` of every prompt."""
     by_relation: dict[str, list[int]] = {}
-    for i, relation in enumerate(relations):
-        by_relation.setdefault(relation or "(none)", []).append(i)
+    for i, row in enumerate(c.sample.tolist()):
+        by_relation.setdefault(relations[row] or "(none)", []).append(i)
     return LogitLens(
         num_layers=num_layers,
         all=lens_curve(c.lens_p, c.lens_rank),
@@ -178,7 +179,7 @@ def regression_summary(c: Collected, cmap: ComponentMap) -> tuple[list[MlpRegres
         mlp = str(Component(layer, "mlp"))
         out.append(MlpRegression(
             layer=layer, name=mlp, mean_r2=num(c.r2[:, layer].mean()),
-            mean_mlp_dla=num(c.dla[:, c.names.index(mlp)].mean()),
+            mean_mlp_dla=num(c.dla[c.sample, c.names.index(mlp)].mean()),
             heads=heads,
             intercept=InterceptRow(mean_dla=num(i_dla.mean()), share_dla_positive=num((i_dla > 0).float().mean()),
                                    median_answer_rank=num(i_rank.float().median()),
@@ -275,8 +276,8 @@ def describe(s: Loaded, c: Collected, config: AnalysisConfig) -> Description:
     return Description(
         logit_lens=logit_lens(c, [f.relation for f in known.facts], s.cmap.shape.num_layers),
         final_layer=final_layer,
-        mechanisms=Mechanisms(movers=mover_summary(c, config.min_attention, config.seed), mlp_regression=regression,
-                              answer_mlp=answer_mlp),
+        mechanisms=Mechanisms(n_prompts=len(c.sample), movers=mover_summary(c, config.min_attention, config.seed),
+                              mlp_regression=regression, answer_mlp=answer_mlp),
         findings=Findings(layer=s.final, test=test, all=suppression(c.output, c.before, groups, config.n_boot,
                                                                     config.seed),
                           rescale=rescale, block_lowers=(test.share_suppressed or 0) > 0.5, components=components,

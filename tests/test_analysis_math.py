@@ -266,7 +266,13 @@ def test_readout_product_through_openblas_threads_equals_torch() -> None:
 def test_readout_product_keeps_autograd() -> None:
     from recallfix.analysis.gemm import matmul_t
 
-    x = torch.randn(128, 8, requires_grad=True)
-    w = torch.randn(16, 8)
-    matmul_t(x, w).sum().backward()  # the threaded NumPy path would cut the graph
-    assert torch.allclose(x.grad, w.sum(0).expand(128, 8))
+    torch.manual_seed(0)
+    w = torch.randn(300, 8)
+    for rows in (128, 5):  # the OpenBLAS product with its own backward, and torch's
+        x = torch.randn(rows, 8, requires_grad=True)
+        upstream = torch.randn(rows, 300)
+        (matmul_t(x, w) * upstream).sum().backward()
+        assert torch.allclose(x.grad, upstream @ w, atol=1e-4)
+    trained = torch.randn(300, 8, requires_grad=True)  # a weight that needs its gradient: torch's path
+    (matmul_t(torch.randn(128, 8), trained) * upstream[:1]).sum().backward()
+    assert trained.grad is not None and trained.grad.abs().sum() > 0

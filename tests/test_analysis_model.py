@@ -248,3 +248,25 @@ def test_evaluation_replay_equals_the_patched_forward_pass(tiny: tuple) -> None:
     assert torch.allclose(-replayed_all.nll, expected_all, atol=1e-4)
     base = replay_dist(model, cmap, last, None)
     assert not torch.allclose(base.nll, replayed.nll, atol=1e-3)  # the patch does change the numbers
+
+
+def test_a_mechanism_sample_gives_the_full_pass_numbers_of_its_rows(tiny: tuple) -> None:
+    """`sample` restricts the lens through the layers and the mechanisms to some rows; each of those rows gets
+    what the pass over everyone gives it, and the final block's numbers still cover every row."""
+    model, tokenizer, cmap, answers = tiny
+    spans = subject_spans(tokenizer, PROMPTS, SUBJECTS, [None] * 3)
+    ids = encode(tokenizer, PROMPTS)
+    everyone = collect(model, cmap, ids, answers, pad=pad_id(tokenizer), batch_size=2, subjects=spans,
+                       mechanisms=True)
+    sample = torch.tensor([0, 2])
+    some = collect(model, cmap, ids, answers, pad=pad_id(tokenizer), batch_size=2, subjects=spans, mechanisms=True,
+                   sample=sample)
+    assert torch.equal(some.sample, sample) and torch.equal(everyone.sample, torch.arange(3))
+    assert some.lens_p.shape == (2, cmap.shape.num_layers + 1)
+    for name in ("lens_p", "beta", "r2", "intercept_dla", "subject_attribution", "attention"):
+        assert torch.allclose(getattr(some, name), getattr(everyone, name)[sample], atol=1e-5, equal_nan=True), name
+    assert torch.equal(some.lens_rank, everyone.lens_rank[sample])
+    assert torch.equal(some.intercept_rank, everyone.intercept_rank[sample])
+    for name in ("x_final", "dla", "final_effect", "neuron_effect", "rescale"):
+        assert torch.allclose(getattr(some, name), getattr(everyone, name), atol=1e-5), name
+    assert torch.equal(some.output.rank, everyone.output.rank) and torch.equal(some.before.rank, everyone.before.rank)
