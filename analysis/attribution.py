@@ -35,7 +35,7 @@ from recallfix.patches.components import Component, ComponentMap
 from recallfix.patches.decompose import constant_logits, frozen_norm_scale, mean_readout, norm_linear, readout
 
 from .gemm import matmul_t
-from .lens import lens_answer
+from .lens import answer_logp_rank, lens_answer
 
 
 def _answer_logp(cmap: ComponentMap, x: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
@@ -47,6 +47,47 @@ def ablation_effect(cmap: ComponentMap, x_out: torch.Tensor, writes: torch.Tenso
     """log p_a(x_out) - log p_a(x_out - c) for each write c [batch, C, d] (real final norm). [batch, C]"""
     logp = _answer_logp(cmap, torch.cat([x_out.unsqueeze(1), x_out.unsqueeze(1) - writes], dim=1), answer_ids)
     return logp[:, :1] - logp[:, 1:]
+
+
+def head_readout(cmap: ComponentMap, layer: int) -> torch.Tensor:
+    """Every head's z straight to unscaled logits: row h*d_head + i is W_U P(W_O[:, h*d_head + i]), where
+    P(v) = w_norm ⊙ v (LayerNorm: v centred first) is the final norm without its scale. [heads * d_head, vocab]"""
+    w_o = cmap.output_weight(cmap.attn_out(layer)).float()  # [d_model, heads * d_head]
+    columns = norm_linear(cmap, w_o.T, torch.ones(w_o.shape[1], device=w_o.device))
+    return matmul_t(columns, cmap.unembed().weight)
+
+
+def ablation_effect_heads(cmap: ComponentMap, x_out: torch.Tensor, writes: torch.Tensor, names: list[str],
+                          layer: int, z: torch.Tensor, heads_readout: torch.Tensor,
+                          answer_ids: torch.Tensor) -> torch.Tensor:
+    """`ablation_effect` of the writes [batch, C, d] named `names` (of block `layer`: heads, attention bias, MLP),
+    with the heads' logits read from their z [batch, heads * d_head] through `head_readout(cmap, layer)` instead
+    of one full readout per head.
+
+    P (the norm without its scale) is linear, so with U(v) = W_U P(v) the logits after removing a write c are
+    (U(x) - U(c)) / s(x - c) + const; a head's U(c) is its z through its rows of `head_readout`: the heads of a
+    prompt together cost one readout instead of one each. [batch, C]"""
+    batch, d_head = x_out.shape[0], cmap.shape.head_dim
+    weight = cmap.unembed().weight
+    unit = torch.ones(batch, device=x_out.device)
+    u_x = matmul_t(norm_linear(cmap, x_out, unit), weight)
+    head_names = cmap.heads(layer)
+    heads = [i for i, n in enumerate(names) if n in head_names]
+    others = [i for i in range(len(names)) if i not in heads]
+    u = torch.empty(batch, len(names), u_x.shape[1], device=u_x.device)
+    index = [head_names.index(names[i]) for i in heads]
+    per_head = heads_readout.view(-1, d_head, u_x.shape[1])[index]  # [heads, d_head, vocab]
+    u[:, heads] = torch.einsum("bhd,hdv->bhv", z.view(batch, -1, d_head)[:, index].float(), per_head)
+    if others:
+        flat = norm_linear(cmap, writes[:, others].reshape(-1, writes.shape[-1]), unit.repeat_interleave(len(others)))
+        u[:, others] = matmul_t(flat, weight).view(batch, len(others), -1)
+    constant = constant_logits(cmap)
+    ablated = x_out.unsqueeze(1) - writes
+    logits = (u_x.unsqueeze(1) - u) / frozen_norm_scale(cmap, ablated).unsqueeze(-1) + constant
+    answers = answer_ids.repeat_interleave(len(names))
+    logp_without = answer_logp_rank(logits.view(batch * len(names), -1), answers)[0].view(batch, -1)
+    logp = answer_logp_rank(u_x / frozen_norm_scale(cmap, x_out).unsqueeze(-1) + constant, answer_ids)[0]
+    return logp.unsqueeze(1) - logp_without
 
 
 def logprob_gradient(cmap: ComponentMap, x_out: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:

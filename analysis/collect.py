@@ -21,7 +21,7 @@ from torch import nn
 from recallfix.patches.components import Component, ComponentMap
 from recallfix.patches.decompose import Decomposition, decompose, direct_logit_attribution, neuron_attribution
 
-from .attribution import ablation_effect, logprob_gradient, neuron_logprob_attribution, rescale_term
+from .attribution import ablation_effect_heads, head_readout, logprob_gradient, neuron_logprob_attribution, rescale_term
 from .batching import Batch, batches, num_batches, progress_bar
 from .lens import answer_stats, layer_residuals, lens_logits, logit_lens
 from .movers import attention_to_subject, head_token_attribution
@@ -146,6 +146,7 @@ def collect(
     final_z = torch.zeros(n, shape.num_heads * shape.head_dim)
     dla: torch.Tensor | None = None
     final_effect: torch.Tensor | None = None
+    heads_readout: torch.Tensor | None = None  # the final heads' z to logits, made at the first batch
     names: list[str] = []
     final_names: list[str] = []
     mechanisms = mechanisms and not outputs_only
@@ -193,7 +194,10 @@ def collect(
         dla[rows] = batch_dla
         neuron_dla[rows] = neuron_attribution(dec, cmap, final, answers).cpu()
         writes = torch.stack([dec.resid[:, dec.index(c)] for c in final_names], dim=1)
-        batch_effect = ablation_effect(cmap, dec.final_resid, writes, answers).cpu()
+        if heads_readout is None:
+            heads_readout = head_readout(cmap, final)
+        batch_effect = ablation_effect_heads(cmap, dec.final_resid, writes, final_names, final, dec.z[final],
+                                             heads_readout, answers).cpu()
         if final_effect is None:
             final_effect = torch.zeros(n, len(final_names))
         final_effect[rows] = batch_effect

@@ -240,7 +240,8 @@ def evaluate(s: Loaded, c: Collected, inputs: Inputs, base: Runs, patched: dict[
     known, n_boot, seed = s.known, config.n_boot, config.seed
     names = list(patched)
     test_rows = known.rows("test")
-    test_groups = [known.groups[i] for i in test_rows]
+    groups = known.groups  # a property that builds the list: once, not per row
+    test_groups = [groups[i] for i in test_rows]
     test_models = {"base": base.test, **{m: r.test for m, r in patched.items()},
                    "temperature": replay_dist(s.lm, s.cmap, inputs.test, None, temperature)}
     unknown = None

@@ -16,6 +16,7 @@ weight. The parts add up to the model's own logits to float rounding.
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -108,9 +109,22 @@ def readout(cmap: ComponentMap, scale: torch.Tensor, token_ids: torch.Tensor) ->
     return rows / scale.view(-1, *([1] * (rows.dim() - 1)))
 
 
+_mean_rows: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _mean_unembedding_row(weight: torch.Tensor) -> torch.Tensor:
+    """W_U's mean row, kept per weight tensor until it is written to (`_version`): the analysis asks for it on
+    every batch, and it is a reduction over the whole vocabulary."""
+    hit = _mean_rows.get(id(weight))
+    if hit is None or hit[0]() is not weight or hit[1] != weight._version:
+        hit = (weakref.ref(weight), weight._version, weight.detach().float().mean(dim=0))
+        _mean_rows[id(weight)] = hit
+    return hit[2]
+
+
 def mean_readout(cmap: ComponentMap, scale: torch.Tensor) -> torch.Tensor:
     """The readout of the mean logit over the vocabulary. [batch, d]"""
-    mean_row = (cmap.unembed().weight.float().mean(dim=0) * cmap.final_norm().weight.float())
+    mean_row = (_mean_unembedding_row(cmap.unembed().weight) * cmap.final_norm().weight.float())
     if cmap.spec.norm == "layernorm":
         mean_row = mean_row - mean_row.mean()
     return mean_row.unsqueeze(0) / scale.unsqueeze(1)

@@ -103,3 +103,26 @@ def test_outputs_only_keeps_what_an_evaluation_reads() -> None:
         assert torch.equal(getattr(light.before, name), getattr(full.before, name))
     assert torch.equal(light.x_final, full.x_final) and torch.equal(light.final_z, full.final_z)
     assert light.final_effect.shape[1] == 0 and not light.lens_p.any()  # the costly readouts are skipped
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_heads_read_through_their_z_give_the_full_ablation_effect(arch: str) -> None:
+    """The final layer's ablation effects with the heads' logits read from z (`head_readout`) equal the
+    reference: a full readout of x_out minus each write through the real final norm."""
+    from recallfix.analysis.attribution import ablation_effect, ablation_effect_heads, head_readout
+    from recallfix.patches import decompose
+
+    model, tokenizer = build_model(arch)
+    cmap = ComponentMap(model)
+    final = cmap.shape.num_layers - 1
+    batch = next(batches(encode(tokenizer, PROMPTS), 8, pad_id(tokenizer)))
+    answers = torch.tensor([tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in ANSWERS])[batch.index]
+    dec = decompose(model, batch.input_ids, batch.attention_mask, cmap)
+    names = dec.written_by(final)
+    assert any(n.startswith(f"L{final}H") for n in names) and f"L{final}MLP" in names
+    writes = torch.stack([dec.resid[:, dec.index(n)] for n in names], dim=1)
+    reference = ablation_effect(cmap, dec.final_resid, writes, answers)
+    fast = ablation_effect_heads(cmap, dec.final_resid, writes, names, final, dec.z[final],
+                                 head_readout(cmap, final), answers)
+    assert fast.shape == reference.shape and reference.abs().max() > 1e-4
+    assert torch.allclose(fast, reference, atol=1e-4, rtol=1e-3)

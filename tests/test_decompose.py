@@ -64,3 +64,19 @@ def test_attribution_matches_logit_difference(decomposed) -> None:
     constant = parts[:, -1]
     expected = (dec.logits - constant).gather(1, target[:, None])[:, 0] - (dec.logits - constant).mean(dim=-1)
     assert torch.allclose(total, expected, atol=1e-4)
+
+
+def test_mean_readout_follows_a_changed_unembedding() -> None:
+    """The mean unembedding row is kept between calls, and recomputed once the weight is written to."""
+    from recallfix.patches.decompose import mean_readout
+
+    model, _ = build_model("llama")
+    cmap = ComponentMap(model)
+    scale = torch.ones(1)
+    before = mean_readout(cmap, scale)
+    assert torch.equal(mean_readout(cmap, scale), before)
+    with torch.no_grad():
+        cmap.unembed().weight.add_(1.0)
+    after = mean_readout(cmap, scale)
+    expected = cmap.unembed().weight.float().mean(dim=0) * cmap.final_norm().weight.float()
+    assert torch.allclose(after, expected.unsqueeze(0)) and not torch.allclose(after, before)
