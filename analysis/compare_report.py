@@ -75,7 +75,7 @@ def plot_reliability(r: CompareResult, path: Path) -> str:
     for ax, key in zip(axes, ("A", "B"), strict=True):
         draw_reliability(ax, r.reliability[key], _name(r, key), r.overall.models[key])
     axes[0].set_ylabel("accuracy (first answer token top-1)")
-    axes[0].legend(fontsize=7, loc="upper left")
+    axes[1].legend(fontsize=7, loc="lower right")  # the bin counts stand along the top
     return _save(fig, path)
 
 

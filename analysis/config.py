@@ -66,7 +66,7 @@ class AnalysisConfig:
 class CompareConfig:
     """The settings of `recallfix compare` (its servers, models and files are plain options of the command)."""
 
-    concurrency: int = _opt(8, "requests in flight at once, both models together")
+    concurrency: int = _opt(8, "requests in flight at once (the models are asked one after the other)")
     top_logprobs: int = _opt(20, "top log-probabilities asked per position (k; vLLM allows up to its --max-logprobs, "
                                  "default 20); an answer ranked below them has rank '> k'", metavar="K")
     extra_tokens: int = _opt(3, "greedy generation: the answer's token count plus this many tokens")

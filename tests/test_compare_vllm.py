@@ -5,7 +5,8 @@ exported as a PEFT LoRA adapter and vLLM's API server (started here, once) serve
 adapter as NAME:patched, the names `recallfix serve` gives them. Then:
 
 * compare on the run's held-out test split gives the analysis' own numbers for base and patched;
-* an unknown model fails with one line; retries through a busy second server give the same numbers;
+* an unknown model, or a server without echo logprobs, fails with one line; model B through a second, busy server
+  (retries) gives the same numbers;
 * `lm_eval --model local-completions` on the same facts gives the same accuracy and log-likelihoods.
 
 Tolerances: the analysis runs Hugging Face float32 on CPU with the patch applied to the weights; vLLM runs its own
@@ -35,6 +36,8 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
+import uvicorn
+from fastapi import FastAPI, Request, Response
 from server_fixtures import _die_with_parent, free_port
 
 from recallfix.analysis.compare_schema import COMPARE_SCHEMA_PATH
@@ -242,25 +245,22 @@ def _one_line_error(done: subprocess.CompletedProcess[str]) -> str:
 
 def test_an_unknown_model_fails_fast_with_one_line(vllm: VllmServer, run: Path, tmp_path: Path) -> None:
     line = _one_line_error(_compare("--base-url", vllm.url, "--models", NAME, "no-such-model", "--run", str(run),
-                                    "--split", "test", "--out", str(tmp_path / "out"), timeout=120))
+                                    "--split", "test", "--out", str(tmp_path / "out"), timeout=300))
     assert "no-such-model" in line and "unknown model" in line and NAME in line
     assert not (tmp_path / "out").exists()
 
 
-class BusyProxy:
-    """A second server in front of vLLM (real HTTP, uvicorn in a thread) that answers its first `busy` requests
-    503 and 429 (Retry-After: 0) by turns, then forwards every request to vLLM."""
+class Proxy:
+    """A second server in front of vLLM (real HTTP, uvicorn in a thread) that forwards every request, after
+    answering its first `busy` requests 503 and 429 (Retry-After: 0) by turns; with `no_logprobs` it drops the
+    log-probabilities from the completions it returns, like a server without echo logprobs."""
 
-    def __init__(self, upstream: str, busy: int) -> None:
-        import uvicorn
-        from fastapi import FastAPI, Request, Response
-
-        self.seen, self.refused = 0, 0
+    def __init__(self, upstream: str, busy: int = 0, no_logprobs: bool = False) -> None:
+        self.refused = 0
         app = FastAPI()
 
         @app.api_route("/{path:path}", methods=["GET", "POST"])
         async def forward(request: Request, path: str) -> Response:
-            self.seen += 1
             if self.refused < busy:
                 self.refused += 1
                 if self.refused % 2:
@@ -269,13 +269,23 @@ class BusyProxy:
             async with httpx.AsyncClient(timeout=600) as client:
                 answer = await client.request(request.method, f"{upstream}/{path}", content=await request.body(),
                                               headers={"content-type": "application/json"})
-            return Response(answer.content, status_code=answer.status_code, media_type="application/json")
+            body = answer.content
+            if no_logprobs and path.endswith("completions") and answer.status_code == 200:
+                doc = answer.json()
+                for choice in doc["choices"]:
+                    choice["logprobs"] = None
+                body = json.dumps(doc).encode()
+            return Response(body, status_code=answer.status_code, media_type="application/json")
 
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> BusyProxy:
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Proxy:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started and time.monotonic() < deadline:
@@ -287,19 +297,27 @@ class BusyProxy:
         self.thread.join(timeout=10)
 
 
+def test_a_server_without_echo_logprobs_fails_with_one_line(vllm: VllmServer, run: Path, tmp_path: Path) -> None:
+    with Proxy(vllm.url, no_logprobs=True) as proxy:
+        line = _one_line_error(_compare("--base-url", proxy.url, "--models", NAME, PATCHED, "--run", str(run),
+                                        "--split", "test", "--out", str(tmp_path / "out"), timeout=300))
+    assert proxy.url in line and "no echo logprobs" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_model_b_through_a_busy_second_server_gives_the_same_numbers(vllm: VllmServer, compared: tuple[Path, str],
                                                                      tmp_path: Path) -> None:
     first = _per_fact(compared[0])[:6]
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps({k: f[k] for k in ("prompt", "answer", "subject", "relation")}) + "\n"
                              for f in first))
-    with BusyProxy(vllm.url, busy=4) as proxy:
-        done = _compare("--base-url", vllm.url, "--base-url-b", f"http://127.0.0.1:{proxy.port}", "--models", NAME,
+    with Proxy(vllm.url, busy=4) as proxy:
+        done = _compare("--base-url", vllm.url, "--base-url-b", proxy.url, "--models", NAME,
                         PATCHED, "--facts", str(facts), "--n-boot", "50", "--concurrency", "2",
                         "--out", str(tmp_path / "out"), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = _results(tmp_path / "out")
-    assert results["models"]["B"]["base_url"] == f"http://127.0.0.1:{proxy.port}/v1"
+    assert results["models"]["B"]["base_url"] == f"{proxy.url}/v1"
     assert results["models"]["B"]["retries"] == 4 and results["models"]["A"]["retries"] == 0
     for again, before in zip(_per_fact(tmp_path / "out"), first, strict=True):
         for key in ("A", "B"):
@@ -342,9 +360,9 @@ def test_lm_eval_harness_agrees_with_compare(vllm: VllmServer, compared: tuple[P
     greedy = []
     for s in samples:
         mine = per_fact[(s["doc"]["prompt"], s["doc"]["answer"])]
-        loglikelihood, is_greedy = s["filtered_resps"][0]
-        assert float(loglikelihood) == pytest.approx(mine["answer_logprob"], abs=LOGPROB_TOL), s["doc"]
-        greedy.append((bool(is_greedy), mine["answer_greedy"]))
+        loglikelihood = float(s["filtered_resps"][0][0])  # the samples file holds [log-likelihood, is_greedy] as text
+        assert loglikelihood == pytest.approx(mine["answer_logprob"], abs=LOGPROB_TOL), s["doc"]
+        greedy.append((s["acc"] == 1, mine["answer_greedy"]))
     harness = json.loads(next((tmp_path / "lm_eval").rglob("results_*.json")).read_text())
     acc = harness["results"]["recallfix_facts"]["acc,none"]
     ours = _results(out)["overall"]["models"][key]["answer_greedy"]["value"]
