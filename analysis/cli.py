@@ -13,8 +13,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from recallfix.analysis.config import AnalysisConfig, add_options, from_args
+from recallfix.analysis.config import AnalysisConfig
 from recallfix.analysis.schema import AnalysisResult
+from recallfix.patches.options import add_options, from_args
 
 DEFAULT_DEMO_MODEL = Path(".cache/demo-model")
 DEMO_REAL_MODEL = "smollm2-135m"  # `recallfix demo` without --model: a real pretrained model (models.json)
@@ -34,7 +35,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="run directory to write (RUN)")
-    p.add_argument("--force", action="store_true", help="replace RUN if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace RUN if it exists (demo: recompute even when RUN is up to date)")
     add_options(p, AnalysisConfig)
 
 
@@ -81,11 +83,13 @@ def add_demo_cli(subcommands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _summary(result: AnalysisResult, out: Path) -> int:
-    """Print the findings and the checks asked for; the exit code (1 when a check fails)."""
-    print(result.findings.text)
-    if result.evaluation is not None:
-        print(f"patch.json: {result.evaluation.choice}")
+def _summary(result: AnalysisResult, out: Path, *, logged: bool = False) -> int:
+    """Print the findings (unless the run's log just showed them) and the checks asked for; the exit code (1 when
+    a check fails)."""
+    if not logged:
+        print(result.findings.text)
+        if result.evaluation is not None:
+            print(f"patch.json: {result.evaluation.choice}")
     for c in result.checks:
         value = "n/a" if c.value is None else f"{c.value:.4f}"
         print(f"  [{'PASS' if c.passed else 'FAIL'}] {c.expression}: {value}")
@@ -104,18 +108,29 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     facts = args.facts or shipped_facts_dir()
     result = run_analysis(args.model, facts, args.out, unknown=args.unknown, neutral=args.neutral,
                           config=from_args(AnalysisConfig, args), command=_command(), force=args.force)
-    return _summary(result, args.out)
+    return _summary(result, args.out, logged=args.progress)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from recallfix.analysis.demo_model import build_demo_model
     from recallfix.analysis.facts import shipped_facts_dir
-    from recallfix.analysis.pipeline import run_analysis
+    from recallfix.analysis.pipeline import inputs_key, run_analysis
 
     config = from_args(AnalysisConfig, args)
     model: str | Path = args.model
     if args.model == "demo":
         model = build_demo_model(args.model_dir, size=args.size, seed=0, progress=config.progress)
         config = replace(config, require=config.require or (DEMO_CHECKS[args.size],))
-    result = run_analysis(model, shipped_facts_dir(), args.out, config=config, command=_command(), force=args.force)
-    return _summary(result, args.out)
+    facts = shipped_facts_dir()
+    previous = args.out / "analysis.json"
+    if previous.exists() and not args.force:
+        try:
+            result = AnalysisResult.model_validate_json(previous.read_text())
+        except ValueError:  # another version's or a damaged analysis.json: recompute
+            result = None
+        if result is not None and result.inputs_key == inputs_key(model, facts, None, None, config):
+            print(f"{args.out} is up to date (same recallfix, model, facts and settings; --force recomputes it)")
+            return _summary(result, args.out)
+    # The demo's run directory is its own: an out-of-date run is replaced.
+    result = run_analysis(model, facts, args.out, config=config, command=_command(), force=True)
+    return _summary(result, args.out, logged=config.progress)

@@ -26,7 +26,7 @@ from .batching import batches, num_batches, progress_bar
 from .lens import answer_stats, layer_residuals, lens_logits, logit_lens
 from .movers import attention_to_subject, head_token_attribution
 from .records import Dist
-from .regression import intercept_readout, regress_mlp_on_heads
+from .regression import intercept_readout, regress_mlps_on_heads
 
 __all__ = ["Collected", "Dist", "collect", "eager_attention", "final_block_parts", "token_nll"]
 
@@ -188,13 +188,9 @@ def collect(
             rescale[rows] = rescale_term(cmap, residuals[:, final], dec.final_resid, answers).cpu()
             if not mechanisms:
                 continue
-            intercepts = []
-            for layer in range(num_layers):
-                reg = regress_mlp_on_heads(dec, cmap, layer)
-                beta[rows, layer] = reg.beta.cpu()
-                r2[rows, layer] = reg.r2.cpu()
-                intercepts.append(reg.intercept)
-            i_dla, i_rank = intercept_readout(cmap, dec, torch.stack(intercepts, dim=1), answers)
+            reg = regress_mlps_on_heads(dec, cmap)
+            beta[rows], r2[rows] = reg.beta.cpu(), reg.r2.cpu()
+            i_dla, i_rank = intercept_readout(cmap, dec, reg.intercept, answers)
             intercept_dla[rows], intercept_rank[rows] = i_dla.cpu(), i_rank.cpu()
             if subjects is None:
                 continue

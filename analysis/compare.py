@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from recallfix.patches import __version__
 from recallfix.patches.io import atomic_directory, atomic_write_text
+from recallfix.patches.options import add_options, from_args
 
 from . import calibration as cal
 from .compare_client import CompareError, Endpoint, FactScore
@@ -55,7 +56,7 @@ from .compare_schema import (
     ModelEndpoint,
     Unplaced,
 )
-from .config import CompareConfig, add_options, from_args
+from .config import CompareConfig
 from .facts import SPLITS, Fact, assign_splits, dataset_sha256, load_facts, shipped_facts_dir
 from .inputs import subject_group, subsample
 from .records import Dist

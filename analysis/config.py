@@ -1,28 +1,19 @@
-"""`AnalysisConfig`, the one statement of the analysis's settings, and the CLI options derived from it.
+"""`AnalysisConfig`, the one statement of the analysis's settings.
 
-Each field's default and help text are written here once; `add_options` turns every field that has a help
-text into an argparse option (`batch_size` -> `--batch-size`, a bool defaulting to True -> `--no-progress`,
-a tuple -> a comma-separated list) and `from_args` reads them back, so `recallfix analyze` and `recallfix demo`
-cannot drift from the defaults of `run_analysis`.
+Each field's default and help text are written here once; `recallfix.patches.options` turns every field that
+has a help text into an argparse option (`batch_size` -> `--batch-size`, a bool defaulting to True ->
+`--no-progress`, a tuple -> a comma-separated list) and reads them back, so `recallfix analyze` and
+`recallfix demo` cannot drift from the defaults of `run_analysis`.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 from recallfix.patches.io import DTYPES
+from recallfix.patches.options import option as _opt  # a field that is a CLI option
 
 from .fit import FitConfig
-
-
-def _opt(default: Any, help: str, **cli: Any) -> Any:
-    """A config field: its default, its help text and extra argparse settings (choices, metavar)."""
-    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass(frozen=True)
@@ -75,41 +66,3 @@ class CompareConfig:
     n_boot: int = _opt(AnalysisConfig.n_boot, "bootstrap resamples (of subjects) for the intervals")
     seed: int = _opt(AnalysisConfig.seed, "bootstrap seed")
     progress: bool = _opt(True, "progress bar (drawn only on a terminal)")
-
-
-Config = TypeVar("Config")
-
-
-def _comma_list(text: str) -> tuple[str, ...] | None:
-    return tuple(part.strip() for part in text.split(",")) if text else None
-
-
-def _option_type(hint: Any) -> Any:
-    """The argparse `type` of a field's type hint (None dropped from a union; a tuple is comma-separated)."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(h for h in typing.get_args(hint) if h is not type(None))
-    return _comma_list if typing.get_origin(hint) is tuple else hint
-
-
-def add_options(parser: argparse.ArgumentParser, config: type) -> None:
-    """One option per field of the dataclass `config` that has a help text."""
-    hints = typing.get_type_hints(config)
-    for f in dataclasses.fields(config):
-        if "help" not in f.metadata:
-            continue
-        text, extra = f.metadata["help"], {k: v for k, v in f.metadata.items() if k != "help"}
-        flag = f.name.replace("_", "-")
-        if hints[f.name] is bool:  # a switch that turns the default off
-            parser.add_argument(f"--no-{flag}" if f.default else f"--{flag}", dest=f.name,
-                                action="store_false" if f.default else "store_true",
-                                help=f"no {text}" if f.default else text)
-            continue
-        shown = "" if f.default is None else f" (default {f.default})"
-        parser.add_argument(f"--{flag}", dest=f.name, type=_option_type(hints[f.name]), default=f.default,
-                            help=text + shown, **extra)
-
-
-def from_args(config: type[Config], args: argparse.Namespace) -> Config:
-    """The dataclass `config` with every option `add_options` added read from `args` (the rest default)."""
-    names = [f.name for f in dataclasses.fields(config) if "help" in f.metadata]  # type: ignore[arg-type]
-    return config(**{name: getattr(args, name) for name in names})

@@ -47,6 +47,7 @@ from recallfix.patches.components import ComponentMap
 from recallfix.patches.hooks import HookFn, add_hooks, run_until
 
 from .batching import Batch, progress_bar
+from .gemm import matmul_t
 
 
 class GainHooks:
@@ -220,7 +221,9 @@ def replay_logits(cmap: ComponentMap, inputs: BlockInputs) -> torch.Tensor:
     with _attention_returns(attention, lambda: project(inputs.z.unsqueeze(1))):
         out = block(inputs.x.unsqueeze(1))
     hidden = (out[0] if isinstance(out, tuple) else out)[:, 0]
-    return cmap.unembed()(cmap.final_norm()(hidden)).float()
+    unembed = cmap.unembed()
+    logits = matmul_t(cmap.final_norm()(hidden), unembed.weight)  # the module's own product under autograd
+    return logits if getattr(unembed, "bias", None) is None else logits + unembed.bias.float()
 
 
 # ------------------------------------------------------------------------------------------------

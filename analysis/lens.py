@@ -15,6 +15,7 @@ import torch
 from recallfix.patches.components import ComponentMap
 from recallfix.patches.decompose import Decomposition, constant_logits, frozen_norm_scale, norm_linear
 
+from .gemm import matmul_t
 from .records import Dist
 
 
@@ -39,15 +40,14 @@ def lens_logits(cmap: ComponentMap, x: torch.Tensor) -> torch.Tensor:
     """Logits of residual vectors x [..., d] through the final norm (own scale) and unembedding. [..., vocab]"""
     flat = x.reshape(-1, x.shape[-1]).float()
     normed = norm_linear(cmap, flat, frozen_norm_scale(cmap, flat))
-    weight = cmap.unembed().weight
-    logits = (normed.to(weight.dtype) @ weight.T).float() + constant_logits(cmap)
+    logits = matmul_t(normed, cmap.unembed().weight) + constant_logits(cmap)
     return logits.reshape(*x.shape[:-1], -1)
 
 
 def answer_logp_rank(logits: torch.Tensor, answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(answer) and the answer's rank (1 = top) under logits [n, vocab]. Two [n]."""
     answer = logits.gather(-1, answer_ids.view(-1, 1))
-    return answer[:, 0] - logits.logsumexp(dim=-1), (logits > answer).sum(dim=-1) + 1
+    return answer[:, 0] - logits.logsumexp(dim=-1), (logits > answer).sum(dim=-1, dtype=torch.int32).long() + 1
 
 
 def lens_answer(cmap: ComponentMap, x: torch.Tensor,

@@ -26,17 +26,20 @@ computed; the report (`report`, `plots`) renders the `AnalysisResult` this retur
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from recallfix.patches import Patch, __version__
-from recallfix.patches.io import atomic_directory, atomic_write_text
+from recallfix.patches.io import atomic_directory, atomic_write_text, resolve_model_dir
 
 from .attribution import select_suppressors, summarize, top_neurons
 from .collect import Collected, collect
@@ -101,6 +104,25 @@ def data_info(s: Loaded, facts: str | Path, facts_sha: str, splits: dict[str, in
                     n_neutral_fit=len(s.neutral_fit), n_neutral_eval=len(s.neutral_eval), seed=seed)
 
 
+def inputs_key(model: str | Path, facts: str | Path, unknown: str | Path | None, neutral: str | Path | None,
+               config: AnalysisConfig) -> str:
+    """sha256 of what a run's files depend on: the recallfix version, the model's files (name, size, mtime), the
+    bytes of the facts, unknown and neutral files, and every setting (progress aside)."""
+    h = hashlib.sha256(f"recallfix {__version__}\n".encode())
+    model_dir = resolve_model_dir(model)
+    for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
+        stat = path.stat()
+        h.update(f"model {path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    for label, given in (("facts", facts), ("unknown", unknown), ("neutral", neutral)):
+        root = Path(given) if given is not None else None
+        files = sorted(root.rglob("*")) if root is not None and root.is_dir() else [root] if root else []
+        for path in (f for f in files if f is not None and f.is_file()):
+            h.update(f"{label} {path.name} ".encode() + hashlib.sha256(path.read_bytes()).digest())
+    settings = {k: v for k, v in asdict(config).items() if k != "progress"}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 def run_analysis(
     model: str | Path,
     facts: str | Path,
@@ -122,6 +144,7 @@ def run_analysis(
 
     config = config or AnalysisConfig()
     checks = load_checks(config.require or ())  # a malformed check fails before the long run
+    key = inputs_key(model, facts, unknown, neutral, config)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists (pass --force to replace it)")
@@ -183,7 +206,7 @@ def run_analysis(
     values = finding_values(described.findings, evaluation)
     result = AnalysisResult(
         schema_version=SCHEMA_VERSION, tool_version=__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command, inputs_key=key,
         model=model_info(s, model), data=data_info(s, facts, facts_sha, splits, described.logit_lens, config.seed),
         logit_lens=described.logit_lens, final_layer=described.final_layer, mechanisms=described.mechanisms,
         findings=described.findings, patch=patch_info, intercept=intercept_info, evaluation=evaluation,
@@ -204,4 +227,4 @@ def run_analysis(
     return result
 
 
-__all__ = ["AnalysisConfig", "AnalysisError", "FactsFormatError", "run_analysis"]
+__all__ = ["AnalysisConfig", "AnalysisError", "FactsFormatError", "inputs_key", "run_analysis"]

@@ -20,6 +20,7 @@ import torch
 from recallfix.patches.components import Component, ComponentMap
 from recallfix.patches.decompose import Decomposition, mean_readout, norm_linear, readout
 
+from .gemm import matmul_t
 from .lens import ROWS, answer_logp_rank
 
 
@@ -31,20 +32,27 @@ class Regression:
 
 
 def regress(target: torch.Tensor, regressors: torch.Tensor) -> Regression:
-    """Per-row least squares of target [batch, d] on regressors [batch, k, d] (float64, rank-safe)."""
-    design = regressors.double().transpose(1, 2)  # [batch, d, k]
-    y = target.double()
-    beta = (torch.linalg.pinv(design) @ y.unsqueeze(-1)).squeeze(-1)
-    intercept = y - (design @ beta.unsqueeze(-1)).squeeze(-1)
+    """Per-row least squares of target [..., d] on regressors [..., k, d] (float64, rank-safe).
+
+    Through the k x k Gram matrix: pinv(X^T X) X^T y = pinv(X^T) y, the minimum-norm solution, at the cost
+    of k x k eigenproblems instead of d x k SVDs."""
+    x, y = regressors.double(), target.double()  # x: [..., k, d] (rows are the regressors)
+    gram = x @ x.transpose(-1, -2)
+    beta = (torch.linalg.pinv(gram, hermitian=True) @ (x @ y.unsqueeze(-1))).squeeze(-1)
+    intercept = y - (beta.unsqueeze(-2) @ x).squeeze(-2)
     total = y.pow(2).sum(dim=-1)
     r2 = torch.where(total > 0, 1 - intercept.pow(2).sum(dim=-1) / total, torch.zeros_like(total))
     return Regression(beta.float(), intercept.float(), r2.float())
 
 
-def regress_mlp_on_heads(dec: Decomposition, cmap: ComponentMap, layer: int) -> Regression:
-    """Regress layer's MLP write on the writes of that block's heads, at the decomposed position."""
-    heads = torch.stack([dec.resid[:, dec.index(name)] for name in cmap.heads(layer)], dim=1)
-    return regress(dec.resid[:, dec.index(str(Component(layer, "mlp")))], heads)
+def regress_mlps_on_heads(dec: Decomposition, cmap: ComponentMap) -> Regression:
+    """Regress every layer's MLP write on the writes of that block's heads, at the decomposed position.
+    beta [batch, L, H], intercept [batch, L, d], r2 [batch, L]."""
+    layers = range(cmap.shape.num_layers)
+    heads = torch.stack([torch.stack([dec.resid[:, dec.index(name)] for name in cmap.heads(layer)], dim=1)
+                         for layer in layers], dim=1)
+    mlps = torch.stack([dec.resid[:, dec.index(str(Component(layer, "mlp")))] for layer in layers], dim=1)
+    return regress(mlps, heads)
 
 
 def intercept_readout(cmap: ComponentMap, dec: Decomposition, intercept: torch.Tensor,
@@ -61,7 +69,7 @@ def intercept_readout(cmap: ComponentMap, dec: Decomposition, intercept: torch.T
     weight = cmap.unembed().weight
     ranks = []
     for i in range(0, normed.shape[0], ROWS):
-        logits = (normed[i : i + ROWS].to(weight.dtype) @ weight.T).float()
+        logits = matmul_t(normed[i : i + ROWS], weight)
         ranks.append(answer_logp_rank(logits, answers[i : i + ROWS])[1])
     rank = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
     return dla, rank.view(intercept.shape[:-1])

@@ -305,6 +305,9 @@ class AnalysisResult(Strict):
     tool_version: str
     created: str
     command: str
+    inputs_key: str = Field(description="sha256 of everything the run depends on (recallfix version, model "
+                                        "files, facts, unknown and neutral sets, settings): `recallfix demo` "
+                                        "reuses a run whose key matches")
     model: ModelInfo
     data: DataInfo
     logit_lens: LogitLens

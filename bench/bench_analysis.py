@@ -24,10 +24,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench_doc import markers, write_section  # bench/ is on sys.path: these run as scripts
+
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_COMMIT = "8590e74"
-DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench_analysis:begin -->", "<!-- bench_analysis:end -->"
+BEGIN, END = markers("bench_analysis")
 GAIN_TOLERANCE = 0.1  # |gain after - gain before| within which two fits find "the same" patch (the fit's own noise)
 
 
@@ -117,18 +118,6 @@ def report(before: dict | None, after: dict, args: argparse.Namespace, info: str
     return "\n".join(lines) + "\n"
 
 
-def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section.rstrip("\n") + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(DOC)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -149,7 +138,7 @@ def main() -> None:
         after = run_side("after", None, model, args.max_facts, Path(tmp) / "after")
         print(f"after: {after['wall_s']} s {after['runtime_s']}", flush=True)
     section = report(before, after, args, info)
-    write_doc(section)
+    write_section("bench_analysis", section)
     print(section)
 
 

@@ -1,151 +1,105 @@
-"""The HTTP layer: FastAPI routes over the `Service`, which speaks to an `Engine`. Knows no engine.
-
-The app answers `/health` from the first moment; the engine starts in the background (a vLLM engine
-takes a while), and until it is ready the API answers 503 and `/ready` says so.
+"""The front as one ASGI app, used by `recallfix serve` and `recallfix router`: its own routes (probes,
+metrics, models, feedback, load_patch, the OpenAPI document) and every other route of vLLM's API server
+passed through (`front.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
-from .config import ServerConfig
-from .engine import Engine, PatchRefused
-from .errors import ApiError, bad_request, unavailable
-from .metrics import CONTENT_TYPE, Metrics, describe_edits
-from .middleware import VARIANT_HEADER, Admission
-from .patching import read_patch
-from .protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    FeedbackRequest,
-    FeedbackResponse,
-    LoadPatchRequest,
-    LoadPatchResponse,
-    ModelCard,
-    ModelList,
-    PatchInfo,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
-    TokenizeResponse,
-)
-from .service import Service
+from recallfix.patches import Patch
+
+from .errors import ApiError, bad_request, not_found, unavailable
+from .front import Front
+from .metrics import CONTENT_TYPE, PatchState, relayed_families
+from .middleware import Admission
+from .patching import PatchRefused, read_patch
+from .protocol import FeedbackRequest, FeedbackResponse, LoadPatchRequest, LoadPatchResponse, PatchInfo, Status
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the reply: what metrics record
-_FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}  # pydantic's names for union members
-
-
-def _param(loc: tuple[Any, ...]) -> str | None:
-    """`messages.0.content` from pydantic's ('body', 'messages', 0, 'content', 'str')."""
-    parts = []
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(part, int) or (isinstance(part, str) and _FIELD.match(part) and part not in _TYPE_TAGS):
-            parts.append(str(part))
-        else:
-            break
-    return ".".join(parts) or None
+PASS_THROUGH_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+# vLLM routes the front keeps to itself: recallfix manages the adapters and servers behind it.
+BLOCKED = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/scale_elastic_ep"})
+LoadPatch = Callable[[Patch, httpx.AsyncClient], Awaitable[PatchState]]
 
 
 def validation_error(err: RequestValidationError) -> ApiError:
     errors = err.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return bad_request("the request body is not valid JSON")
-    if len(errors) == 1 and tuple(errors[0].get("loc", ())) == ("body",):
-        return bad_request("the request body is missing or not a JSON object")
-    param = _param(tuple(errors[0].get("loc", ())))
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
     messages = []
-    for e in errors:
-        where = _param(tuple(e.get("loc", ()))) or "body"
-        message = f"{where}: {str(e.get('msg', '')).removeprefix('Value error, ')}"
-        if message not in messages:
-            messages.append(message)
-    return bad_request("; ".join(messages[:3]), param)
+    for e in errors[:3]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        messages.append(f"{where}: {str(e.get('msg', '')).removeprefix('Value error, ')}")
+    return bad_request("; ".join(messages), param)
 
 
-async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it, and so the engine's work, if the client disconnects first (a streamed
-    reply gets this from Starlette; a whole reply would otherwise be computed for nobody)."""
-    task = asyncio.ensure_future(work)
+def create_app(front: Front, *, load_patch: LoadPatch | None = None, patch_dir: Path | None = None,
+               relay_metrics: bool = False, probe_interval: float = 2.0,
+               on_start_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """`load_patch`: how this backend swaps the patch (None: not here, as in the router). `patch_dir`:
+    where `/v1/load_patch` may read patch files. `relay_metrics`: add the upstreams' `vllm:*` series."""
+    backend = front.backend
+    started = asyncio.Event()
+    upstream_openapi: dict[str, Any] = {}
 
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # this handler was cancelled: take the work down with it
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        raise ClientDisconnect()
-    return task.result()
-
-
-def create_app(engine: Engine, config: ServerConfig, *,
-               on_engine_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
-    metrics = Metrics(config.name)
-    service = Service(engine, config, metrics)
-    created = int(time.time())
-
-    async def start_engine() -> None:
+    async def supervise() -> None:
         try:
-            await engine.start(read_patch(config.patch) if config.patch else None)
+            await backend.start(front.client)
         except Exception as err:
-            expected = isinstance(err, PatchRefused | ValueError | OSError)  # bad model/patch: the message says it
-            log.error("the %s engine did not start: %s", engine.name, err, exc_info=not expected)
-            if on_engine_failure:
-                on_engine_failure(err)
+            log.error("the vLLM servers did not start: %s", err)
+            if on_start_failure:
+                on_start_failure(err)
             return
-        metrics.set_patch(engine.patch_state)
-        service.started = True
-        state = engine.patch_state
-        log.info("ready: engine %s serves %s; max_model_len %d", engine.name,
-                 ", ".join(service.model_names()), engine.max_model_len)
-        if state is not None:
-            log.info("patch %s (%s) served as %s: %s", state.patch_id,
-                     describe_edits(state.edits, limit=64, biases=state.biases), state.applied, state.detail)
+        started.set()
+        front.metrics.set_patch(backend.patch)
+        log.info("ready: %s", ", ".join(f"{name}" for name in front.model_names()))
+        if backend.patch is not None:
+            p = backend.patch
+            log.info("patch %s (%s) served as %s: %s", p.patch_id, p.describe(), p.applied, p.detail)
+        while True:
+            await asyncio.sleep(probe_interval)
+            try:
+                await backend.tick(front.client)
+            except Exception:  # probing must go on
+                log.exception("probing the upstreams failed")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.get_running_loop().create_task(start_engine())
+        task = asyncio.get_running_loop().create_task(supervise())
         yield
         task.cancel()
-        await service.shadow.cancel()
-        await engine.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await backend.stop()
+        await front.aclose()
 
-    app = FastAPI(title="recallfix", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Admission, api_key=config.api_key, max_concurrency=config.max_concurrency,
-                       metrics=metrics, ready=lambda: service.ready)
+    app = FastAPI(title="recallfix", summary="base, patched and A/B variants in front of vLLM's OpenAI server",
+                  lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Admission, api_key=front.config.api_key, max_concurrency=front.config.max_concurrency,
+                       metrics=front.metrics)
 
     # -- errors ----------------------------------------------------------------------------------------
-    def variant_headers(request: Request) -> dict[str, str]:
-        variant = getattr(request.state, "variant", None)
-        return {VARIANT_HEADER: variant} if variant else {}
-
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, err: ApiError) -> JSONResponse:
-        return err.response(variant_headers(request))
+        variant = getattr(request.state, "variant", None)
+        return err.response({"x-recallfix-variant": variant} if variant else None)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -157,132 +111,122 @@ def create_app(engine: Engine, config: ServerConfig, *,
         message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
         return ApiError(err.status_code, message, type=kind).response()
 
-    @app.exception_handler(ClientDisconnect)
-    async def on_client_gone(request: Request, err: ClientDisconnect) -> JSONResponse:
-        # The client left while sending its request: nobody to answer, nothing broke.
-        log.info("request %s: the client disconnected", getattr(request.state, "request_id", "?"))
-        return JSONResponse({}, status_code=CLIENT_CLOSED_REQUEST)
-
-    # Unexpected exceptions: the catch-all is in Admission (a generic 500 with the request id).
-
     # -- probes and metrics ----------------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", response_model=Status, tags=["recallfix"])
     async def health() -> JSONResponse:
-        """Process up (and the engine not dead: a dead engine needs a new process)."""
-        if engine.dead:
-            return unavailable("the engine has died; this process should be replaced").response()
-        return JSONResponse({"status": "ok"})
+        """The front is up (its vLLM servers may still be starting: see /ready)."""
+        if getattr(backend, "dead", False):
+            return unavailable("a vLLM server died and could not be restarted; replace this process").response()
+        return JSONResponse(Status(status="ok", upstreams=front.upstream_status()).model_dump())
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=Status, tags=["recallfix"])
     async def ready() -> JSONResponse:
-        if not service.ready:
-            return unavailable("the engine is not ready").response()
-        return JSONResponse({"status": "ready", "engine": engine.name, "models": service.model_names()})
+        """Every variant's vLLM server answers."""
+        if not (started.is_set() and front.ready):
+            return unavailable(f"not ready: vLLM servers up: {front.upstream_status()}").response()
+        return JSONResponse(Status(status="ready", upstreams=front.upstream_status(),
+                                   models=front.model_names()).model_dump())
 
-    @app.get("/metrics")
-    async def metrics_endpoint() -> Response:
-        metrics.set_ready(engine.name, service.ready)
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+    @app.get("/metrics", tags=["recallfix"])
+    async def metrics() -> Response:
+        """recallfix_* series (and, from recallfix serve, the vLLM servers' own vllm:* with a variant label)."""
+        relayed = []
+        if relay_metrics:
+            texts = await asyncio.gather(*(_scrape(front.client, u) for u in backend.upstreams()))
+            relayed = relayed_families({u.role: t for u, t in zip(backend.upstreams(), texts, strict=True) if t})
+        return Response(front.metrics.render(relayed), media_type=CONTENT_TYPE)
 
-    # -- OpenAI API ------------------------------------------------------------------------------------
-    @app.get("/v1/models")
-    async def models() -> ModelList:
-        base = config.name
-        return ModelList(data=[ModelCard(id=name, created=created, root=base, parent=None if name == base else base,
-                                         max_model_len=engine.max_model_len) for name in service.model_names()])
-
-    @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        call = service.start_call(body.model, body.user, "cmpl")
-        request.state.variant = call.route.variant
-        prompts = service.completion_prompts(body)
-        spec = service.completion_spec(body, prompts)
-        headers = {VARIANT_HEADER: call.route.variant}
-        if body.stream:
-            return StreamingResponse(service.complete_stream(body, call, prompts, spec),
-                                     media_type="text/event-stream", headers=headers)
-        reply = await unless_client_leaves(request, service.complete(body, call, prompts, spec))
-        return JSONResponse(reply.model_dump(exclude_none=True), headers=headers)
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        call = service.start_call(body.model, body.user, "chatcmpl")
-        request.state.variant = call.route.variant
-        prompt = service.chat_prompt(body)
-        spec = service.chat_spec(body, prompt)
-        headers = {VARIANT_HEADER: call.route.variant}
-        if body.stream:
-            return StreamingResponse(service.chat_stream(body, call, prompt, spec),
-                                     media_type="text/event-stream", headers=headers)
-        reply = await unless_client_leaves(request, service.chat(body, call, prompt, spec))
-        return JSONResponse(reply.model_dump(exclude_none=True), headers=headers)
-
-    # -- vLLM's tokenizer endpoints --------------------------------------------------------------------
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
-        service.check_model(body.model)
-        if isinstance(body, TokenizeChatRequest):
-            text = service.render_chat(body.messages, body.add_generation_prompt)
-            ids = service.tokenize(text, body.add_special_tokens)
-        else:
-            ids = service.tokenize(body.prompt, body.add_special_tokens)
-        strs = engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
-        return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
-
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        service.check_model(body.model)
-        vocab = len(engine.tokenizer)
-        if body.tokens and max(body.tokens) >= vocab:
-            raise bad_request(f"token id {max(body.tokens)} is outside the vocabulary ({vocab} tokens)", "tokens")
-        return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info() -> JSONResponse:
-        return JSONResponse(tokenizer_config(engine.tokenizer, config.chat_template))
+    # -- models ----------------------------------------------------------------------------------------
+    @app.get("/v1/models", tags=["OpenAI"])
+    async def models() -> JSONResponse:
+        """vLLM's model card of the base model, once per name: NAME, NAME:patched, NAME:ab."""
+        base = front.target("base")
+        response = await front.client.get(base.upstream.url + "/v1/models", headers=base.upstream.headers())
+        if response.status_code != 200:
+            return Response(response.content, status_code=response.status_code,  # type: ignore[return-value]
+                            media_type=response.headers.get("content-type"))
+        listing = response.json()
+        cards = listing.get("data") or []
+        card = next((c for c in cards if c.get("id") == base.model), cards[0] if cards else {"object": "model"})
+        names = front.model_names()
+        listing["data"] = [{**card, "id": name, "parent": None if name == names[0] else names[0]} for name in names]
+        return JSONResponse(listing)
 
     # -- recallfix -------------------------------------------------------------------------------------
-    @app.post("/v1/load_patch")
-    async def load_patch(body: LoadPatchRequest) -> LoadPatchResponse:
+    @app.post("/v1/feedback", response_model=FeedbackResponse, tags=["recallfix"])
+    async def feedback(body: FeedbackRequest) -> FeedbackResponse:
+        """Rate an answer (the `id` of a completion or chat reply, and its choice `index`) once."""
+        rated = front.rate(body.id, body.index, body.correct)
+        if rated is None:
+            raise not_found(f"no unrated answer {body.id!r} (choice {body.index}): unknown, already rated, or "
+                            "too old", "id")
+        return FeedbackResponse(variant=rated[0], confidence=rated[1])
+
+    @app.post("/v1/load_patch", response_model=LoadPatchResponse, tags=["recallfix"])
+    async def load_patch_route(body: LoadPatchRequest) -> LoadPatchResponse:
+        """Serve another patch as NAME:patched without a restart. A refused patch changes nothing."""
+        if load_patch is None:
+            raise bad_request("the router serves the patched deployment it is pointed at; roll the new patch out "
+                              "there (load_patch is for recallfix serve)", code="not_supported")
         param = "path" if body.path is not None else "patch"
-        previous = engine.patch_state
+        previous = backend.patch
         try:
+            if body.path is not None:
+                _check_allowed(Path(body.path), patch_dir)
             patch = read_patch(path=body.path, document=body.patch)
-            state = await engine.load_patch(patch)
+            state = await load_patch(patch, front.client)
         except PatchRefused as err:
             kept = f"patch {previous.patch_id} keeps serving" if previous else "no patch is loaded"
             log.warning("load_patch refused (%s): %s", kept, err)
             raise bad_request(f"patch refused ({kept}): {err}", param, "patch_refused") from None
-        metrics.set_patch(state)
+        front.metrics.set_patch(state)
+        log.info("now serving patch %s as %s", state.patch_id, state.applied)
         return LoadPatchResponse(
             patch=PatchInfo(patch_id=state.patch_id, edits=dict(state.edits), biases=list(state.biases),
                             applied=state.applied, detail=state.detail),
-            previous_patch_id=previous.patch_id if previous else None, models=service.model_names())
+            previous_patch_id=previous.patch_id if previous else None, models=front.model_names())
 
-    @app.post("/v1/feedback")
-    async def feedback(body: FeedbackRequest) -> FeedbackResponse:
-        return service.rate(body)
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        """The front's own routes, and the vLLM routes it passes through."""
+        doc = dict(app.openapi())
+        if not upstream_openapi and front.backend.targets["base"].upstream.up:
+            base = front.backend.targets["base"].upstream
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                response = await front.client.get(base.url + "/openapi.json", headers=base.headers(), timeout=30)
+                if response.status_code == 200:
+                    upstream_openapi.update(response.json())
+        own = {path: item for path, item in doc.get("paths", {}).items() if path != "/{path}"}
+        passed = {path: item for path, item in upstream_openapi.get("paths", {}).items()
+                  if path not in own and path not in BLOCKED}
+        doc["paths"] = {**passed, **own}
+        schemas = {**upstream_openapi.get("components", {}).get("schemas", {}),
+                   **doc.get("components", {}).get("schemas", {})}
+        doc["components"] = {**doc.get("components", {}), "schemas": schemas}
+        return JSONResponse(doc)
+
+    @app.api_route("/{path:path}", methods=PASS_THROUGH_METHODS, include_in_schema=False)
+    async def pass_through(request: Request, path: str) -> Response:
+        full = "/" + path
+        if full in BLOCKED:
+            raise not_found(f"{full} is not served through recallfix, which manages its vLLM servers itself")
+        return await front.forward(request, full)
 
     return app
 
 
-def tokenizer_config(tokenizer: Any, chat_template: str | None) -> dict[str, Any]:
-    """The tokenizer's configuration as vLLM's /tokenizer_info gives it (tokenizer_config.json's fields)."""
+def _check_allowed(path: Path, patch_dir: Path | None) -> None:
+    if patch_dir is None:
+        raise PatchRefused("this server reads no patch files (start it with --patch-dir DIR); send the patch "
+                           "document as `patch` instead")
+    resolved, allowed = path.resolve(), patch_dir.resolve()
+    if not resolved.is_relative_to(allowed):
+        raise PatchRefused(f"{path} is outside the patch directory {allowed}")
 
-    def plain(value: Any) -> Any:
-        if hasattr(value, "content"):  # AddedToken
-            return value.content
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [plain(v) for v in value]
-        return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
 
-    # File paths say nothing useful to a client and reveal the server's layout.
-    hidden = {"vocab_file", "merges_file", "tokenizer_file", "name_or_path"}
-    info = {k: plain(v) for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items() if k not in hidden}
-    info["tokenizer_class"] = type(tokenizer).__name__
-    template = getattr(tokenizer, "chat_template", None) or chat_template
-    if template:
-        info["chat_template"] = template
-    return info
+async def _scrape(client: httpx.AsyncClient, upstream: Any) -> str:
+    try:
+        response = await client.get(upstream.url + "/metrics", headers=upstream.headers(), timeout=10)
+    except httpx.HTTPError:
+        return ""
+    return response.text if response.status_code == 200 else ""

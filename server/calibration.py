@@ -1,12 +1,12 @@
 """Live calibration: shadow scoring by the other variant, and client feedback on answers.
 
-Shadow scoring: a share (`--shadow-rate`) of requests is also run through the variant that did not
-serve it, for one greedy step on the same prompt, off the request's path (the client never waits for
-it). Both top-1 probabilities at the first generated position give `recallfix_confidence_shift` and
-`recallfix_shadow_agreement_total`. Shadow work is bounded: when too many are pending, new ones are
-skipped (and counted), so shadowing can never take the server down.
+Shadow scoring: a share (`--shadow-rate`) of completions and chats is also sent to the variant that
+did not serve it, for one greedy step on the same prompt, off the request's path (the client never
+waits for it). Both top-1 probabilities at the first generated position give
+`recallfix_confidence_shift` and `recallfix_shadow_agreement_total`. Shadow work is bounded: when too
+many are pending, new ones are skipped (and counted), so shadowing can never take the server down.
 
-Feedback: the server remembers, for a bounded number of recent responses, which variant answered and
+Feedback: the front remembers, for a bounded number of recent responses, which variant answered and
 the first-token confidence of each choice; `POST /v1/feedback` turns a rating into
 `recallfix_feedback_confidence{correct}`.
 """
@@ -17,38 +17,54 @@ import asyncio
 import logging
 import random
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from .engine import Engine, EngineError, SamplingSpec, TokenLogprobs, Variant
 from .metrics import Metrics
+from .routing import Variant
 
 log = logging.getLogger(__name__)
 
 OTHER: dict[Variant, Variant] = {"base": "patched", "patched": "base"}
+# (variant, path, request body) -> that variant's (token, logprob) of its most likely first token
+ScoreFirst = Callable[[Variant, str, dict[str, Any]], Awaitable[tuple[str, float] | None]]
+
+
+def one_greedy_step(body: dict[str, Any]) -> dict[str, Any]:
+    """The request that scores the same prompt for one greedy step with its top-1 logprob."""
+    keep = {k: v for k, v in body.items() if k in ("model", "prompt", "messages", "chat_template",
+                                                     "chat_template_kwargs", "add_generation_prompt",
+                                                     "continue_final_message", "add_special_tokens",
+                                                     "tools", "documents")}
+    if isinstance(keep.get("prompt"), list) and keep["prompt"] and not isinstance(keep["prompt"][0], int):
+        keep["prompt"] = keep["prompt"][0]  # several prompts: the first (its choice 0 is what was scored)
+    step = {"max_tokens": 1, "temperature": 0.0, "n": 1, "stream": False}
+    if "messages" in keep:
+        return {**keep, **step, "logprobs": True, "top_logprobs": 1}
+    return {**keep, **step, "logprobs": 1}
 
 
 class ShadowScorer:
-    def __init__(self, engine: Engine, metrics: Metrics, rate: float, max_pending: int,
+    def __init__(self, score: ScoreFirst, metrics: Metrics, rate: float, max_pending: int,
                  rng: random.Random | None = None) -> None:
-        self._engine, self._metrics, self.rate, self._max_pending = engine, metrics, rate, max_pending
+        self._score_first, self._metrics, self.rate, self._max_pending = score, metrics, rate, max_pending
         self._rng = rng or random.Random()
         self._pending: set[asyncio.Task[None]] = set()
         self._gauge = metrics.shadow_pending.labels(metrics.model)
 
-    def draw(self) -> bool:
-        """Whether to shadow the next request (one draw per request)."""
-        return self.rate > 0 and self._engine.patch_state is not None and self._rng.random() < self.rate
+    def draw(self, patched: bool) -> bool:
+        """Whether to shadow the next request (one draw per request; only while a patch is served)."""
+        return self.rate > 0 and patched and self._rng.random() < self.rate
 
-    def submit(self, variant: Variant, prompt_ids: list[int], served_first: TokenLogprobs, request_id: str) -> None:
-        """Score `prompt_ids` with the other variant in the background; `served_first` is the first
-        generated position of the variant that served the request."""
-        if not served_first.top:
-            return
+    def submit(self, variant: Variant, path: str, body: dict[str, Any], served_top1: tuple[str, float]) -> None:
+        """Score the request with the other variant in the background; `served_top1` is the serving
+        variant's (token, logprob) of its most likely first token."""
         if len(self._pending) >= self._max_pending:
             self._metrics.shadow_skipped.labels(self._metrics.model, variant).inc()
             return
-        task = asyncio.get_running_loop().create_task(
-            self._score(variant, prompt_ids, served_first.top[0], request_id))
+        task = asyncio.get_running_loop().create_task(self._score(variant, path, one_greedy_step(body),
+                                                                  served_top1))
         self._pending.add(task)  # a reference, so the task is not collected mid-flight
         self._gauge.inc()
         task.add_done_callback(self._done)
@@ -57,21 +73,16 @@ class ShadowScorer:
         self._pending.discard(task)
         self._gauge.dec()
 
-    async def _score(self, variant: Variant, prompt_ids: list[int], served_top1: tuple[int, float],
-                     request_id: str) -> None:
-        other = OTHER[variant]
-        spec = SamplingSpec(max_tokens=1, temperature=0.0, top_logprobs=1)
+    async def _score(self, variant: Variant, path: str, body: dict[str, Any], served: tuple[str, float]) -> None:
         try:
-            async for chunk in self._engine.generate(other, prompt_ids, spec, f"{request_id}-shadow"):
-                if chunk.logprobs:
-                    other_top1 = chunk.logprobs[0].top[0]
-                    base, patched = (served_top1, other_top1) if variant == "base" else (other_top1, served_top1)
-                    self._metrics.observe_shadow(variant, base, patched)
-                    return
-        except EngineError as err:  # e.g. the patch was unloaded meanwhile: nothing to compare
-            log.debug("shadow scoring of %s skipped: %s", request_id, err)
+            other = await self._score_first(OTHER[variant], path, body)
         except Exception:  # a shadow failure must never surface; log it for the operator
-            log.exception("shadow scoring of %s failed", request_id)
+            log.exception("shadow scoring failed")
+            return
+        if other is None:  # the other variant is gone or refused: nothing to compare
+            return
+        base, patched = (served, other) if variant == "base" else (other, served)
+        self._metrics.observe_shadow(variant, base, patched)
 
     async def cancel(self) -> None:
         """At shutdown: shadow work is optional, drop what is pending."""

@@ -1,12 +1,21 @@
-"""Everything `recallfix serve` is told, in one frozen object (the CLI builds it; nothing else parses argv)."""
+"""The settings of the recallfix front, `recallfix serve` and `recallfix router`, each stated once.
+
+Every field with a help text becomes a command-line option (`ab_split` -> `--ab-split`;
+`recallfix.patches.options`). Options recallfix does not own go to vLLM's API server unchanged (see `vllm_args.py`).
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from recallfix.patches.options import option
+
 API_KEY_ENV = "RECALLFIX_API_KEY"
+UPSTREAM_API_KEY_ENV = "RECALLFIX_UPSTREAM_API_KEY"
+PATCH_MODES = ("auto", "lora", "merged")
 
 
 def default_cache_dir() -> Path:
@@ -15,54 +24,82 @@ def default_cache_dir() -> Path:
     return Path(base) / "recallfix" / "serve"
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not within [0, 1]")
+    return value
+
+
 @dataclass(frozen=True)
-class ServerConfig:
-    model: str  # a local checkpoint directory or a Hugging Face hub name
-    patch: Path | None = None
-    engine: str = "auto"  # auto | vllm | transformers
-    served_model_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    ab_split: float = 0.5  # share of NAME:ab traffic routed to the patched variant
-    shadow_rate: float = 0.0  # share of requests also scored by the other variant
-    max_concurrency: int = 64  # generation requests in flight before 429
-    max_model_len: int | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    trust_remote_code: bool = False
-    chat_template: str | None = None  # a Jinja template (text) used when the tokenizer has none
-    cache_dir: Path = field(default_factory=default_cache_dir)
-    seed: int = 0
-    # vLLM only
-    max_lora_rank: int | None = None  # None: the smallest rank vLLM accepts that fits the patch
-    no_lora: bool = False  # serve the patched variant from a merged checkpoint even where LoRA would do
-    gpu_memory_utilization: float = 0.9  # shared by all engines this server runs
-    enforce_eager: bool = False
-    # logging
-    access_log: bool = False
+class FrontConfig:
+    """The HTTP front both commands run: variants, A/B, admission, calibration metrics."""
+
+    served_model_name: str | None = option(None, "NAME in the API; NAME:patched and NAME:ab follow "
+                                                  "(serve: default the model directory's name)", metavar="NAME")
+    host: str = option("127.0.0.1", "address the front binds (127.0.0.1: this machine only)")
+    port: int = option(8000, "port of the front")
+    api_key: str | None = option(help=f"require `Authorization: Bearer KEY` (default ${API_KEY_ENV}; unset: no key)",
+                                 default_factory=lambda: os.environ.get(API_KEY_ENV) or None, hide_default=True,
+                                 metavar="KEY")
+    ab_split: float = option(0.5, "share of NAME:ab requests served by the patched variant, sticky per `user`",
+                             type=fraction)
+    shadow_rate: float = option(0.0, "share of requests also scored by the other variant, for the calibration-"
+                                     "shift metrics", type=fraction)
+    max_concurrency: int = option(64, "requests in flight through the front before new ones get 429", metavar="N")
+    metrics_logprobs: int = option(20, "top logprobs asked from the upstream for the confidence and entropy "
+                                       "metrics when the client asks for none (0: never ask)", metavar="N")
+    drain_timeout: float = option(60.0, "seconds in-flight requests may take to finish at shutdown (serve: and at a "
+                                        "patch swap)", metavar="S")
 
     @property
     def name(self) -> str:
-        """The base variant's model name in the API (`NAME`; `NAME:patched`, `NAME:ab` follow)."""
-        if self.served_model_name:
-            return self.served_model_name
-        path = Path(self.model)
-        return path.name if path.exists() else self.model
+        assert self.served_model_name, "the CLI fills in the served name"
+        return self.served_model_name
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ab_split <= 1.0:
-            raise ValueError(f"--ab-split must be within [0, 1], got {self.ab_split}")
-        if not 0.0 <= self.shadow_rate <= 1.0:
-            raise ValueError(f"--shadow-rate must be within [0, 1], got {self.shadow_rate}")
         if self.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be at least 1, got {self.max_concurrency}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"--max-model-len must be at least 2, got {self.max_model_len}")
-        if ":" in self.name:
-            raise ValueError(f"--served-model-name {self.name!r}: ':' is reserved for the variant suffixes")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"--gpu-memory-utilization must be within (0, 1], got {self.gpu_memory_utilization}")
-        if self.engine not in ("auto", "vllm", "transformers"):
-            raise ValueError(f"--engine must be auto, vllm or transformers, got {self.engine!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not 0 <= self.metrics_logprobs <= 20:
+            raise ValueError(f"--metrics-logprobs must be within [0, 20], got {self.metrics_logprobs}")
+        if self.served_model_name is not None and ":" in self.served_model_name:
+            raise ValueError(f"--served-model-name {self.served_model_name!r}: ':' is reserved for the variant "
+                             "suffixes")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`recallfix serve`: what runs behind the front (vLLM's own options are kept apart, as argv)."""
+
+    patch: Path | None = option(None, "patch file (JSON) served as NAME:patched", type=Path, metavar="FILE")
+    patch_mode: str = option("auto", "how the patched variant is served: lora (an adapter in the base server), "
+                                     "merged (a merged checkpoint in a second server), auto (LoRA on GPU where the "
+                                     "patch allows it, merged on CPU, where LoRA kernels are slow)",
+                             choices=PATCH_MODES)
+    cache_dir: Path = option(help="where exported adapters and merged checkpoints are kept",
+                             default_factory=default_cache_dir, type=Path, metavar="DIR")
+    upstream_start_timeout: float = option(1800.0, "seconds a vLLM server may take to start", metavar="S")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """`recallfix router`: the front over vLLM deployments that run elsewhere."""
+
+    base_url: str = option("", "URL of the vLLM server (or Service) of the base model, e.g. http://vllm-base:8000",
+                           metavar="URL")
+    base_model: str | None = option(None, "the base model's name on that server (default: the first it lists)",
+                                    metavar="NAME")
+    patched_url: str | None = option(None, "URL of a second vLLM server that serves the patched (merged) model",
+                                     metavar="URL")
+    patched_model: str | None = option(None, "the patched model's name upstream: a LoRA module on --base-url, or "
+                                             "the model of --patched-url (default: the first it lists)",
+                                       metavar="NAME")
+    upstream_api_key: str | None = option(
+        help=f"API key of the upstream servers (default ${UPSTREAM_API_KEY_ENV})",
+        default_factory=lambda: os.environ.get(UPSTREAM_API_KEY_ENV) or None, hide_default=True, metavar="KEY")
+    probe_interval: float = option(2.0, "seconds between health probes of the upstreams", metavar="S")
+
+    def __post_init__(self) -> None:
+        if not self.base_url:
+            raise ValueError("--base-url is required")
+

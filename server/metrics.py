@@ -7,7 +7,8 @@ refused before a variant was chosen). The calibration metrics:
   `recallfix_first_token_confidence` the same for the first token (the answer, for a factual prompt).
 - `recallfix_token_entropy`: entropy (nats) of each generated position's next-token distribution,
   estimated from its 20 most likely tokens with the remaining mass counted as one outcome (a lower
-  bound of the true entropy; exact when those 20 hold all the mass). The same estimate for both engines.
+  bound of the true entropy; exact when those 20 hold all the mass). Positions where the client asked
+  for fewer than the front's `--metrics-logprobs` alternatives are not counted in it.
 - `recallfix_confidence_shift`: for shadowed requests, patched minus base top-1 probability at the
   first generated position; `recallfix_shadow_agreement_total{agree}` whether their top-1 tokens agree.
   Its negative buckets mean no `_sum` (Prometheus sums only grow), so the mean shift comes from
@@ -15,13 +16,19 @@ refused before a variant was chosen). The calibration metrics:
 - `recallfix_feedback_confidence{correct}`: first-token confidence of answers clients rated with
   `POST /v1/feedback`. Per confidence bucket, correct / all is the reliability diagram.
 
-Probabilities are the model's raw ones (before temperature and top-p), as vLLM reports logprobs.
+Probabilities are the model's raw ones (before temperature and top-p), as vLLM reports logprobs
+(`--logprobs-mode raw_logprobs`, its default).
+
+In `recallfix serve`, `/metrics` also relays the upstream vLLM servers' own `vllm:*` series, each
+with a `variant` label: `base`, `patched`, or `shared` (one server serving base and the LoRA adapter).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import prometheus_client
 from prometheus_client import (
@@ -32,14 +39,20 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
-from .engine import PatchState, TokenLogprobs
+from .observe import TokenLogprobs, top_k_entropy
+
+if TYPE_CHECKING:
+    from recallfix.patches import Patch
 
 # `_created` series double the exposition for no use here (Prometheus derives resets itself).
 prometheus_client.disable_created_metrics()
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 NO_VARIANT = "none"
+RELAYED_PREFIX = "vllm:"
 
 PROBABILITY_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 ... 1.0
 RELIABILITY_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # ten bins: the reliability diagram
@@ -48,17 +61,53 @@ ENTROPY_BUCKETS = (0.01, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5,
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
-def top_k_entropy(top: Sequence[tuple[int, float]]) -> float:
-    """Entropy (nats) of a distribution known by its most likely entries; the rest counted as one outcome."""
-    probs = [math.exp(lp) for _, lp in top]
-    rest = max(0.0, 1.0 - sum(probs))
-    return -sum(p * math.log(p) for p in [*probs, rest] if p > 0.0)
+@dataclass(frozen=True)
+class PatchState:
+    """The patch behind NAME:patched, and how it is served."""
+
+    patch_id: str
+    edits: tuple[tuple[str, float], ...]  # gain edits: (component, gain)
+    biases: tuple[str, ...]  # components whose MLP output gets an added bias (bias edits)
+    applied: str  # lora | merged
+    detail: str  # why this mode
+
+    @classmethod
+    def of(cls, patch: Patch, applied: str, detail: str) -> PatchState:
+        return cls(patch.id, tuple((str(c), g) for c, g in patch.gains.items()), tuple(str(c) for c in patch.biases),
+                   applied, detail)
+
+    def describe(self) -> str:
+        return describe_edits(self.edits, biases=self.biases)
 
 
 def describe_edits(edits: Sequence[tuple[str, float]], limit: int = 8, biases: Sequence[str] = ()) -> str:
     """`L1H0=0.2,L1H3=1.5,L11MLP+bias` for a label value; long patches are cut to keep the label short."""
     parts = [f"{component}={gain:g}" for component, gain in edits] + [f"{component}+bias" for component in biases]
     return ",".join(parts[:limit]) + (f",+{len(parts) - limit} more" if len(parts) > limit else "")
+
+
+def relayed_families(expositions: Mapping[str, str]) -> list[Metric]:
+    """The `vllm:*` families of each upstream's /metrics text (keyed by its variant label), merged by
+    name, every sample labelled with `variant`."""
+    merged: dict[str, Metric] = {}
+    for variant, text in expositions.items():
+        for family in text_string_to_metric_families(text):
+            # `_created` series double the exposition for no use (as for our own series, above).
+            if not family.name.startswith(RELAYED_PREFIX) or family.name.endswith("_created"):
+                continue
+            target = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type,
+                                                           family.unit))
+            target.samples += [s._replace(labels={**s.labels, "variant": variant}) for s in family.samples
+                               if not s.name.endswith("_created")]
+    return [family for family in merged.values() if family.samples]
+
+
+class _Families:
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
 class Metrics:
@@ -72,9 +121,10 @@ class Metrics:
             "recallfix_request_duration_seconds", "Time from request arrival to the last byte of the reply.",
             [*mv, "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("recallfix_time_to_first_token_seconds",
-                              "Time from request arrival to the first generated token.",
+                              "Streamed requests: time from request arrival to the first generated token.",
                               mv, buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("recallfix_prompt_tokens", "Prompt tokens processed.", mv, registry=r)
+        self.prompt_tokens = Counter("recallfix_prompt_tokens", "Prompt tokens processed (replies with usage).",
+                                     mv, registry=r)
         self.generated_tokens = Counter("recallfix_generated_tokens", "Tokens generated.", mv, registry=r)
         self.token_confidence = Histogram(
             "recallfix_token_confidence", "Probability the serving variant gave each token it generated.",
@@ -86,8 +136,8 @@ class Metrics:
             "recallfix_token_entropy", "Entropy (nats, top-20 estimate) of each generated position.",
             mv, buckets=ENTROPY_BUCKETS, registry=r)
         self.patch_info = Gauge(
-            "recallfix_patch_info", "The patch behind the patched variant (1 while loaded).",
-            [*mv, "patch_id", "edits", "applied"], registry=r)
+            "recallfix_patch_info", "The patch behind the patched variant (1 while loaded): its edits, how it is "
+            "served (applied: lora | merged) and why.", [*mv, "patch_id", "edits", "applied", "reason"], registry=r)
         self.confidence_shift = Histogram(
             "recallfix_confidence_shift",
             "Shadowed requests: patched minus base top-1 probability at the first generated position.",
@@ -108,21 +158,45 @@ class Metrics:
         self.feedback_confidence = Histogram(
             "recallfix_feedback_confidence", "First-token confidence of answers rated via /v1/feedback.",
             [*mv, "correct"], buckets=RELIABILITY_BUCKETS, registry=r)
-        self.in_flight = Gauge("recallfix_requests_in_flight", "Generation requests being served.",
+        self.in_flight = Gauge("recallfix_requests_in_flight", "Requests being served through the front.",
                                ["model"], registry=r)
-        self.ready = Gauge("recallfix_engine_ready", "1 when the engine serves requests.", ["model", "engine"],
-                           registry=r)
+        self.upstream_up = Gauge("recallfix_upstream_up", "1 while the vLLM server of this variant answers.",
+                                 mv, registry=r)
+        self.upstream_crashes = Counter("recallfix_upstream_crashes",
+                                        "vLLM servers that exited unasked (recallfix serve restarts them).",
+                                        mv, registry=r)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def initialize(self, variants: Iterable[str]) -> None:
+        """Every series of a variant at 0 from the start, so a dashboard or an alert (`increase`, `rate`)
+        sees it before its first event."""
+        for variant in variants:
+            self.prompt_tokens.labels(self.model, variant)
+            self.generated_tokens.labels(self.model, variant)
+            self.shadow_skipped.labels(self.model, variant)
+            self.upstream_crashes.labels(self.model, variant)
+            for flag in ("true", "false"):
+                self.shadow_agreement.labels(self.model, variant, flag)
+                self.feedback_confidence.labels(self.model, variant, flag)
+        self.shadow_pending.labels(self.model)
+        self.in_flight.labels(self.model)
+
+    def render(self, relayed: Iterable[Metric] = ()) -> bytes:
+        own = generate_latest(self.registry)
+        families = list(relayed)
+        if not families:
+            return own
+        extra = CollectorRegistry(auto_describe=False)
+        extra.register(_Families(families))  # type: ignore[arg-type]
+        return own + generate_latest(extra)
 
     # -- recording ---------------------------------------------------------------------------------------
     def observe_request(self, variant: str, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(self.model, variant, endpoint, str(status)).inc()
         self.request_duration.labels(self.model, variant, endpoint).observe(seconds)
 
-    def observe_prompt(self, variant: str, tokens: int) -> None:
-        self.prompt_tokens.labels(self.model, variant).inc(tokens)
+    def observe_usage(self, variant: str, prompt_tokens: int, generated_tokens: int) -> None:
+        self.prompt_tokens.labels(self.model, variant).inc(prompt_tokens)
+        self.generated_tokens.labels(self.model, variant).inc(generated_tokens)
 
     def observe_ttft(self, variant: str, seconds: float) -> None:
         self.ttft.labels(self.model, variant).observe(seconds)
@@ -130,18 +204,17 @@ class Metrics:
     def observe_first_token(self, variant: str, token: TokenLogprobs) -> None:
         self.first_token_confidence.labels(self.model, variant).observe(math.exp(token.logprob))
 
-    def observe_tokens(self, variant: str, tokens: Sequence[TokenLogprobs]) -> None:
-        if not tokens:
-            return
-        self.generated_tokens.labels(self.model, variant).inc(len(tokens))
+    def observe_tokens(self, variant: str, tokens: Sequence[TokenLogprobs], entropy: bool) -> None:
+        """Confidence of each token; entropy too where its top list is the full top-N."""
         confidence = self.token_confidence.labels(self.model, variant)
-        entropy = self.token_entropy.labels(self.model, variant)
+        spread = self.token_entropy.labels(self.model, variant)
         for token in tokens:
             confidence.observe(math.exp(token.logprob))
-            entropy.observe(top_k_entropy(token.top))
+            if entropy:
+                spread.observe(top_k_entropy(token.top))
 
-    def observe_shadow(self, variant: str, base_top1: tuple[int, float], patched_top1: tuple[int, float]) -> None:
-        """Each argument: (token id, logprob) of that variant's most likely first token."""
+    def observe_shadow(self, variant: str, base_top1: tuple[str, float], patched_top1: tuple[str, float]) -> None:
+        """Each argument: (token, logprob) of that variant's most likely first token."""
         p_base, p_patched = math.exp(base_top1[1]), math.exp(patched_top1[1])
         self.confidence_shift.labels(self.model, variant).observe(p_patched - p_base)
         self.shadow_top1.labels(self.model, variant, "base").observe(p_base)
@@ -155,8 +228,8 @@ class Metrics:
     def set_patch(self, state: PatchState | None) -> None:
         self.patch_info.clear()  # one series: the patch being served now
         if state is not None:
-            edits = describe_edits(state.edits, biases=state.biases)
-            self.patch_info.labels(self.model, "patched", state.patch_id, edits, state.applied).set(1)
+            self.patch_info.labels(self.model, "patched", state.patch_id, state.describe(), state.applied,
+                                   state.detail).set(1)
 
-    def set_ready(self, engine: str, ready: bool) -> None:
-        self.ready.labels(self.model, engine).set(1 if ready else 0)
+    def set_upstream(self, variant: str, up: bool) -> None:
+        self.upstream_up.labels(self.model, variant).set(1 if up else 0)

@@ -1,5 +1,5 @@
-"""Admission, before any route runs: request id, API key, engine readiness, the concurrency limit,
-the request metrics of whatever comes out, and the catch-all for unexpected errors.
+"""Admission, before any route runs: request id, API key, the concurrency limit, the request metrics of
+whatever comes out, and the catch-all for unexpected errors.
 
 A pure ASGI middleware (not Starlette's BaseHTTPMiddleware) so it sees a streamed reply to its end:
 a streaming request holds its concurrency slot, and is timed, until its last byte. The catch-all lives
@@ -14,21 +14,22 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ApiError, internal_error, too_many_requests, unauthorized, unavailable
+from .errors import ApiError, internal_error, too_many_requests, unauthorized
 from .metrics import NO_VARIANT, Metrics
 
 log = logging.getLogger(__name__)
 
 VARIANT_HEADER = "x-recallfix-variant"  # on every reply a variant was chosen for
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes need no key
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})  # count against --max-concurrency
-API_PATHS = frozenset({
-    "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/tokenizer_info",
-    "/v1/load_patch", "/v1/feedback",
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})  # probes, scrapes, the API's doc
+OWN_PATHS = frozenset({"/v1/models", "/v1/load_patch", "/v1/feedback", "/openapi.json"})  # not limited
+# Endpoint label values of the request metrics; any other path counts as "other" (bounded cardinality).
+ENDPOINTS = frozenset({
+    "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/models", "/tokenize",
+    "/detokenize", "/tokenizer_info", "/v1/load_patch", "/v1/feedback", "/openapi.json", "/pooling", "/score",
+    "/v1/score", "/rerank", "/v1/rerank", "/v1/messages", "/version", "/ping",
 })
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -39,13 +40,11 @@ def variant_of(scope: Scope) -> str:
 
 
 class Admission:
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_concurrency: int, metrics: Metrics,
-                 ready: Callable[[], bool]) -> None:
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_concurrency: int, metrics: Metrics) -> None:
         self.app = app
         self._key = api_key.encode() if api_key else None
         self._limit = max_concurrency
         self._metrics = metrics
-        self._ready = ready
         self._in_flight = 0
         self._gauge = metrics.in_flight.labels(metrics.model)
 
@@ -89,7 +88,7 @@ class Admission:
             await internal_error(request_id).response(headers)(scope, receive, send_with_id)
         finally:
             if path not in OPEN_PATHS:
-                endpoint = path if path in API_PATHS else "other"  # unknown paths: one label value, bounded
+                endpoint = path if path in ENDPOINTS else "other"
                 self._metrics.observe_request(variant_of(scope), endpoint, status, time.perf_counter() - started)
 
     async def _admit(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,11 +98,7 @@ class Admission:
         if not self._authorized(scope):
             await self._refuse(unauthorized(), scope, receive, send)
             return
-        if path in API_PATHS and not self._ready():
-            await self._refuse(unavailable("the engine is not ready (starting, or down); retry shortly"),
-                               scope, receive, send)
-            return
-        if path not in GENERATION_PATHS:
+        if path in OWN_PATHS:
             await self.app(scope, receive, send)
             return
         # No await between the check and the increment: the event loop cannot interleave another request.

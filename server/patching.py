@@ -1,7 +1,7 @@
-"""Patch handling shared by the engines: reading a patch, refusing bad ones early, and the export cache.
+"""Patches in `recallfix serve`: reading one, refusing bad ones early, the serving mode, and the export cache.
 
-Every refusal is a `PatchRefused` whose message says why (schema, fingerprint, not finite: the checks
-are `recallfix.patches.check_patch_against`), raised before anything that serves requests changes.
+Every refusal is a `PatchRefused` whose message says why (schema, fingerprint, not finite, not
+servable in this mode), raised before anything that serves requests changes.
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 
 from recallfix.patches import Patch, PatchError, __version__
 from recallfix.patches.export import VLLM_LORA_RANKS
-from recallfix.patches.io import DTYPES
 from recallfix.patches.patch import format_validation_error
 
-from .engine import PatchRefused
 
-__all__ = ["DTYPES", "adapter_rank", "cache_key", "read_patch", "vllm_lora_rank"]
+class PatchRefused(ValueError):
+    """A patch the server will not serve; the variants that were serving keep serving (HTTP 400)."""
 
 
 def read_patch(path: str | Path | None = None, document: dict[str, Any] | None = None) -> Patch:
@@ -47,6 +47,27 @@ def adapter_rank(adapter_dir: Path) -> int:
     return int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
 
 
+def export_cached(kind: str, model_dir: Path, patch: Patch, cache_dir: Path) -> Path:
+    """The patch exported as `kind` (lora | merged) for this checkpoint, from the cache when it is there
+    (an export is written atomically, so a directory that exists is whole)."""
+    from recallfix.patches.export import export_lora, export_merged
+
+    out = cache_dir / kind / cache_key(model_dir, patch)
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            (export_lora if kind == "lora" else export_merged)(model_dir, patch, out)
+        except PatchError as err:
+            raise PatchRefused(str(err)) from None
+    return out
+
+
+def lora_modules(adapter_dir: Path) -> list[str]:
+    """The projection names an adapter touches (`o_proj`, `down_proj`): vLLM's --lora-target-modules."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return sorted({module.rsplit(".", 1)[-1] for module in config["target_modules"]})
+
+
 def cache_key(model_dir: Path, patch: Patch) -> str:
     """Names an export of `patch` for this checkpoint: the patch id (which fingerprints the tensors it
     touches) and the checkpoint files' identity (a merged export also carries the untouched ones)."""
@@ -56,3 +77,15 @@ def cache_key(model_dir: Path, patch: Patch) -> str:
     )
     body = json.dumps({"model": str(model_dir.resolve()), "files": files, "patch": patch.id, "tool": __version__})
     return f"{patch.id}-{hashlib.sha256(body.encode()).hexdigest()[:12]}"
+
+
+def check_against_checkpoint(model_dir: Path, patch: Patch, *, dtype: torch.dtype | None = None,
+                             trust_remote_code: bool = False) -> None:
+    """Refuse a patch made for another model, or whose edited tensors would not be finite in the serving
+    dtype (`recallfix.patches.check_patch_against`, reading only the touched tensors), as a `PatchRefused`."""
+    from recallfix.patches.checkpoint import check_patch_against
+
+    try:
+        check_patch_against(model_dir, patch, dtype=dtype, trust_remote_code=trust_remote_code)
+    except PatchError as err:
+        raise PatchRefused(str(err)) from None

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import Literal
 
-from .engine import Variant
+Variant = Literal["base", "patched"]
 
 PATCHED_SUFFIX = ":patched"
 AB_SUFFIX = ":ab"

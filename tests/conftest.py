@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tiny import ARCHITECTURES, save_model
 
-pytest_plugins = ["real_model"]  # the real pretrained model (SmolLM2-135M) fixtures
+pytest_plugins = ["real_model", "server_fixtures"]  # the real model (SmolLM2-135M); the live servers
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,24 @@
-"""Live `recallfix serve` processes for the server tests, and helpers to talk to them.
+"""Live servers for the server tests, on SmolLM2-135M-Instruct (real weights), and helpers to talk to them.
 
-Servers run as subprocesses (vLLM spawns its engine core, so it cannot start inside pytest's process)
-on a free loopback port. Each kind of server starts once per test session however many test modules
-use it (pytest would run a session fixture once per importing module), and is stopped at exit.
+Four kinds of server, each a subprocess on a free loopback port, each started at most once per session:
+
+    serve-lora     `recallfix serve --patch-mode lora` with the learned gains (one vLLM server, LoRA)
+    serve-merged   `recallfix serve` (auto) with the learned gains and the paper's bias edit: auto picks
+                   merged, as LoRA cannot carry a bias (two vLLM servers)
+    vllm-base      vLLM's own OpenAI server on the base checkpoint: the reference the front is compared with
+    vllm-merged    vLLM's own OpenAI server on the merged checkpoint of serve-merged's patch
+
+A test names the kinds it needs with `@pytest.mark.servers(...)` and gets them from the `servers` fixture
+(or `shared(...)` in a module fixture). Tests are ordered so that each kind serves one run of tests
+(the LoRA server's first, the merged server's swap last), the next group's servers start while a group runs,
+and each kind stops after the last test that needs it: a 2-core, 24 GiB machine never holds more than four
+vLLM engines, and no vLLM server starts twice.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -21,29 +32,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
-# Built models are reused across sessions (the demo model takes minutes to train). Override in CI.
 CACHE = Path(os.environ.get("RECALLFIX_TEST_CACHE", ROOT / ".cache" / "test-models"))
 API_KEY = "test-key"
-NAME = "demo"
-START_TIMEOUT_S = 600  # a vLLM engine starts in ~25 s on an idle 2-core machine; shared CI is slower
-
-# A minimal template (the demo model has none): enough to exercise /v1/chat/completions end to end.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-# Silence the demo model's last layer, where its hedging is planted (LoRA rank 64 over two projections).
-PATCH_GAINS = {"L1H0": 0.0, "L1H1": 0.0, "L1MLP": 0.0}
-OTHER_PATCH_GAINS = {"L1H0": 0.5}
-_models: dict[str, Path] = {}  # built once per session
-_running: list[Server] = []  # every server started, stopped at exit
-_shared: dict[str, Server] = {}  # the session-wide servers, by engine
-_scratch: list[Path] = []  # temporary directories, removed at exit
-
+NAME = "smol"
+START_TIMEOUT_S = 2400  # a vLLM CPU server starts in 1-3 min on an idle 2-core machine; far slower when shared
+TEST_TIMEOUT_S = 900  # pyproject's pytest timeout, which a test that starts servers gets on top of START_TIMEOUT_S
+# The patch `recallfix analyze` learned on this model (real-models.md): four heads of the last layer.
+PATCH_GAINS = {"L29H0": 0.40, "L29H4": 1.28, "L29H5": 1.07, "L29H7": 1.31}
+OTHER_PATCH_GAINS = {"L29H0": 0.2, "L29H4": 1.5}
+LAST_LAYER = 29
+LAST_MLP = f"L{LAST_LAYER}MLP"  # where the paper's fix adds its bias
 FACT_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "The currency of Japan is the"]
+# vLLM options every server in the tests gets (the front passes them on unchanged): float32 for the
+# comparison with Hugging Face, a short context, eager mode (no compile: a faster start), the tool parser
+# the battery's tool call needs.
+VLLM_OPTIONS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--seed", "0",
+                "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+# A small KV cache (256 MiB: about 5,800 tokens of SmolLM2 in float32, 11 full 512-token sequences) for every
+# server but serve-lora, which starts with recallfix's own sizing from the free memory (no flag).
+SMALL_KV = ["--kv-cache-memory-bytes", str(256 * 2**20)]
+
+_running: list[Process] = []  # every server started, stopped at exit
+_shared: dict[str, Process] = {}  # the session-wide servers, by kind
+_scratch: list[Path] = []  # temporary directories, removed at exit
+_made: dict[str, Path] = {}
 
 
 def free_port() -> int:
@@ -52,38 +68,82 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def demo_model_dir() -> Path:
-    """The tiny demo model: $RECALLFIX_TEST_DEMO_MODEL if set (a prebuilt one), else trained once into the
-    cache and reused while its recipe is unchanged."""
-    from recallfix.analysis.demo_model import build_demo_model
+# -- the model and its patches ---------------------------------------------------------------------------
+@functools.cache
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a float32 safetensors checkpoint: $RECALLFIX_TEST_SMOLLM2, or the model
+    registry's cached copy (`recallfix model get smollm2-135m`, which `make test` runs first)."""
+    if os.environ.get("RECALLFIX_TEST_SMOLLM2"):
+        return Path(os.environ["RECALLFIX_TEST_SMOLLM2"])
+    from recallfix.patches.io import resolve_model_dir
 
-    if os.environ.get("RECALLFIX_TEST_DEMO_MODEL"):
-        return Path(os.environ["RECALLFIX_TEST_DEMO_MODEL"])
-    if "demo" not in _models:
-        _models["demo"] = build_demo_model(CACHE / "demo-tiny", size="tiny", seed=0, progress=False)
-    return _models["demo"]
+    return resolve_model_dir("smollm2-135m")
 
 
-def tiny_model_dir(arch: str) -> Path:
-    from tiny import save_model
+@functools.cache
+def hf_model():  # noqa: ANN201 (a transformers model and its tokenizer)
+    """SmolLM2-135M in float32 on Hugging Face, loaded once for the session (patches, parity)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = CACHE / f"tiny-{arch}"
-    if not (out / "model.safetensors").exists():
-        save_model(arch, out)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(smollm2_dir())
+
+
+def intercept_bias():  # noqa: ANN201 (a [hidden_size] tensor)
+    """A bias edit in the manner of the paper's fix: minus the final MLP's mean write at the last position of
+    the fact prompts (its shared, prompt-independent part)."""
+    import torch
+
+    from recallfix.patches import ComponentMap
+    from recallfix.patches.hooks import capture
+
+    model, tokenizer = hf_model()
+    point = f"blocks.{LAST_LAYER}.hook_mlp_out"
+    writes = []
+    with torch.no_grad():
+        for prompt in FACT_PROMPTS:
+            with capture(ComponentMap(model), [point]) as cache:
+                model(**tokenizer(prompt, return_tensors="pt"))
+            writes.append(cache[point][0, -1])
+    return -torch.stack(writes).mean(dim=0)
+
+
+def patch_file(name: str) -> Path:
+    """A patch of SmolLM2-135M, made once per session: `learned` (PATCH_GAINS), `other` (OTHER_PATCH_GAINS),
+    `fix` (PATCH_GAINS and the intercept bias), `bias` (the intercept bias alone)."""
+    if name not in _made:
+        from recallfix.patches import make_patch
+
+        gains = {"learned": PATCH_GAINS, "other": OTHER_PATCH_GAINS, "fix": PATCH_GAINS, "bias": {}}[name]
+        biases = {LAST_MLP: intercept_bias()} if name in ("fix", "bias") else None
+        patch = make_patch(hf_model()[0], gains, biases=biases, command="tests")
+        _made[name] = patch.save(scratch_dir("patches") / f"{name}.json")
+    return _made[name]
+
+
+def merged_dir(name: str) -> Path:
+    from recallfix.patches import Patch
+    from recallfix.patches.export import export_merged
+
+    out = scratch_dir("merged") / name
+    if not out.exists():
+        export_merged(smollm2_dir(), Patch.load(patch_file(name)), out)
     return out
 
 
-def patch_file(model_dir: Path, gains: dict[str, float], out: Path) -> Path:
-    from recallfix.patches import make_patch
-    from recallfix.patches.io import load_causal_lm
+def scratch_dir(name: str) -> Path:
+    """A directory of this session (export caches, patches), removed at exit."""
+    if not _scratch:
+        _scratch.append(Path(tempfile.mkdtemp(prefix="recallfix-server-test-")))
+    path = _scratch[0] / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
-    model, _ = load_causal_lm(model_dir)
-    return make_patch(model, gains, command="tests").save(out)
 
-
+# -- processes -------------------------------------------------------------------------------------------
 def _die_with_parent() -> None:
-    """In the child, on Linux: SIGTERM it when the test process dies, even killed (no orphan servers in CI).
-    vLLM's engine processes follow their parent on their own."""
+    """In the child, on Linux: SIGTERM it when the test process dies, even killed (no orphans in CI)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -91,80 +151,87 @@ def _die_with_parent() -> None:
 
 
 @dataclass
-class Server:
-    """A `python -m recallfix.server` subprocess."""
+class Process:
+    """A server subprocess: `recallfix serve|router ...` or vLLM's own API server."""
 
     args: list[str]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    key: str | None = API_KEY
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> Server:
-        # One torch thread: tiny models gain nothing from more, and on a shared 2-core machine spinning
-        # OpenMP threads make requests 10-100x slower. vLLM's CPU KV cache: 1 GiB per engine.
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+    def start(self) -> Process:
+        # One OpenMP thread per vLLM engine (the front passes its environment to its servers): up to four engines
+        # share two cores here, and an engine's threads wait at each barrier for a peer that is not scheduled.
+        # With vLLM's default (a thread per core) generation fell to 0.1 tokens/s on a busy machine; with one
+        # thread it ran at 7 tokens/s under the same load.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1",
+               "OMP_NUM_THREADS": "1", **self.env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log:
-            # A session of its own: stop() ends the server and the engine processes vLLM spawned.
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "recallfix.server", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
+            self.proc = subprocess.Popen([sys.executable, *self.args, "--port", str(self.port)], stdout=log,
+                                         stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         _running.append(self)
         return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait(self, path: str = "/ready", timeout: float = START_TIMEOUT_S) -> Server:
+    def wait(self, path: str = "/ready", timeout: float = START_TIMEOUT_S) -> Process:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-5000:]}")
             try:
-                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                if httpx.get(self.url + path, timeout=5).status_code == 200:
                     return self
-                if httpx.get(self.url + "/health", timeout=2).status_code == 503:  # the engine died
-                    raise RuntimeError(f"the server's engine is down:\n{self.log()[-5000:]}")
             except httpx.TransportError:
                 pass
-            time.sleep(0.25)
+            time.sleep(1)
         raise TimeoutError(f"{self.url}{path} not 200 after {timeout} s:\n{self.log()[-5000:]}")
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)  # graceful: uvicorn shuts the engine down
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)  # the front drains, then stops its vLLM servers
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
 
     # -- talking to it ---------------------------------------------------------------------------------
     def client(self, **kwargs):  # noqa: ANN201 (openai.OpenAI)
         import openai
 
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", API_KEY), max_retries=0,
-                             timeout=120, **kwargs)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", self.key or "none"),
+                             max_retries=0, timeout=300, **kwargs)
 
-    def post(self, path: str, body: dict, key: str | None = API_KEY, **kwargs) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(self.url + path, json=body, headers=headers, timeout=120, **kwargs)
+    def headers(self, key: str | None = "default") -> dict[str, str]:
+        key = self.key if key == "default" else key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
-    def get(self, path: str, key: str | None = API_KEY) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.get(self.url + path, headers=headers, timeout=60)
+    def post(self, path: str, body: dict, key: str | None = "default", timeout: float = 300,
+             **kwargs) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, headers=self.headers(key), timeout=timeout, **kwargs)
+
+    def post_stream(self, path: str, body: dict):  # noqa: ANN201 (a context manager of httpx.Response)
+        return httpx.stream("POST", self.url + path, json=body, headers=self.headers(), timeout=300)
+
+    def get(self, path: str, key: str | None = "default") -> httpx.Response:
+        return httpx.get(self.url + path, headers=self.headers(key), timeout=60)
 
     def metrics_text(self) -> str:
-        response = httpx.get(self.url + "/metrics", timeout=30)
+        response = httpx.get(self.url + "/metrics", timeout=60)
         response.raise_for_status()
         return response.text
 
@@ -172,6 +239,179 @@ class Server:
         return Metrics.parse(self.metrics_text())
 
 
+def vllm_server(model: Path, served_name: str, log_name: str) -> Process:
+    """vLLM's own OpenAI API server, started directly: the reference."""
+    return Process(["-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
+                    served_name, "--host", "127.0.0.1", *VLLM_OPTIONS, *SMALL_KV],
+                   CACHE / "server-tests" / f"{log_name}.log", key=None,
+                   env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"})
+
+
+def serve_process(kind: str) -> Process:
+    """`recallfix serve` of SmolLM2-135M: serve-lora (the learned gains as a LoRA adapter; no KV cache flag,
+    so recallfix sizes it from the free memory: the default start), or serve-merged (the learned gains and
+    the paper's bias edit, --patch-mode auto)."""
+    mode, patch = ("lora", patch_file("learned")) if kind == "serve-lora" else ("auto", patch_file("fix"))
+    args = ["-m", "recallfix.server", "serve", str(smollm2_dir()), "--patch", str(patch), "--patch-mode", mode,
+            "--served-model-name", NAME, "--api-key", API_KEY, "--shadow-rate", "1.0", "--ab-split", "0.3",
+            "--max-concurrency", "8", "--cache-dir", str(scratch_dir("cache")),
+            "--upstream-start-timeout", str(START_TIMEOUT_S), *VLLM_OPTIONS,
+            *([] if kind == "serve-lora" else SMALL_KV)]
+    return Process(args, CACHE / "server-tests" / f"{kind}.log")
+
+
+def _make(kind: str) -> Process:
+    if kind == "vllm-base":
+        return vllm_server(smollm2_dir(), NAME, kind)
+    if kind == "vllm-merged":
+        return vllm_server(merged_dir("fix"), f"{NAME}:patched", kind)
+    if kind in ("serve-lora", "serve-merged"):
+        return serve_process(kind)
+    raise ValueError(f"unknown server kind {kind!r}: one of {', '.join(KINDS)}")
+
+
+KINDS = ("serve-lora", "vllm-base", "vllm-merged", "serve-merged")
+PATCH_OF = {"serve-lora": "learned", "serve-merged": "fix"}  # the patch each `recallfix serve` starts with
+_stopped: set[str] = set()
+_failed: dict[str, str] = {}  # kind -> why it did not start (later tests fail at once, pointing at the first)
+
+
+def shared(*kinds: str) -> list[Process]:
+    """The session's servers of these kinds, started on first use: the ones asked for at once start
+    together, then each is waited for. A kind whose last test has run is stopped and never started again."""
+    for kind in kinds:
+        if kind in _failed:
+            raise RuntimeError(f"the {kind} server did not start ({_failed[kind]}): see the first test that needed it")
+        if kind in _stopped:
+            raise RuntimeError(f"the {kind} server was stopped after what was thought its last test; a test "
+                               "that needs it must say so with @pytest.mark.servers")
+        if kind not in _shared:
+            _shared[kind] = _make(kind).start()
+            _started_at[kind] = time.monotonic()
+    for kind in kinds:
+        try:
+            _shared[kind].wait("/ready" if kind.startswith("serve") else "/health")
+        except (RuntimeError, TimeoutError) as err:
+            _failed[kind] = f"{type(err).__name__}, log {_shared[kind].log_path}"
+            stop(kind)
+            raise
+        if kind in _started_at:
+            START_TIMES.append((kind, time.monotonic() - _started_at.pop(kind)))
+    return [_shared[kind] for kind in kinds]
+
+
+_started_at: dict[str, float] = {}
+START_TIMES: list[tuple[str, float]] = []  # (what, seconds from start to ready), shown at the end of the run
+
+
+def stop(kind: str) -> None:
+    if kind in _shared:
+        _shared.pop(kind).stop()
+    _stopped.add(kind)
+
+
+# -- pytest: which servers a test needs, the order that serves them, and when each stops -------------------
+def needs(item: pytest.Item) -> tuple[str, ...]:
+    """The server kinds an item's `servers` marks name (module, class and parameter marks included)."""
+    kinds: list[str] = []
+    for mark in item.iter_markers("servers"):
+        kinds += [k for k in mark.args if k not in kinds]
+    return tuple(kinds)
+
+
+def rank(item: pytest.Item) -> tuple[int, bool]:
+    """Tests with no server first (in their order), then: the LoRA server's; the vLLM servers' alone (the
+    router); the merged server's beside them (the comparisons); the merged server's alone. Within a group,
+    the tests that swap a server's patch come last."""
+    kinds = set(needs(item))
+    if not kinds:
+        group = 0
+    elif "serve-lora" in kinds:
+        group = 1
+    elif "serve-merged" not in kinds:
+        group = 2
+    else:
+        group = 3 if kinds & {"vllm-base", "vllm-merged"} else 4
+    return group, item.get_closest_marker("swaps_patch") is not None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"servers(*kinds): the live servers the test needs ({', '.join(KINDS)})")
+    config.addinivalue_line("markers", "swaps_patch: the test changes the patch a shared server serves")
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=rank)  # stable: each group keeps its order
+    for item in items:
+        if needs(item):  # the first test of a group waits for its servers to start: their timeout on top
+            item.add_marker(pytest.mark.timeout(START_TIMEOUT_S + TEST_TIMEOUT_S))
+
+
+_last_user: dict[str, str] = {}
+_prestart: dict[str, tuple[str, ...]] = {}  # nodeid -> kinds to start (not wait for) before it runs
+ENGINES = {"serve-lora": 1, "vllm-base": 1, "vllm-merged": 1, "serve-merged": 2}  # vLLM engines of each kind
+MAX_ENGINES = 4  # at most this many engines up at once (memory of a 24 GiB machine)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    items = session.items
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        for kind in needs(item):
+            first.setdefault(kind, i)
+            _last_user[kind] = item.nodeid
+    last = {kind: next(i for i, item in enumerate(items) if item.nodeid == nodeid)
+            for kind, nodeid in _last_user.items()}
+    # While a group of tests runs on its servers, the next group's servers start beside them: an engine's start
+    # (1-4 min here) is mostly not CPU-bound, so starting them together saves a start's wait per group.
+    for i, item in enumerate(items):
+        if not needs(item):
+            continue
+        live = {kind for kind in first if first[kind] <= i <= last[kind]}
+        new = next((set(needs(later)) - live for later in items[i + 1:] if set(needs(later)) - live), set())
+        if new and sum(ENGINES[k] for k in live | new) <= MAX_ENGINES:
+            _prestart[item.nodeid] = tuple(k for k in KINDS if k in new)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for kind in _prestart.get(item.nodeid, ()):
+        if kind not in _shared and kind not in _stopped and kind not in _failed:
+            _shared[kind] = _make(kind).start()
+            _started_at[kind] = time.monotonic()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    for kind, last in _last_user.items():
+        if last == item.nodeid and kind in _shared:
+            stop(kind)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+    if START_TIMES:
+        terminalreporter.section("server starts (to ready)")
+        for what, seconds in START_TIMES:
+            terminalreporter.write_line(f"{what}: {seconds:.0f} s")
+
+
+@pytest.fixture
+def servers(request: pytest.FixtureRequest) -> dict[str, Process]:
+    """The servers the test's marks name, by kind."""
+    kinds = needs(request.node)
+    assert kinds, "mark the test with @pytest.mark.servers(KIND, ...)"
+    return dict(zip(kinds, shared(*kinds), strict=True))
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in _running:
+        server.stop(timeout=30)
+    for path in _scratch:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- reading replies -------------------------------------------------------------------------------------
 class Metrics:
     """Samples of one /metrics scrape, looked up by name and a subset of labels."""
 
@@ -191,7 +431,7 @@ class Metrics:
         return self.value(name, **labels) - before.value(name, **labels)
 
 
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2):  # noqa: ANN001, ANN201
+def wait_for(predicate, timeout: float = 120.0, interval: float = 0.5):  # noqa: ANN001, ANN201
     """Poll until `predicate()` is truthy (for background work such as shadow scoring); return it."""
     deadline = time.monotonic() + timeout
     while True:
@@ -199,48 +439,6 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2):  # noqa: 
         if result or time.monotonic() > deadline:
             return result
         time.sleep(interval)
-
-
-
-
-@atexit.register
-def _stop_all() -> None:
-    for server in _running:
-        server.stop()
-    for path in _scratch:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def shared_server(*kinds: str) -> Server:
-    """The session's server of each kind ("vllm", "transformers": the demo model and its patch, the same
-    options), started on first use (all kinds asked for at once, so their starts overlap) and kept for
-    the session. Returns the first kind's."""
-    for kind in kinds:
-        if kind not in _shared:
-            _shared[kind] = Server(_shared_args(kind), CACHE / "server-tests" / f"{kind}.log").start()
-    for kind in kinds:
-        _shared[kind].wait()
-    return _shared[kinds[0]]
-
-
-def _shared_args(kind: str) -> list[str]:
-    model = demo_model_dir()
-    work = scratch_dir()
-    patch = patch_file(model, PATCH_GAINS, work / "demo-patch.json")
-    template = work / "chat_template.jinja"
-    template.write_text(CHAT_TEMPLATE)
-    return [
-        "--model", str(model), "--patch", str(patch), "--engine", kind, "--served-model-name", NAME,
-        "--api-key", API_KEY, "--chat-template", str(template), "--dtype", "float32", "--max-model-len", "128",
-        "--shadow-rate", "1.0", "--ab-split", "0.3", "--max-concurrency", "4", "--cache-dir", str(work / "cache"),
-    ]
-
-
-def scratch_dir() -> Path:
-    """A fresh directory for this session (export caches), removed at exit."""
-    path = Path(tempfile.mkdtemp(prefix="recallfix-server-test-"))
-    _scratch.append(path)
-    return path
 
 
 def sse_events(response: httpx.Response) -> list[dict | str]:

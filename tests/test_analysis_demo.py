@@ -72,3 +72,21 @@ def test_demo_patch_adds_no_overconfidence_elsewhere(demo_run: dict) -> None:
     assert demo_run["data"]["unknown_path"].endswith("unknown_facts.jsonl")
     assert ev["unknown"]["differences"]["gains_minus_base"]["mean_confidence"]["value"] <= 0.08
     assert ev["neutral"]["gains"]["relative_change"] <= 0.05
+
+
+def test_demo_reuses_an_up_to_date_run_and_recomputes_a_changed_one(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from recallfix.patches.cli import main as recallfix_main
+
+    out = tmp_path / "demo"
+    args = ["demo", "--model", "demo", "--size", "tiny", "--model-dir", str(CACHE / "demo-model-tiny"),
+            "--out", str(out), "--no-progress", "--max-facts", "200"]
+    assert recallfix_main([*args, "--n-boot", "20"]) in (0, 1)  # 1: a check of the set failed on 200 facts
+    first = (out / "analysis.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert recallfix_main([*args, "--n-boot", "20"]) in (0, 1)
+    assert "is up to date" in capsys.readouterr().out
+    assert (out / "analysis.json").stat().st_mtime_ns == first  # nothing recomputed or rewritten
+    assert recallfix_main([*args, "--n-boot", "21"]) in (0, 1)
+    assert "is up to date" not in capsys.readouterr().out  # another setting: a new run replaces the old one
+    assert json.loads((out / "analysis.json").read_text())["evaluation"]["n_boot"] == 21

@@ -245,3 +245,28 @@ def test_nonce_facts_fill_train_templates_with_names_the_relation_has_no_answer_
     assert {f.subject for f in symbol} & {"France", "Japan", "Peru", "Paris", "Tokyo", "Lima"}
     assert nonce_facts(facts, 0, seed=0) == []
 
+
+
+# -- readout products ----------------------------------------------------------------------------------
+
+
+def test_readout_product_through_openblas_threads_equals_torch() -> None:
+    from recallfix.analysis import gemm
+
+    torch.manual_seed(0)
+    x, w = torch.randn(301, 48), torch.randn(500, 48)
+    assert gemm._workers() is not None  # NumPy's OpenBLAS is there: the threaded path is the one under test
+    assert torch.allclose(gemm.matmul_t(x, w), x @ w.T, atol=1e-4)
+    assert torch.allclose(gemm.matmul_t(x[:5], w), x[:5] @ w.T, atol=1e-4)  # few rows: torch's own path
+    p = torch.randn(301, 500)
+    assert torch.allclose(gemm.matmul_t(p, w.T), p @ w, atol=1e-3)  # a transposed (strided) operand
+    assert gemm.matmul_t(x.double(), w).dtype == torch.float32
+
+
+def test_readout_product_keeps_autograd() -> None:
+    from recallfix.analysis.gemm import matmul_t
+
+    x = torch.randn(128, 8, requires_grad=True)
+    w = torch.randn(16, 8)
+    matmul_t(x, w).sum().backward()  # the threaded NumPy path would cut the graph
+    assert torch.allclose(x.grad, w.sum(0).expand(128, 8))

@@ -215,8 +215,8 @@ def test_same_seed_same_patch_other_seed_other_split(tiny_dirs: dict[str, Path],
 
 
 def test_cli_options_are_the_config_fields_with_its_defaults() -> None:
-    from recallfix.analysis.config import from_args
     from recallfix.patches.cli import build_parser
+    from recallfix.patches.options import from_args
 
     parser = build_parser()
     for command in (["analyze", "--model", "m"], ["demo"]):

@@ -1,118 +1,162 @@
-"""A vLLM server whose patch cannot be LoRA (GPT-2: no LoRA in vLLM; the patch also scales an MLP bias):
-503 while the engines start, the merged checkpoint in a second engine, errors a model without a chat
-template gives, and 503 once the engine has died."""
+"""Patches at run time: `/v1/load_patch` swaps the patched variant under load with no failed request, in
+both modes (lora: an adapter loaded into the running vLLM server; merged: a new vLLM server, switched to
+when ready, the old one drained and stopped), a refused patch (a bias patch in LoRA mode among them)
+changes nothing, bit for bit, and a vLLM server that dies unasked is reported (503 for its variant, /ready,
+`recallfix_upstream_crashes_total`, its exit in the log) and started again.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from pathlib import Path
 
-import httpx
 import psutil
 import pytest
-import torch
-from server_fixtures import CACHE, Server, patch_file, scratch_dir, tiny_model_dir, wait_for
+from server_fixtures import (
+    NAME,
+    PATCH_OF,
+    START_TIMEOUT_S,
+    START_TIMES,
+    Metrics,
+    Process,
+    patch_file,
+    scratch_dir,
+    wait_for,
+)
 
-from recallfix.patches import Patch, apply_patch
+from recallfix.patches import Patch
 
-NAME = "tiny-gpt2"
-GAINS = {"L1H0": 0.0, "L1MLP": 1.5}
 PROMPT = "The capital of France is"
 
 
-def error_of(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
+def first_logprobs(server: Process) -> list[float]:
+    reply = server.post("/v1/completions", {"model": f"{NAME}:patched", "prompt": PROMPT, "max_tokens": 3,
+                                            "temperature": 0.0, "logprobs": 5})
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["logprobs"]["token_logprobs"]
 
 
-@pytest.fixture(scope="module")
-def starting() -> Iterator[Server]:
-    """The server process, started but not yet ready."""
-    model = tiny_model_dir("gpt2")
-    work = scratch_dir()
-    patch = patch_file(model, GAINS, work / "gpt2-patch.json")
-    server = Server(["--model", str(model), "--patch", str(patch), "--engine", "vllm", "--served-model-name", NAME,
-                     "--dtype", "float32", "--max-model-len", "64", "--cache-dir", str(work / "cache")],
-                    CACHE / "server-tests" / "vllm-merged.log").start()
-    yield server
-    server.stop()
+def served_patch(server: Process) -> dict[str, str]:
+    samples = Metrics.parse(server.metrics_text()).samples
+    (labels,) = [lab for name, lab, v in samples if name == "recallfix_patch_info" and v == 1]
+    return labels
 
 
-@pytest.fixture(scope="module")
-def server(starting: Server) -> Server:
-    return starting.wait()
+class Load:
+    """Clients sending completions and streamed chats to every name until stopped; every status kept."""
+
+    def __init__(self, server: Process, clients: int = 3) -> None:
+        self.server, self.statuses, self.stop = server, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        models = [f"{NAME}:patched", NAME, f"{NAME}:ab"]
+        n = 0
+        while not self.stop.is_set():
+            model = models[(i + n) % 3]
+            if n % 2:
+                body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                        "stream": True, "user": f"u{i}"}
+                with self.server.post_stream("/v1/chat/completions", body) as response:
+                    lines = list(response.iter_lines())
+                ok = response.status_code == 200 and lines and "data: [DONE]" in lines and not any(
+                    '"error"' in line for line in lines)
+                self.statuses.append(200 if ok else response.status_code or 599)
+            else:
+                reply = self.server.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 4,
+                                                             "user": f"u{i}"})
+                self.statuses.append(reply.status_code)
+            n += 1
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=300)
 
 
-def completion(server: Server, **body) -> httpx.Response:  # noqa: ANN003
-    return server.post("/v1/completions", {"model": NAME, "prompt": PROMPT, "max_tokens": 1, **body}, key=None)
+@pytest.mark.swaps_patch
+@pytest.mark.parametrize("kind", [pytest.param(kind, marks=pytest.mark.servers(kind))
+                                  for kind in ("serve-lora", "serve-merged")])
+def test_load_patch_swaps_under_load_and_back(kind: str, servers) -> None:  # noqa: ANN001
+    server = servers[kind]
+    mine, other = patch_file(PATCH_OF[kind]), patch_file("other")
+    before = first_logprobs(server)
+    with Load(server) as load:
+        started = time.monotonic()
+        swapped = server.post("/v1/load_patch", {"path": str(other)}, timeout=START_TIMEOUT_S)
+        START_TIMES.append((f"{kind}: load_patch", time.monotonic() - started))
+        assert swapped.status_code == 200, swapped.text
+        assert swapped.json()["patch"]["applied"] == kind.removeprefix("serve-")
+        assert swapped.json()["previous_patch_id"] == Patch.load(mine).id
+        after = first_logprobs(server)
+        started = time.monotonic()
+        back = server.post("/v1/load_patch", {"patch": Patch.load(mine).model_dump(mode="json")},
+                           timeout=START_TIMEOUT_S)
+        START_TIMES.append((f"{kind}: load_patch back", time.monotonic() - started))
+        assert back.status_code == 200, back.text
+        assert back.json()["patch"]["biases"] == [str(c) for c in Patch.load(mine).biases]
+    assert load.statuses and set(load.statuses) == {200}, f"failed requests during the swap: {load.statuses}"
+    assert after != before, "the new patch changed nothing"
+    assert first_logprobs(server) == pytest.approx(before, abs=1e-5)  # its own patch again
+    assert served_patch(server)["patch_id"] == Patch.load(mine).id
 
 
-def test_http_answers_503_until_the_engine_is_ready(starting: Server) -> None:
-    starting.wait("/health")  # the HTTP side is up long before the engines
-    met_a_starting_engine = False
-    while httpx.get(starting.url + "/ready", timeout=10).status_code != 200:
-        answer = completion(starting)
-        if httpx.get(starting.url + "/ready", timeout=10).status_code != 200:  # not ready before nor after
-            error = error_of(answer, 503)
-            assert answer.headers["retry-after"] and error["code"] == "engine_unavailable"
-            assert httpx.get(starting.url + "/health", timeout=10).status_code == 200  # process up
-            met_a_starting_engine = True
-        assert starting.proc is not None and starting.proc.poll() is None, starting.log()[-3000:]
-        time.sleep(0.5)
-    assert met_a_starting_engine
-
-
-def test_the_patch_runs_merged_in_a_second_engine(server: Server) -> None:
-    info = [labels for name, labels, v in server.metrics().samples if name == "recallfix_patch_info" and v]
-    assert [i["applied"] for i in info] == ["merged"]
-    log = server.log()
-    assert "merged checkpoint" in log and "vLLM has no LoRA for gpt2" in log
-    assert log.count("vLLM engine (patched): ready") == 1 and log.count("vLLM engine (base): ready") == 1
-
-
-def test_both_variants_match_the_patch_applied_in_process(server: Server) -> None:
+@pytest.mark.servers("serve-lora")
+def test_refused_patches_say_why_and_change_nothing(servers, tiny_dirs, tmp_path: Path) -> None:  # noqa: ANN001
+    from recallfix.patches import make_patch
     from recallfix.patches.io import load_causal_lm
 
-    model, tokenizer = load_causal_lm(tiny_model_dir("gpt2"))
-    patch = Patch.load(next(a for a in server.args if a.endswith("gpt2-patch.json")))
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        expected = {NAME: torch.log_softmax(model(ids).logits[0, -1], -1)}
-        with apply_patch(model, patch):
-            expected[f"{NAME}:patched"] = torch.log_softmax(model(ids).logits[0, -1], -1)
-    for name, logprobs in expected.items():
-        top = completion(server, model=name, temperature=0, logprobs=5).json()["choices"][0]["logprobs"]
-        want = logprobs.topk(5)
-        for value, index in zip(want.values, want.indices, strict=True):
-            assert top["top_logprobs"][0][tokenizer.decode([int(index)])] == pytest.approx(float(value), abs=1e-3)
+    server = servers["serve-lora"]
+    before, info = first_logprobs(server), served_patch(server)
+    foreign = make_patch(load_causal_lm(tiny_dirs["llama"])[0], {"L1H0": 0.5}).save(scratch_dir("patches") / "f.json")
+    tampered = Patch.load(patch_file("learned")).model_dump(mode="json")
+    tampered["edits"][0]["gain"] = float("1e39")  # not finite once applied in float32
+    outside = Path(tmp_path / "p.json")
+    outside.write_text(Patch.load(patch_file("learned")).model_dump_json())
+    for body, why in (({"path": str(foreign)}, "hidden_size: the patch was made for 128, this model has 576"),
+                      ({"patch": tampered}, "finite|gain|invalid"),
+                      ({"path": str(outside)}, "outside the patch directory"),
+                      ({"patch": {"edits": "nonsense"}}, "invalid patch"),
+                      ({"path": str(patch_file("bias"))}, r"--patch-mode lora.*LoRA cannot.*L29MLP adds a bias.*"
+                                                          r"--patch-mode merged")):
+        refused = server.post("/v1/load_patch", body)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "patch_refused" and "keeps serving" in error["message"]
+        assert re.search(why, error["message"]), error["message"]
+    assert first_logprobs(server) == before  # bit for bit
+    assert served_patch(server) == info
 
 
-def test_chat_without_a_template_is_a_clear_400(server: Server) -> None:
-    answer = server.post("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}]},
-                         key=None)
-    error = error_of(answer, 400)
-    assert error["code"] == "chat_template_missing" and "--chat-template" in error["message"]
-
-
-def test_prompt_longer_than_the_model_allows_is_400(server: Server) -> None:
-    error = error_of(completion(server, prompt=list(range(1, 80))), 400)  # --max-model-len 64
-    assert error["param"] == "prompt" and "64" in error["message"]
-    assert completion(server, prompt=list(range(1, 60))).status_code == 200
-
-
-def test_a_dead_engine_answers_503(server: Server) -> None:
-    """Last in this module: kills the engines (vLLM's engine-core processes) under the running server."""
-    assert server.proc is not None
-    cores = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "EngineCore" in p.name()
-             or any("EngineCore" in part for part in p.cmdline())]
-    assert len(cores) == 2, [p.name() for p in psutil.Process(server.proc.pid).children(recursive=True)]
-    for process in cores:
-        process.send_signal(signal.SIGKILL)
-    assert wait_for(lambda: httpx.get(server.url + "/ready", timeout=10).status_code == 503, timeout=60)
-    error = error_of(completion(server), 503)
-    assert "Traceback" not in error["message"]
-    assert error_of(httpx.get(server.url + "/health", timeout=10), 503)["code"] == "engine_unavailable"
-    assert server.proc.poll() is None  # the process stays up and says why; the orchestrator replaces it
+@pytest.mark.servers("serve-merged")
+def test_a_crashed_vllm_server_is_reported_and_started_again(servers) -> None:  # noqa: ANN001
+    server = servers["serve-merged"]
+    (patched,) = [p for p in psutil.Process(server.proc.pid).children()
+                  if f"{NAME}:patched" in p.cmdline() and "--served-model-name" in p.cmdline()]
+    before = server.metrics()
+    os.killpg(patched.pid, signal.SIGKILL)  # the patched variant's API server and its engine die unasked
+    assert wait_for(lambda: server.get("/ready").status_code == 503, timeout=120), "a dead server is not reported"
+    down = server.post("/v1/completions", {"model": f"{NAME}:patched", "prompt": "x", "max_tokens": 1})
+    assert down.status_code == 503 and down.json()["error"]["type"] == "service_unavailable"
+    assert down.headers["retry-after"]
+    up = server.post("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 1})
+    assert up.status_code == 200  # the other variant serves on
+    crashed = server.metrics()
+    assert crashed.delta(before, "recallfix_upstream_crashes_total", variant="patched") == 1
+    assert crashed.value("recallfix_upstream_up", variant="patched") == 0
+    assert "vLLM (patched) exited with signal 9" in server.log()
+    # ... and started again from the same command
+    started = time.monotonic()
+    assert wait_for(lambda: server.get("/ready").status_code == 200, timeout=START_TIMEOUT_S), server.log()[-3000:]
+    START_TIMES.append(("serve-merged: restart after a crash", time.monotonic() - started))
+    again = server.post("/v1/completions", {"model": f"{NAME}:patched", "prompt": "x", "max_tokens": 1})
+    assert again.status_code == 200 and again.headers["x-recallfix-variant"] == "patched"

@@ -1,227 +1,162 @@
-"""The official `openai` client against a live server, for each engine: completions, chat, streaming,
-logprobs, echo, the tokenizer endpoints, and errors in OpenAI's shape."""
+"""A battery of common `openai`-client calls works through `recallfix serve` exactly as against vLLM's own
+server: for NAME and NAME:patched, each reply (and each streamed event) has the shape of the reply vLLM's
+server gives to the same call when started directly on the same checkpoint, and greedy text is the same.
+"""
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
-import httpx
-import openai
 import pytest
-from server_fixtures import API_KEY, FACT_PROMPTS, NAME, Server, shared_server, sse_events
+from server_fixtures import NAME, Process
 
-ENGINES = ["vllm", "transformers"]
+pytestmark = pytest.mark.servers("serve-merged", "vllm-base", "vllm-merged")
 
+PROMPT = "The capital of France is"
+MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
-@pytest.fixture(scope="module", params=ENGINES)
-def server(request: pytest.FixtureRequest) -> Server:
-    return shared_server(request.param, *(e for e in ENGINES if e != request.param))
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return server.client()
-
-
-def tokenize(server: Server, text: str) -> list[int]:
-    return server.post("/tokenize", {"prompt": text}).json()["tokens"]
-
-
-def greedy(client: openai.OpenAI, prompt, **kwargs):  # noqa: ANN001, ANN201
-    return client.completions.create(model=NAME, prompt=prompt, temperature=0, **kwargs)
-
-
-# -- models and completions ------------------------------------------------------------------------------
-def test_models_lists_base_patched_and_ab(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list().data] == [NAME, f"{NAME}:patched", f"{NAME}:ab"]
-
-
-def test_completion_text_usage_and_variant_header(server: Server, client: openai.OpenAI) -> None:
-    raw = client.completions.with_raw_response.create(model=NAME, prompt=FACT_PROMPTS[0], max_tokens=5,
-                                                       temperature=0)
-    assert raw.headers["x-recallfix-variant"] == "base"
-    reply = raw.parse()
-    assert reply.object == "text_completion" and reply.model == NAME and reply.id.startswith("cmpl-")
-    (choice,) = reply.choices
-    assert isinstance(choice.text, str) and choice.logprobs is None
-    # The demo model may end its answer (EOS) before max_tokens.
-    assert 0 < reply.usage.completion_tokens <= 5 and choice.finish_reason in ("stop", "length")
-    if reply.usage.completion_tokens < 5:
-        assert choice.finish_reason == "stop"
-    assert reply.usage.prompt_tokens == len(tokenize(server, FACT_PROMPTS[0]))
-    patched = client.completions.with_raw_response.create(model=f"{NAME}:patched", prompt=FACT_PROMPTS[0],
-                                                          max_tokens=1, temperature=0)
-    assert patched.headers["x-recallfix-variant"] == "patched"
+# (case, endpoint, arguments of the openai client's create()); greedy unless seeded sampling is the point.
+BATTERY: list[tuple[str, str, dict[str, Any]]] = [
+    ("penalties", "completions", {"presence_penalty": 0.5, "frequency_penalty": 0.5}),
+    ("logit_bias", "completions", {"logit_bias": {"7042": -100}}),
+    ("top_k_min_p", "completions", {"extra_body": {"top_k": 5, "min_p": 0.1}}),
+    ("repetition_penalty", "completions", {"extra_body": {"repetition_penalty": 1.3}}),
+    ("min_tokens_ignore_eos", "completions", {"extra_body": {"min_tokens": 6, "ignore_eos": True}}),
+    ("structured_choice", "completions", {"extra_body": {"structured_outputs": {"choice": ["Paris", "Lyon"]}}}),
+    ("structured_regex", "completions", {"extra_body": {"structured_outputs": {"regex": " [A-Z][a-z]+"}}}),
+    ("structured_json", "completions", {"extra_body": {"structured_outputs": {"json": CITY}}}),
+    ("echo_prompt_logprobs", "completions", {"echo": True, "logprobs": 2, "max_tokens": 2}),
+    ("logprobs", "completions", {"logprobs": 3}),
+    ("n_streaming", "completions", {"n": 2, "stream": True, "temperature": 0.8, "seed": 7}),
+    ("stream_usage", "completions", {"stream": True, "stream_options": {"include_usage": True}}),
+    ("chat_penalties_top_k", "chat", {"presence_penalty": 0.3, "extra_body": {"top_k": 3,
+                                                                               "repetition_penalty": 1.2}}),
+    ("chat_json_object", "chat", {"response_format": {"type": "json_object"}}),
+    ("chat_json_schema", "chat", {"response_format": {"type": "json_schema",
+                                                      "json_schema": {"name": "city", "schema": CITY}}}),
+    ("chat_structured_choice", "chat", {"extra_body": {"structured_outputs": {"choice": ["Paris", "Lyon"]}}}),
+    ("chat_tools", "chat", {"tools": [WEATHER_TOOL], "tool_choice": "auto"}),
+    ("chat_logprobs", "chat", {"logprobs": True, "top_logprobs": 2}),
+    ("chat_n_streaming", "chat", {"n": 2, "stream": True, "temperature": 0.8, "seed": 7}),
+]
 
 
-def test_prompt_as_text_token_ids_and_lists_agree(server: Server, client: openai.OpenAI) -> None:
-    ids = [tokenize(server, p) for p in FACT_PROMPTS[:2]]
-    by_text = greedy(client, FACT_PROMPTS[:2], max_tokens=4)
-    by_ids = greedy(client, ids, max_tokens=4)
-    one = greedy(client, ids[1], max_tokens=4)
-    assert [c.index for c in by_text.choices] == [0, 1]
-    assert [c.text for c in by_text.choices] == [c.text for c in by_ids.choices]
-    assert one.choices[0].text == by_text.choices[1].text
-    assert by_text.usage.prompt_tokens == sum(map(len, ids))
+def shape(value: Any) -> Any:
+    """The structure of a JSON value: keys, list lengths and value types, not the values."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in sorted(value.items())}
+    if isinstance(value, list):
+        return [shape(v) for v in value]
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    return None if value is None else "str"
 
 
-def test_logprobs_are_a_distribution_and_greedy_picks_the_top(client: openai.OpenAI) -> None:
-    reply = greedy(client, FACT_PROMPTS[1], max_tokens=4, logprobs=3)
-    lp = reply.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == reply.usage.completion_tokens > 0
-    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
-    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
-        assert 1 <= len(top) <= 4  # the token itself plus the 3 most likely
-        assert top[token] == pytest.approx(logprob)
-        assert logprob == pytest.approx(max(top.values()))  # greedy: the chosen token is the most likely
-        assert sum(math.exp(v) for v in top.values()) <= 1.0 + 1e-5
+def call(server: Process, model: str, endpoint: str, arguments: dict[str, Any]) -> tuple[Any, str | None]:
+    """The reply (a list of events when streamed) as JSON, and the variant header."""
+    client = server.client()
+    arguments = {"max_tokens": 8, "temperature": 0.0, **arguments}
+    if endpoint == "completions":
+        raw = client.completions.with_raw_response.create(model=model, prompt=PROMPT, **arguments)
+    else:
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES, **arguments)
+    parsed = raw.parse()
+    if arguments.get("stream"):
+        return [chunk.to_dict() for chunk in parsed], raw.headers.get("x-recallfix-variant")
+    return parsed.to_dict(), raw.headers.get("x-recallfix-variant")
 
 
-def test_echo_scores_the_prompt_as_vllm_does(server: Server, client: openai.OpenAI) -> None:
-    prompt = FACT_PROMPTS[2]
-    n_prompt = len(tokenize(server, prompt))
-    scored = client.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
-    choice = scored.choices[0]
-    assert choice.text == prompt
-    assert len(choice.logprobs.tokens) == n_prompt and scored.usage.completion_tokens == 0
-    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
-    assert all(v is not None and v <= 0 for v in choice.logprobs.token_logprobs[1:])
-    both = greedy(client, prompt, max_tokens=3, echo=True, logprobs=1)
-    alone = greedy(client, prompt, max_tokens=3, logprobs=1)
-    assert both.choices[0].text == prompt + alone.choices[0].text
-    lp = both.choices[0].logprobs
-    assert lp.token_logprobs[:n_prompt] == pytest.approx(choice.logprobs.token_logprobs, abs=1e-5)
-    assert lp.token_logprobs[n_prompt:] == pytest.approx(alone.choices[0].logprobs.token_logprobs, abs=1e-5)
+def per_choice(reply: Any) -> Any:
+    """A streamed reply as its events per choice, in order ("usage": the events with no choice); a whole
+    reply as it is. vLLM interleaves the choices of an n > 1 stream as they come, which no client may rely
+    on; each choice's own events, and their order, are what the two servers must agree on."""
+    if not isinstance(reply, list):
+        return reply
+    out: dict[str, list[Any]] = {}
+    for event in reply:
+        choices = event.get("choices") or []
+        if not choices:
+            out.setdefault("usage", []).append(event)
+        for choice in choices:
+            out.setdefault(f"choice {choice.get('index')}", []).append({**event, "choices": [choice]})
+    return out
 
 
-def test_seeded_sampling_repeats_and_n_gives_distinct_samples(client: openai.OpenAI) -> None:
-    def sample() -> list[str]:
-        reply = client.completions.create(model=NAME, prompt=FACT_PROMPTS[0], max_tokens=8, n=3, seed=7,
-                                          temperature=1.0, top_p=0.95)
-        return [c.text for c in reply.choices]
-
-    first = sample()
-    assert len(first) == 3 and sample() == first
-    assert len(set(first)) > 1  # sample j is seeded seed + j
-
-
-def test_stop_string_ends_the_text_before_it(client: openai.OpenAI) -> None:
-    full = greedy(client, FACT_PROMPTS[0], max_tokens=12).choices[0].text
-    assert len(full) >= 4, full
-    stop = full[2:4]
-    stopped = greedy(client, FACT_PROMPTS[0], max_tokens=12, stop=[stop]).choices[0]
-    assert stopped.text == full[: full.index(stop)]
-    assert stopped.finish_reason == "stop"
+def texts(reply: Any) -> dict[int, list[str]]:
+    """Per choice index, its text: a whole reply's, or each of a stream's pieces, in order."""
+    events = reply if isinstance(reply, list) else [reply]
+    out: dict[int, list[str]] = {}
+    for event in events:
+        for choice in event.get("choices", []):
+            text = choice.get("text") or (choice.get("message") or choice.get("delta") or {}).get("content") or ""
+            out.setdefault(choice.get("index", 0), []).append(text)
+    return out
 
 
-def test_streaming_completion_matches_the_whole_reply(server: Server, client: openai.OpenAI) -> None:
-    whole = greedy(client, FACT_PROMPTS[1], max_tokens=6, logprobs=2).choices[0]
-    chunks = list(greedy(client, FACT_PROMPTS[1], max_tokens=6, logprobs=2, stream=True,
-                         stream_options={"include_usage": True}))
-    pieces = [c for c in chunks if c.choices]
-    assert "".join(c.choices[0].text for c in pieces) == whole.text
-    assert [t for c in pieces if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == whole.logprobs.tokens
-    assert pieces[-1].choices[0].finish_reason == whole.finish_reason
-    assert chunks[-1].usage.completion_tokens == len(whole.logprobs.tokens)
-    # On the wire: server-sent events ending in [DONE], and the variant header.
-    body = {"model": f"{NAME}:patched", "prompt": FACT_PROMPTS[1], "max_tokens": 3, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        assert response.headers["x-recallfix-variant"] == "patched"
-        events = sse_events(response)
-    assert events[-1] == "[DONE]" and all(isinstance(e, dict) for e in events[:-1])
+@pytest.fixture
+def peers(servers: dict[str, Process]) -> dict[str, Process]:
+    """`recallfix serve` (merged), and vLLM's own server of each name's checkpoint."""
+    return {"serve": servers["serve-merged"], NAME: servers["vllm-base"], f"{NAME}:patched": servers["vllm-merged"]}
 
 
-# -- chat ------------------------------------------------------------------------------------------------
-MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Capital of France?"}]
+@pytest.mark.parametrize("variant", ["base", "patched"])
+@pytest.mark.parametrize("case, endpoint, arguments", BATTERY, ids=[c[0] for c in BATTERY])
+def test_battery_matches_vllms_own_server(peers: dict[str, Process], case: str, endpoint: str,
+                                          arguments: dict[str, Any], variant: str) -> None:
+    model = NAME if variant == "base" else f"{NAME}:patched"
+    ours, header = call(peers["serve"], model, endpoint, arguments)
+    theirs, _ = call(peers[model], model, endpoint, arguments)
+    assert header == variant
+    assert shape(per_choice(ours)) == shape(per_choice(theirs)), f"{case}: the reply's shape differs from vLLM's"
+    assert texts(ours) == texts(theirs), f"{case}: the same greedy/seeded call gave other text"
+    events = ours if isinstance(ours, list) else [ours]
+    assert all(event["model"] == model for event in events)
 
 
-def test_chat_completion_with_logprobs(server: Server, client: openai.OpenAI) -> None:
-    reply = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=5, temperature=0,
-                                           logprobs=True, top_logprobs=2)
-    (choice,) = reply.choices
-    assert reply.object == "chat.completion" and choice.message.role == "assistant"
-    assert isinstance(choice.message.content, str)
-    content = choice.logprobs.content
-    assert len(content) == reply.usage.completion_tokens > 0
-    for item in content:
-        assert len(item.top_logprobs) == 2 and item.bytes == list(item.token.encode())
-        assert item.logprob == pytest.approx(item.top_logprobs[0].logprob)  # greedy
-    templated = server.post("/tokenize", {"messages": MESSAGES}).json()
-    assert reply.usage.prompt_tokens == templated["count"]
+def test_ab_serves_one_variant_per_user(peers: dict[str, Process]) -> None:
+    seen = {}
+    for user in ("ann", "bob", "cy", "dee", "eve", "fay"):
+        for _ in range(2):
+            reply, header = call(peers["serve"], f"{NAME}:ab", "completions", {"user": user, "max_tokens": 2})
+            assert reply["model"] == f"{NAME}:ab"
+            assert seen.setdefault(user, header) == header  # sticky
+    assert set(seen.values()) <= {"base", "patched"}
 
 
-def test_chat_streaming_matches_the_whole_reply(client: openai.OpenAI) -> None:
-    whole = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6, temperature=0)
-    chunks = list(client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6, temperature=0,
-                                                 stream=True))
-    assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
-    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+def test_models_lists_the_three_names_with_vllms_card(peers: dict[str, Process]) -> None:
+    ours = peers["serve"].client().models.list().to_dict()
+    theirs = peers[NAME].client().models.list().to_dict()
+    assert [card["id"] for card in ours["data"]] == [NAME, f"{NAME}:patched", f"{NAME}:ab"]
+    assert shape(ours["data"][0]) == shape(theirs["data"][0])
+    assert ours["data"][0]["max_model_len"] == theirs["data"][0]["max_model_len"]
 
 
-# -- tokenizer endpoints ---------------------------------------------------------------------------------
-def test_tokenize_detokenize_and_tokenizer_info_in_vllm_shapes(server: Server) -> None:
-    text = FACT_PROMPTS[0]
-    tok = server.post("/tokenize", {"prompt": text, "add_special_tokens": False, "return_token_strs": True}).json()
-    assert set(tok) == {"count", "max_model_len", "tokens", "token_strs"}
-    assert tok["count"] == len(tok["tokens"]) == len(tok["token_strs"]) and tok["max_model_len"] == 128
-    with_bos = server.post("/tokenize", {"prompt": text}).json()["tokens"]
-    assert len(with_bos) == tok["count"] + 1  # the demo tokenizer prepends <s>
-    assert server.post("/detokenize", {"tokens": tok["tokens"]}).json() == {"prompt": text}
-    info = server.get("/tokenizer_info").json()
-    assert info["tokenizer_class"] and info["bos_token"] == "<s>" and "chat_template" in info
-    assert not {"vocab_file", "tokenizer_file", "name_or_path"} & set(info)
+def test_other_vllm_endpoints_pass_through(peers: dict[str, Process]) -> None:
+    serve, base = peers["serve"], peers[NAME]
+    for path, body in (("/tokenize", {"model": NAME, "prompt": PROMPT}),
+                       ("/detokenize", {"model": f"{NAME}:patched", "tokens": [504, 3575]}),
+                       ("/tokenize", {"prompt": PROMPT})):
+        ours, theirs = serve.post(path, body), base.post(path, {**body, "model": NAME} if "model" in body else body)
+        assert ours.status_code == theirs.status_code == 200, ours.text
+        assert ours.json() == theirs.json()
+    assert serve.get("/version").json() == base.get("/version").json()
 
 
-# -- errors ----------------------------------------------------------------------------------------------
-def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["message"] and "Traceback" not in response.text
-    if param is not None:
-        assert body["error"]["param"] == param, body
-    return body["error"]
+def test_upstream_client_errors_are_relayed_as_they_are(peers: dict[str, Process]) -> None:
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 4, "temperature": -1}
+    ours, theirs = peers["serve"].post("/v1/completions", body), peers[NAME].post("/v1/completions", body)
+    assert ours.status_code == theirs.status_code == 400
+    assert shape(ours.json()) == shape(theirs.json()) and ours.json()["error"]["message"]
 
 
-def test_errors_through_the_openai_client(server: Server, client: openai.OpenAI) -> None:
-    with pytest.raises(openai.AuthenticationError):
-        server.client(api_key="wrong").models.list()
-    with pytest.raises(openai.NotFoundError) as missing:
-        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
-    assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
-    with pytest.raises(openai.BadRequestError) as bad:
-        client.completions.create(model=NAME, prompt="x", max_tokens=1, logprobs=21)
-    assert bad.value.body["param"] == "logprobs"
-    with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model=NAME, messages=MESSAGES, temperature=-1)
-    assert bad.value.body["param"] == "temperature"
-    with pytest.raises(openai.BadRequestError) as bad:
-        client.completions.create(model=NAME, prompt="x", max_tokens=1, extra_body={"frobnicate": 1})
-    assert bad.value.body["param"] == "frobnicate"
-
-
-def test_error_statuses_and_shape(server: Server) -> None:
-    ok = {"model": NAME, "prompt": FACT_PROMPTS[0], "max_tokens": 1}
-    assert_openai_error(server.post("/v1/completions", ok, key=None), 401)
-    assert_openai_error(server.post("/v1/completions", ok, key="nope"), 401)
-    assert_openai_error(server.post("/v1/completions", {**ok, "model": "demo:other"}), 404, "model")
-    long_prompt = list(range(10, 10 + 200))  # 200 token ids > max_model_len 128
-    error = assert_openai_error(server.post("/v1/completions", {**ok, "prompt": long_prompt}), 400, "prompt")
-    assert error["code"] == "context_length_exceeded"
-    assert_openai_error(server.post("/v1/completions", {**ok, "max_tokens": 500}), 400, "max_tokens")
-    assert_openai_error(server.post("/v1/completions", {**ok, "prompt": [10**6]}), 400, "prompt")
-    assert_openai_error(server.post("/v1/completions", {**ok, "n": 0}), 400, "n")
-    assert_openai_error(server.post("/v1/completions", {**ok, "max_tokens": 0}), 400)  # scoring needs echo
-    assert_openai_error(server.post("/v1/chat/completions", {"model": NAME, "messages": []}), 400, "messages")
-    assert_openai_error(server.post("/v1/chat/completions", {"model": NAME, "messages": [{"role": "robot"}]}),
-                        400, "messages.0.role")
-    raw = httpx.post(server.url + "/v1/completions", content=b"{not json", timeout=30,
-                     headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
-    assert_openai_error(raw, 400)
-    assert_openai_error(server.get("/v1/nothing-here"), 404)
-    # An error after the variant was chosen still says which variant refused it.
-    routed = server.post("/v1/completions", {**ok, "model": f"{NAME}:patched", "max_tokens": 500})
-    assert routed.headers["x-recallfix-variant"] == "patched"
+def test_openapi_covers_the_fronts_routes_and_the_pass_through_ones(peers: dict[str, Process]) -> None:
+    paths = peers["serve"].get("/openapi.json", key=None).json()["paths"]
+    assert {"/v1/feedback", "/v1/load_patch", "/ready", "/v1/models"} <= set(paths)  # the front's own
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize"} <= set(paths)  # vLLM's
+    assert "/v1/load_lora_adapter" not in paths and "post" in paths["/v1/load_patch"]

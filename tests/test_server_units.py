@@ -1,70 +1,29 @@
-"""The server's parts that need no running server: detokenization with stop strings, A/B routing, the
-entropy estimate, the feedback store, request validation, and the transformers engine's weight sharing."""
+"""The server's pure parts: routing, the request/reply rewriting, metrics helpers, options, memory sizing."""
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import math
-from pathlib import Path
 
 import pytest
-import torch
-from server_fixtures import tiny_model_dir
 
-from recallfix.patches import make_patch
-from recallfix.patches.io import load_causal_lm
-from recallfix.server.calibration import Answer, FeedbackStore
-from recallfix.server.config import ServerConfig
-from recallfix.server.engine import PatchRefused, SamplingSpec
-from recallfix.server.engines.transformers import TransformersEngine, patched_copy
-from recallfix.server.metrics import describe_edits, top_k_entropy
-from recallfix.server.patching import vllm_lora_rank
-from recallfix.server.protocol import ChatCompletionRequest, CompletionRequest
+from recallfix.patches.options import from_args
+from recallfix.server.calibration import Answer, FeedbackStore, one_greedy_step
+from recallfix.server.cli import add_router_arguments, split_serve_args
+from recallfix.server.config import FrontConfig, RouterConfig
+from recallfix.server.metrics import Metrics, describe_edits, relayed_families
+from recallfix.server.observe import (
+    CHAT,
+    COMPLETIONS,
+    ask_logprobs,
+    requested_logprobs,
+    strip_logprobs,
+    tokens_of,
+    top_k_entropy,
+)
+from recallfix.server.patching import PatchRefused, vllm_lora_rank
 from recallfix.server.routing import Router, UnknownModel, user_bucket
-from recallfix.server.textstream import TextStream
-
-
-@pytest.fixture(scope="module")
-def llama() -> tuple[torch.nn.Module, object]:
-    return load_causal_lm(tiny_model_dir("llama"))
-
-
-# -- detokenization --------------------------------------------------------------------------------------
-def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> tuple[list[str], str | None]:  # noqa: ANN001
-    text = TextStream(tokenizer, stop)
-    pieces = []
-    for token in ids:
-        piece, hit = text.push(token)
-        pieces.append(piece)
-        if hit is not None:
-            return pieces, hit
-    pieces.append(text.flush())
-    return pieces, None
-
-
-def test_streamed_text_adds_up_to_the_decoded_text(llama) -> None:  # noqa: ANN001
-    _, tokenizer = llama
-    ids = tokenizer("The capital of France is Paris. Gold has the chemical symbol Au.").input_ids
-    pieces, hit = stream(tokenizer, ids)
-    assert hit is None and "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def test_an_incomplete_character_is_held_back_and_dropped_at_the_end(llama) -> None:  # noqa: ANN001
-    _, tokenizer = llama
-    ids = tokenizer("café").input_ids
-    euro = tokenizer("€").input_ids
-    assert len(euro) == 3  # byte-level BPE with a tiny vocabulary: one token per byte of €
-    pieces, _ = stream(tokenizer, ids + euro[:1])
-    assert "".join(pieces) == "café"  # the lone first byte of € never completes: not emitted
-    assert all("\ufffd" not in p for p in pieces)
-
-
-def test_a_stop_string_across_tokens_ends_the_text_before_it(llama) -> None:  # noqa: ANN001
-    _, tokenizer = llama
-    ids = tokenizer("The weather today is mild and the sky is clear.").input_ids
-    pieces, hit = stream(tokenizer, ids, stop=("mild and", "zzz"))
-    assert hit == "mild and"
-    assert "".join(pieces) == "The weather today is "
+from recallfix.server.vllm_args import DoesNotFit, GiB, cpu_kv_cache_gib
 
 
 # -- routing ---------------------------------------------------------------------------------------------
@@ -88,17 +47,59 @@ def test_ab_routing_is_a_fixed_function_of_the_user() -> None:
     for split, expected in ((0.0, {"base"}), (1.0, {"patched"})):
         router = Router("m", ab_split=split)
         assert {router.route("m:ab", u, patched=True).variant for u in users[:200]} == expected
-    router = Router("m", ab_split=0.25)
+    # Two routers (two replicas of `recallfix router`) agree on every user.
+    one, two = Router("m", ab_split=0.25), Router("m", ab_split=0.25)
     for user, bucket in zip(users, buckets, strict=True):
-        assert (router.route("m:ab", user, True).variant == "patched") == (bucket < 0.25)
+        assert one.route("m:ab", user, True).variant == two.route("m:ab", user, True).variant
+        assert (one.route("m:ab", user, True).variant == "patched") == (bucket < 0.25)
+
+
+# -- what the front changes in requests and replies ------------------------------------------------------
+def test_logprobs_are_asked_only_where_the_client_asked_none() -> None:
+    body = {"prompt": "x"}
+    assert ask_logprobs(COMPLETIONS, body, 20) and body["logprobs"] == 20
+    assert requested_logprobs(COMPLETIONS, body) == 20
+    mine = {"prompt": "x", "logprobs": 3}
+    assert not ask_logprobs(COMPLETIONS, mine, 20) and mine["logprobs"] == 3
+    echo = {"prompt": "x", "echo": True}  # the reply would carry prompt logprobs: left alone
+    assert not ask_logprobs(COMPLETIONS, echo, 20) and "logprobs" not in echo
+    chat = {"messages": []}
+    assert ask_logprobs(CHAT, chat, 20) and chat == {"messages": [], "logprobs": True, "top_logprobs": 20}
+    assert not ask_logprobs(CHAT, {"messages": [], "logprobs": True, "top_logprobs": 2}, 20)
+    assert not ask_logprobs(COMPLETIONS, {"prompt": "x"}, 0)  # --metrics-logprobs 0: never
+
+
+def test_stripping_restores_vllms_null_and_token_reading() -> None:
+    completion = {"choices": [{"index": 0, "text": " Paris", "logprobs": {
+        "tokens": [" Paris", "."], "token_logprobs": [-0.25, -1.0], "text_offset": [0, 6],
+        "top_logprobs": [{" Paris": -0.25, " the": -2.8}, {".": -1.0, ",": -1.2}]}}]}
+    tokens = tokens_of(COMPLETIONS, completion["choices"][0])
+    assert [t.token for t in tokens] == [" Paris", "."] and tokens[0].top1 == (" Paris", -0.25)
+    assert tokens[1].top == ((".", -1.0), (",", -1.2))
+    strip_logprobs(completion)
+    assert completion["choices"][0]["logprobs"] is None
+    chat = {"choices": [{"index": 0, "logprobs": {"content": [
+        {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [{"token": "Hi", "logprob": -0.5}]}]}}]}
+    assert tokens_of(CHAT, chat["choices"][0])[0].top == (("Hi", -0.5),)
+    # echo's first prompt token has no logprob: skipped, never a crash
+    assert tokens_of(COMPLETIONS, {"logprobs": {"tokens": ["A"], "token_logprobs": [None],
+                                                "top_logprobs": [None]}}) == []
+
+
+def test_shadow_step_scores_the_same_prompt_greedily_for_one_token() -> None:
+    step = one_greedy_step({"model": "m", "prompt": ["a", "b"], "max_tokens": 50, "temperature": 0.9, "n": 3,
+                            "stream": True, "logprobs": 20, "user": "u"})
+    assert step == {"model": "m", "prompt": "a", "max_tokens": 1, "temperature": 0.0, "n": 1, "stream": False,
+                    "logprobs": 1}
+    chat = one_greedy_step({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": []})
+    assert chat["logprobs"] is True and chat["top_logprobs"] == 1 and "tools" in chat
 
 
 # -- metrics helpers -------------------------------------------------------------------------------------
 def test_top_k_entropy_counts_the_tail_as_one_outcome() -> None:
-    assert top_k_entropy([(i, math.log(0.25)) for i in range(4)]) == pytest.approx(math.log(4))
-    assert top_k_entropy([(0, 0.0)]) == pytest.approx(0.0)
-    # 0.5 known, 0.5 unknown tail: the tail counts as one outcome, a lower bound of the true entropy.
-    assert top_k_entropy([(0, math.log(0.5))]) == pytest.approx(math.log(2))
+    assert top_k_entropy([(str(i), math.log(0.25)) for i in range(4)]) == pytest.approx(math.log(4))
+    assert top_k_entropy([("a", 0.0)]) == pytest.approx(0.0)
+    assert top_k_entropy([("a", math.log(0.5))]) == pytest.approx(math.log(2))
 
 
 def test_edit_labels_stay_short() -> None:
@@ -107,12 +108,24 @@ def test_edit_labels_stay_short() -> None:
     assert long.endswith(",+12 more") and long.count("=") == 8
 
 
+def test_relayed_families_merge_by_name_with_a_variant_label() -> None:
+    exposition = ('# HELP vllm:num_requests_running Running.\n# TYPE vllm:num_requests_running gauge\n'
+                  'vllm:num_requests_running{model_name="m"} 2.0\n'
+                  '# HELP python_gc_objects_collected_total GC.\n# TYPE python_gc_objects_collected_total counter\n'
+                  'python_gc_objects_collected_total{generation="0"} 5.0\n')
+    families = relayed_families({"base": exposition, "patched": exposition.replace("2.0", "3.0")})
+    assert [f.name for f in families] == ["vllm:num_requests_running"]  # vllm:* only
+    assert {(s.labels["variant"], s.value) for s in families[0].samples} == {("base", 2.0), ("patched", 3.0)}
+    text = Metrics("m").render(families).decode()
+    assert text.count("# TYPE vllm:num_requests_running gauge") == 1
+
+
 def test_feedback_is_taken_once_per_choice_and_old_answers_expire() -> None:
     store = FeedbackStore(capacity=2)
     store.remember("a", Answer("base", (0.4, None)))
     store.remember("b", Answer("patched", (0.9,)))
     store.remember("empty", Answer("base", (None,)))  # nothing generated: nothing to rate, not stored
-    assert store.rate("a", 1) is None  # choice without a generated token
+    assert store.rate("a", 1) is None
     assert store.rate("a", 0) == ("base", 0.4)
     assert store.rate("a", 0) is None  # rated already
     store.remember("c", Answer("base", (0.1,)))  # evicts "a", the oldest
@@ -126,121 +139,40 @@ def test_vllm_lora_rank_is_the_smallest_allowed_that_fits() -> None:
         vllm_lora_rank(513)
 
 
-# -- requests --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("body, problem", [
-    ({"model": "m", "prompt": []}, "prompt"),
-    ({"model": "m", "prompt": "x", "max_tokens": 0}, "echo"),
-    ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
-    ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, "penalties"),
-    ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
-    ({"model": "m", "prompt": "x", "stream_options": {"include_usage": True}}, "stream"),
-    ({"model": "m", "prompt": "x", "best_of": 2}, "best_of"),
-])
-def test_completion_requests_are_checked(body: dict, problem: str) -> None:
-    with pytest.raises(ValueError, match=problem):
-        CompletionRequest.model_validate(body)
-
-
-def test_prompt_forms() -> None:
-    assert CompletionRequest(model="m", prompt="a").prompts() == ["a"]
-    assert CompletionRequest(model="m", prompt=["a", "b"]).prompts() == ["a", "b"]
-    assert CompletionRequest(model="m", prompt=[1, 2]).prompts() == [[1, 2]]
-    assert CompletionRequest(model="m", prompt=[[1], [2, 3]]).prompts() == [[1], [2, 3]]
-
-
-def test_chat_requests_are_checked() -> None:
-    message = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-    assert ChatCompletionRequest(model="m", messages=message).messages[0].text() == "ab"
-    with pytest.raises(ValueError, match="top_logprobs"):
-        ChatCompletionRequest(model="m", messages=message, top_logprobs=2)
-    with pytest.raises(ValueError, match="tool"):
-        ChatCompletionRequest(model="m", messages=message, tools=[{"type": "function"}])
-
-
-def test_server_options_are_checked() -> None:
-    with pytest.raises(ValueError, match="ab-split"):
-        ServerConfig(model="m", ab_split=1.5)
+# -- options ---------------------------------------------------------------------------------------------
+def test_options_are_checked_with_the_field_named() -> None:
+    with pytest.raises(ValueError, match="--max-concurrency"):
+        FrontConfig(served_model_name="m", max_concurrency=0)
     with pytest.raises(ValueError, match="reserved"):
-        ServerConfig(model="m", served_model_name="a:b")
-    assert ServerConfig(model="/no/such/dir/my-model").name == "/no/such/dir/my-model"
-    assert ServerConfig(model=str(Path(__file__).parent)).name == "tests"
+        FrontConfig(served_model_name="m:x")
+    with pytest.raises(ValueError, match="--base-url"):
+        RouterConfig()
+    parser = argparse.ArgumentParser()
+    add_router_arguments(parser)
+    args = parser.parse_args(["--served-model-name", "m", "--base-url", "http://b", "--ab-split", "0.2"])
+    assert from_args(FrontConfig, args).ab_split == 0.2
+    assert from_args(RouterConfig, args).base_url == "http://b"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--base-url", "http://b", "--ab-split", "1.5"])
 
 
-# -- the transformers engine -----------------------------------------------------------------------------
-def test_patched_copy_shares_every_tensor_but_the_edited_ones(llama) -> None:  # noqa: ANN001
-    base, _ = llama
-    before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    patched, edited = patched_copy(base, make_patch(base, {"L1H0": 0.5, "L0N3": 2.0}))
-    assert edited == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
-    base_params, patched_params = dict(base.named_parameters()), dict(patched.named_parameters())
-    for name, param in patched_params.items():
-        assert (param.data_ptr() == base_params[name].data_ptr()) == (name not in edited), name
-    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())  # base untouched
-    o_proj = patched_params["model.layers.1.self_attn.o_proj.weight"]
-    assert torch.equal(o_proj[:, :32], before["model.layers.1.self_attn.o_proj.weight"][:, :32] * 0.5)
-    assert torch.equal(o_proj[:, 32:], before["model.layers.1.self_attn.o_proj.weight"][:, 32:])
+def test_serve_options_after_model_are_recallfixs_and_the_rest_vllms() -> None:
+    from recallfix.server.cli import add_serve_arguments
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_serve_arguments(parser)
+    args = parser.parse_args(["M", "--tensor-parallel-size", "2", "--patch", "p.json", "--dtype=float32",
+                              "--port", "9000", "--max-num-seqs", "8"])
+    args, vllm_argv = split_serve_args(args)
+    assert str(args.patch) == "p.json" and args.port == 9000 and args.model == "M"
+    assert vllm_argv == ["--tensor-parallel-size", "2", "--dtype=float32", "--max-num-seqs", "8"]
 
 
-def test_patched_copy_refuses_a_foreign_or_overflowing_patch(llama) -> None:  # noqa: ANN001
-    base, _ = llama
-    gpt2, _ = load_causal_lm(tiny_model_dir("gpt2"))
-    with pytest.raises(PatchRefused, match="made for"):
-        patched_copy(base, make_patch(gpt2, {"L1H0": 0.5}))
-    with pytest.raises(PatchRefused, match="non-finite"):
-        patched_copy(base, make_patch(base, {"L1H0": 1e39}))
-
-
-def test_transformers_engine_generates_and_scores(llama) -> None:  # noqa: ANN001
-    """The engine on its own (no HTTP): greedy equals argmax of the model, logprobs are the model's."""
-    base, tokenizer = llama
-    engine = TransformersEngine(ServerConfig(model=str(tiny_model_dir("llama")), dtype="float32"))
-    prompt = tokenizer("The capital of France is").input_ids
-
-    async def run(spec: SamplingSpec) -> list:
-        await engine.start(None)
-        try:
-            return [c async for c in engine.generate("base", prompt, spec, "t")]
-        finally:
-            await engine.stop()
-
-    chunks = asyncio.run(run(SamplingSpec(max_tokens=3, temperature=0.0, top_logprobs=2, prompt_logprobs=1)))
-    with torch.no_grad():
-        ids = torch.tensor([prompt])
-        expected = []
-        for _ in range(3):
-            logprobs = torch.log_softmax(base(ids).logits[0, -1], -1)
-            expected.append((int(logprobs.argmax()), float(logprobs.max())))
-            ids = torch.cat([ids, logprobs.argmax().view(1, 1)], dim=1)
-    got = [(t.token_id, t.logprob) for c in chunks for t in c.logprobs]
-    assert [t for t, _ in got] == [t for t, _ in expected]
-    assert [lp for _, lp in got] == pytest.approx([lp for _, lp in expected], abs=1e-5)
-    assert chunks[0].prompt_logprobs[0] is None and len(chunks[0].prompt_logprobs) == len(prompt)
-    assert chunks[-1].finish_reason == "length" and all(len(t.top) == 2 for c in chunks for t in c.logprobs)
-
-
-def test_unexpected_errors_reach_clients_as_a_generic_500() -> None:
-    """The catch-all: whatever breaks inside a route, the client gets OpenAI's shape and a request id,
-    never the exception's text or a trace (those go to the log)."""
-    import time
-
-    from fastapi.testclient import TestClient
-
-    from recallfix.server.app import create_app
-
-    config = ServerConfig(model=str(tiny_model_dir("llama")), engine="transformers", dtype="float32")
-    app = create_app(TransformersEngine(config), config)
-
-    @app.get("/v1/boom")
-    async def boom() -> None:
-        raise RuntimeError("secret internal detail")
-
-    with TestClient(app, raise_server_exceptions=False) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        response = client.get("/v1/boom", headers={"x-request-id": "req-42"})
-    assert response.status_code == 500
-    error = response.json()["error"]
-    assert error["type"] == "server_error" and "req-42" in error["message"]
-    assert "secret" not in response.text and "Traceback" not in response.text
-    assert response.headers["x-request-id"] == "req-42"
+# -- memory on CPU ---------------------------------------------------------------------------------------
+def test_cpu_kv_cache_is_sized_from_free_memory_and_refuses_what_cannot_fit() -> None:
+    weights = GiB // 2
+    assert cpu_kv_cache_gib(20 * GiB, weights, engines=1) == 4  # capped
+    three = cpu_kv_cache_gib(20 * GiB, weights, engines=3)
+    assert 1 <= three < cpu_kv_cache_gib(20 * GiB, weights, engines=2)
+    with pytest.raises(DoesNotFit, match=r"free memory.*--patch-mode lora"):
+        cpu_kv_cache_gib(6 * GiB, weights, engines=3)

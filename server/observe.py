@@ -1,0 +1,118 @@
+"""What the front reads in and writes over OpenAI requests and replies: pure functions over their JSON.
+
+- The only change to a request is its model name, plus, for completions and chats that ask for no
+  logprobs, a request for the top-N logprobs of each generated token (the confidence and entropy
+  metrics need them). `strip_logprobs` takes them out again, so the client gets what vLLM would give.
+- `tokens_of` reads the generated tokens' logprobs out of a completion or chat choice (whole or a
+  streamed piece) in one shape, `TokenLogprobs`.
+
+Echo requests are left alone: their logprobs carry the prompt's too (and `prompt_logprobs`), so asking
+for them would change the reply; they are counted, but not in the token-confidence metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+GENERATION_PATHS = (COMPLETIONS, CHAT)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token: its logprob and the most likely alternatives (token string, logprob)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+    @property
+    def top1(self) -> tuple[str, float]:
+        return max(self.top, key=lambda t: t[1]) if self.top else (self.token, self.logprob)
+
+
+def ask_logprobs(path: str, body: dict[str, Any], n: int) -> bool:
+    """Ask for the top-`n` logprobs where the client asked for none. Returns whether the body changed."""
+    if n <= 0:
+        return False
+    if path == COMPLETIONS and body.get("logprobs") is None and not body.get("echo"):
+        body["logprobs"] = n
+        return True
+    if path == CHAT and not body.get("logprobs") and body.get("top_logprobs") is None:
+        body["logprobs"] = True
+        body["top_logprobs"] = n
+        return True
+    return False
+
+
+def strip_logprobs(reply: dict[str, Any]) -> None:
+    """Undo `ask_logprobs` in a reply or a streamed chunk: vLLM sends `"logprobs": null` when none were
+    asked for."""
+    for choice in reply.get("choices") or ():
+        if isinstance(choice, dict) and "logprobs" in choice:
+            choice["logprobs"] = None
+
+
+def requested_logprobs(path: str, body: dict[str, Any]) -> int:
+    """How many top logprobs per token the (possibly rewritten) request asks for."""
+    if path == COMPLETIONS:
+        value = body.get("logprobs")
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
+    if path == CHAT and body.get("logprobs"):
+        value = body.get("top_logprobs")
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
+    return 0
+
+
+def tokens_of(path: str, choice: dict[str, Any]) -> list[TokenLogprobs]:
+    """The generated tokens' logprobs in one choice (empty if the reply carries none)."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return []
+    if path == CHAT:
+        return [TokenLogprobs(e["token"], e["logprob"], tuple((t["token"], t["logprob"])
+                                                              for t in e.get("top_logprobs") or ()))
+                for e in logprobs.get("content") or () if isinstance(e, dict) and _finite(e.get("logprob"))]
+    tops = logprobs.get("top_logprobs") or []
+    out = []
+    for i, (token, lp) in enumerate(zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [],
+                                        strict=False)):
+        if not _finite(lp):
+            continue
+        top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        out.append(TokenLogprobs(token, lp, tuple(top.items())))
+    return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def top_k_entropy(top: Sequence[tuple[str, float]]) -> float:
+    """Entropy (nats) of a distribution known by its most likely entries; the rest counted as one outcome
+    (a lower bound of the true entropy, exact when those entries hold all the mass)."""
+    probs = [math.exp(lp) for _, lp in top]
+    rest = max(0.0, 1.0 - sum(probs))
+    return -sum(p * math.log(p) for p in [*probs, rest] if p > 0.0)
+
+
+def dumps(obj: Any) -> str:
+    """JSON as vLLM writes it (compact, UTF-8 kept)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def rename_model(reply: Any, name: str) -> None:
+    """Put the client's model name back into a reply or event (top level, and the Responses API's
+    `response.model`)."""
+    if not isinstance(reply, dict):
+        return
+    if isinstance(reply.get("model"), str):
+        reply["model"] = name
+    inner = reply.get("response")
+    if isinstance(inner, dict) and isinstance(inner.get("model"), str):
+        inner["model"] = name

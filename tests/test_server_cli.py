@@ -1,0 +1,83 @@
+"""`recallfix serve`'s command line: vLLM's own options, offered and checked by vLLM's own parser before
+anything starts, and carried unchanged to the vLLM servers it runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from server_fixtures import ROOT, patch_file, smollm2_dir
+
+from recallfix.patches import Patch
+from recallfix.server.cli import CPU_LORA_REASON, make_plan
+from recallfix.server.config import ServeConfig
+from recallfix.server.vllm_args import engine_args, parse, upstream_command, vllm_parser
+
+
+def recallfix(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "recallfix.server", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_serve_help_shows_vllms_options() -> None:
+    done = recallfix("serve", "--help")
+    assert done.returncode == 0, done.stderr
+    for option in ("--patch-mode", "--ab-split", "--tensor-parallel-size", "--pipeline-parallel-size",
+                   "--data-parallel-size", "--quantization", "--max-num-seqs", "--kv-cache-dtype",
+                   "--tool-call-parser", "--enable-prefix-caching"):
+        assert option in done.stdout, option
+
+
+def test_a_bad_vllm_option_fails_at_once_with_vllms_message() -> None:
+    done = recallfix("serve", str(smollm2_dir()), "--tensor-paralel-size", "2")
+    assert done.returncode == 2
+    assert "unrecognized arguments: --tensor-paralel-size" in done.stderr
+    assert "started vLLM" not in done.stderr  # nothing started
+    bad_value = recallfix("serve", str(smollm2_dir()), "--dtype", "float33")
+    assert bad_value.returncode == 2 and "float33" in bad_value.stderr and "invalid choice" in bad_value.stderr
+
+
+def test_a_patch_for_another_model_fails_before_anything_starts(tiny_dirs) -> None:  # noqa: ANN001
+    done = recallfix("serve", str(tiny_dirs["llama"]), "--patch", str(patch_file("learned")))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("recallfix: error: --patch")
+    assert "Traceback" not in done.stderr and "started vLLM" not in done.stderr
+
+
+def test_lora_mode_refuses_a_bias_patch_before_anything_starts(tmp_path) -> None:  # noqa: ANN001
+    bias = patch_file("bias")
+    done = recallfix("serve", str(smollm2_dir()), "--patch", str(bias), "--patch-mode", "lora", "--cache-dir",
+                     str(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"recallfix: error: --patch {bias}: --patch-mode lora cannot serve it: L29MLP adds a bias to the MLP output, "
+        "and LoRA cannot carry bias changes; use --patch-mode merged")
+    assert "Traceback" not in done.stderr and "started vLLM" not in done.stderr
+    assert not any(tmp_path.iterdir()), "nothing was to be exported"
+
+
+def test_auto_mode_says_why_it_serves_merged(tmp_path) -> None:  # noqa: ANN001
+    """auto: merged where LoRA cannot carry the patch (the reason named), else by the platform (CPU here)."""
+    model = smollm2_dir()
+    for name, reason in (("bias", "LoRA cannot serve this patch: L29MLP adds a bias to the MLP output"),
+                         ("learned", CPU_LORA_REASON)):
+        config = ServeConfig(patch=patch_file(name), patch_mode="auto", cache_dir=tmp_path)
+        plan = make_plan(model, "smol", [], parse(model, []), config, Patch.load(patch_file(name)))
+        assert plan.mode == "merged" and plan.reason.startswith(reason), plan.reason
+
+
+def test_parallelism_reaches_vllms_engine_arguments() -> None:
+    """It cannot run on one CPU; what vLLM's engine would be built from is read back from the command line
+    `recallfix serve` gives each vLLM server."""
+    model = smollm2_dir()
+    argv = ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2", "--max-num-seqs", "7"]
+    parsed = parse(model, argv)
+    command = upstream_command(model, argv, port=1234, api_key="k", served_name="smol")
+    module_args = command[command.index("-m") + 2:]
+    from_command = vllm_parser().parse_args(module_args)
+    for args in (parsed, from_command):
+        engine = engine_args(args)
+        assert (engine.tensor_parallel_size, engine.pipeline_parallel_size, engine.max_num_seqs) == (2, 2, 7)
+        assert engine.model == str(model)
+    assert from_command.host == "127.0.0.1" and from_command.api_key == ["k"] and from_command.port == 1234
+    assert ServeConfig().patch_mode == "auto"

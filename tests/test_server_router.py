@@ -1,0 +1,124 @@
+"""`recallfix router` in front of two vLLM servers started separately (base, and the merged patched
+checkpoint): the three names, vLLM's replies unchanged, errors in OpenAI's shape (401, 404, 429 with
+Retry-After, 503 while an upstream is down), and SIGTERM draining a stream in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from server_fixtures import API_KEY, CACHE, NAME, Process, free_port, shared, sse_events
+
+pytestmark = pytest.mark.servers("vllm-base", "vllm-merged")
+
+
+def router(base: Process, *, patched_url: str, extra: tuple[str, ...] = ()) -> Process:
+    args = ["-m", "recallfix.server", "router", "--served-model-name", NAME, "--base-url", base.url,
+            "--patched-url", patched_url, "--api-key", API_KEY, "--probe-interval", "0.5", *extra]
+    return Process(args, CACHE / "server-tests" / f"router-{free_port()}.log").start()
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> tuple[Process, Process]:
+    return tuple(shared("vllm-base", "vllm-merged"))  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def front(upstreams) -> Process:  # noqa: ANN001
+    base, merged = upstreams
+    process = router(base, patched_url=merged.url, extra=("--max-concurrency", "1")).wait()
+    yield process
+    process.stop()
+
+
+def test_router_serves_the_three_names_with_vllms_replies(front: Process, upstreams) -> None:  # noqa: ANN001
+    base, merged = upstreams
+    assert [m.id for m in front.client().models.list().data] == [NAME, f"{NAME}:patched", f"{NAME}:ab"]
+    for model, direct in ((NAME, base), (f"{NAME}:patched", merged)):
+        ours = front.client().completions.create(model=model, prompt="The capital of France is", max_tokens=5,
+                                                 temperature=0.0, logprobs=2)
+        theirs = direct.client().completions.create(model=model, prompt="The capital of France is", max_tokens=5,
+                                                    temperature=0.0, logprobs=2)
+        assert ours.model == model and ours.choices[0].text == theirs.choices[0].text
+        assert ours.choices[0].logprobs.token_logprobs == theirs.choices[0].logprobs.token_logprobs
+    raw = front.client().completions.with_raw_response.create(model=f"{NAME}:ab", prompt="Hi", max_tokens=1,
+                                                               user="someone")
+    assert raw.headers["x-recallfix-variant"] in ("base", "patched")
+
+
+def test_errors_have_openais_shape(front: Process) -> None:
+    no_key = httpx.post(front.url + "/v1/completions", json={"model": NAME, "prompt": "x"}, timeout=30)
+    assert no_key.status_code == 401 and set(no_key.json()["error"]) == {"message", "type", "param", "code"}
+    unknown = front.post("/v1/completions", {"model": "gpt-4", "prompt": "x"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+    assert "smol:patched" in unknown.json()["error"]["message"]
+    refused = front.post("/v1/load_patch", {"patch": {}})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "not_supported"
+
+
+def test_over_max_concurrency_is_429_with_retry_after(front: Process) -> None:
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    started, measured = threading.Event(), threading.Event()
+
+    def hold() -> None:  # one stream in flight until the second request has its answer, then hang up
+        with httpx.stream("POST", front.url + "/v1/completions", json=body, headers=front.headers(),
+                          timeout=300) as response:
+            for _ in response.iter_lines():
+                started.set()
+                if measured.is_set():
+                    break
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert started.wait(300)
+    over = front.post("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 1})
+    measured.set()
+    holder.join()
+    assert over.status_code == 429 and over.headers["retry-after"]
+    assert over.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_a_down_upstream_is_503_and_the_other_variant_serves(upstreams) -> None:  # noqa: ANN001
+    base, _ = upstreams
+    lonely = router(base, patched_url=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    try:
+        lonely.wait("/health")
+        time.sleep(2)  # a few probes
+        assert lonely.get("/ready").status_code == 503
+        down = lonely.post("/v1/completions", {"model": f"{NAME}:patched", "prompt": "x", "max_tokens": 1})
+        assert down.status_code == 503 and down.json()["error"]["type"] == "service_unavailable"
+        assert down.headers["retry-after"]
+        up = lonely.post("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 1})
+        assert up.status_code == 200 and up.headers["x-recallfix-variant"] == "base"
+    finally:
+        lonely.stop()
+
+
+def test_sigterm_drains_a_stream_in_flight(upstreams) -> None:  # noqa: ANN001
+    base, merged = upstreams
+    # --drain-timeout: the stream must finish however slowly a shared machine generates it
+    draining = router(base, patched_url=merged.url, extra=("--drain-timeout", "600")).wait()
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 16, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", draining.url + "/v1/completions", json=body, headers=draining.headers(),
+                      timeout=300) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        draining.proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert first and rest[-1] == "data: [DONE]"
+    finished = [json.loads(line[6:])["choices"][0].get("finish_reason") for line in rest[:-1]]
+    assert finished[-1] == "length"  # all 16 tokens came, after the signal
+    assert draining.proc.wait(timeout=60) == 0
+
+
+def test_streams_end_with_done_through_the_router(front: Process) -> None:
+    with httpx.stream("POST", front.url + "/v1/chat/completions", headers=front.headers(), timeout=300,
+                      json={"model": f"{NAME}:patched", "messages": [{"role": "user", "content": "Hi"}],
+                            "max_tokens": 4, "stream": True}) as response:
+        events = sse_events(response)
+    assert events[-1] == "[DONE]" and all(e["model"] == f"{NAME}:patched" for e in events[:-1])
