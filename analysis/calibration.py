@@ -7,6 +7,7 @@ Per prompt: confidence c = max_k p_k, correct y = [argmax = answer], p_a = p(ans
     Brier       mean sum_k (p_k - 1[k = a])^2           (multi-class, over the whole vocabulary)
     NLL         mean -log p_a
     AUROC       P(c of a correct prompt > c of a wrong one), ties count 1/2 (Mann-Whitney)
+    McNemar     exact two-sided test of paired right/wrong outcomes of two models (`recallfix compare`)
 
 Intervals: percentile bootstrap resampling *subjects* (all prompts of one subject together, since the
 templates of one fact are not independent), the same resamples for every model so that differences
@@ -18,7 +19,9 @@ bins come out as the `schema` models that analysis.json holds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -79,18 +82,20 @@ def auroc(score: np.ndarray, label: np.ndarray) -> float:
     return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _mean(column: str) -> Callable[[Columns], float]:
+def mean_of(column: str) -> Callable[[Columns], float]:
+    """The metric `mean of one column` (NaN on no rows)."""
     return lambda o: float(o[column].mean()) if len(o[column]) else float("nan")
 
 
-METRICS: dict[str, Callable[[Columns], float]] = {
-    "accuracy": _mean("correct"),
-    "mean_p_answer": _mean("p_answer"),
-    "mean_confidence": _mean("confidence"),
+Metric = Callable[[Columns], float]
+METRICS: dict[str, Metric] = {
+    "accuracy": mean_of("correct"),
+    "mean_p_answer": mean_of("p_answer"),
+    "mean_confidence": mean_of("confidence"),
     "ece_equal_width": lambda o: ece_equal_width(o["confidence"], o["correct"]),
     "ece_equal_mass": lambda o: ece_equal_mass(o["confidence"], o["correct"]),
-    "brier": _mean("brier"),
-    "nll": _mean("nll"),
+    "brier": mean_of("brier"),
+    "nll": mean_of("nll"),
     "auroc": lambda o: auroc(o["confidence"], o["correct"]),
 }
 
@@ -134,18 +139,24 @@ def _clean(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def bootstrap_samples(d: Dist, resamples: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """Every metric of `d` on every resample. {metric: [n_boot]}"""
-    o = columns(d)
-    out: dict[str, list[float]] = {name: [] for name in METRICS}
+def sample_metrics(o: Columns, resamples: Sequence[np.ndarray],
+                   metric_fns: dict[str, Metric] = METRICS) -> dict[str, np.ndarray]:
+    """Every metric of the columns `o` on every resample. {metric: [n_boot]}"""
+    out: dict[str, list[float]] = {name: [] for name in metric_fns}
     for rows in resamples:
         sub = {column: values[rows] for column, values in o.items()}
-        for name, fn in METRICS.items():
+        for name, fn in metric_fns.items():
             out[name].append(fn(sub))
     return {name: np.asarray(values) for name, values in out.items()}
 
 
-def _estimate(value: float, samples: np.ndarray) -> EstimateModel:
+def bootstrap_samples(d: Dist, resamples: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every metric of `d` on every resample. {metric: [n_boot]}"""
+    return sample_metrics(columns(d), resamples)
+
+
+def estimate(value: float, samples: np.ndarray) -> EstimateModel:
+    """A point value with the 95% percentile interval of its bootstrap samples (NaN -> null)."""
     lo, hi = percentile_interval(samples)
     return EstimateModel(value=_clean(value), ci_low=lo, ci_high=hi)
 
@@ -153,14 +164,25 @@ def _estimate(value: float, samples: np.ndarray) -> EstimateModel:
 def estimates(d: Dist, samples: dict[str, np.ndarray]) -> dict[str, EstimateModel]:
     """Point values of `d` with the 95% percentile intervals of its bootstrap samples."""
     point = metrics(d)
-    return {name: _estimate(point[name], samples[name]) for name in METRICS}
+    return {name: estimate(point[name], samples[name]) for name in METRICS}
 
 
 def differences(a: Dist, b: Dist, samples_a: dict[str, np.ndarray],
                 samples_b: dict[str, np.ndarray]) -> dict[str, EstimateModel]:
     """metric(a) - metric(b) on the same prompts, with a paired 95% interval (same resamples)."""
     pa, pb = metrics(a), metrics(b)
-    return {name: _estimate(pa[name] - pb[name], samples_a[name] - samples_b[name]) for name in METRICS}
+    return {name: estimate(pa[name] - pb[name], samples_a[name] - samples_b[name]) for name in METRICS}
+
+
+def mcnemar_exact(a_only: int, b_only: int) -> float:
+    """Two-sided exact McNemar p-value for paired right/wrong outcomes: under "no difference" each of the
+    n = a_only + b_only discordant pairs is either way with probability 1/2, p = min(1, 2 P(X <= min) ),
+    X ~ Binomial(n, 1/2) (exact integers, no underflow)."""
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1))
+    return min(1.0, float(Fraction(2 * tail, 2**n)))
 
 
 def reliability_bins(d: Dist, n_bins: int = N_BINS) -> list[ReliabilityBin]:

@@ -1,4 +1,4 @@
-"""Subcommands this package adds to the `recallfix` console script: `demo-model`, `analyze` and `demo`.
+"""Subcommands this package adds to the `recallfix` console script: `demo-model`, `analyze`, `demo` and `compare`.
 
 The analysis options of `analyze` and `demo` are derived from `config.AnalysisConfig` (defaults and help
 stated there once); the demo sizes are `demo_model.SIZES`.
@@ -24,11 +24,13 @@ DEMO_CHECKS = {"default": "demo", "tiny": "demo-tiny"}  # analysis/checks/: the 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the `recallfix` parser."""
+    from recallfix.analysis.compare import add_cli as add_compare_cli  # `recallfix compare`
     from recallfix.analysis.demo_model import add_cli as add_demo_model_cli  # `recallfix demo-model`
 
     add_demo_model_cli(subcommands)
     add_analyze_cli(subcommands)
     add_demo_cli(subcommands)
+    add_compare_cli(subcommands)
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:

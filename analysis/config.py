@@ -55,3 +55,17 @@ class AnalysisConfig:
     def methods(self) -> tuple[str, ...]:
         return ("gains", "intercept") if self.method == "both" else (self.method,)
 
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """The settings of `recallfix compare` (its servers, models and files are plain options of the command)."""
+
+    concurrency: int = _opt(8, "requests in flight at once (the models are asked one after the other)")
+    top_logprobs: int = _opt(20, "top log-probabilities asked per position (k; vLLM allows up to its --max-logprobs, "
+                                 "default 20); an answer ranked below them has rank '> k'", metavar="K")
+    extra_tokens: int = _opt(3, "greedy generation: the answer's token count plus this many tokens")
+    max_retries: int = _opt(6, "retries of a request answered 429 or 503, backing off exponentially from 0.5 s")
+    timeout: float = _opt(600.0, "seconds to wait for one answer", metavar="S")
+    n_boot: int = _opt(AnalysisConfig.n_boot, "bootstrap resamples (of subjects) for the intervals")
+    seed: int = _opt(AnalysisConfig.seed, "bootstrap seed")
+    progress: bool = _opt(True, "progress bar (drawn only on a terminal)")

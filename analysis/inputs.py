@@ -50,7 +50,8 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         raise AnalysisError(f"--dtype: {err}, or auto") from None
 
 
-def _group(f: Fact) -> str:
+def subject_group(f: Fact) -> str:
+    """The bootstrap group of a fact: its relation and subject (the prompt itself when it has no subject)."""
     return json.dumps([f.relation, f.subject if f.subject is not None else f.prompt])
 
 
@@ -58,17 +59,18 @@ def subsample(facts: Sequence[Fact], max_facts: int | None, seed: int) -> list[F
     """Whole subjects in a seeded order until max_facts prompts (input order kept)."""
     if max_facts is None or len(facts) <= max_facts:
         return list(facts)
-    groups = sorted({_group(f) for f in facts}, key=lambda g: hashlib.sha256(f"{seed}\0{g}".encode()).hexdigest())
+    groups = sorted({subject_group(f) for f in facts},
+                    key=lambda g: hashlib.sha256(f"{seed}\0{g}".encode()).hexdigest())
     size = {g: 0 for g in groups}
     for f in facts:
-        size[_group(f)] += 1
+        size[subject_group(f)] += 1
     keep, total = set(), 0
     for g in groups:
         if total >= max_facts:
             break
         keep.add(g)
         total += size[g]
-    return [f for f in facts if _group(f) in keep]
+    return [f for f in facts if subject_group(f) in keep]
 
 
 @dataclass
@@ -81,7 +83,7 @@ class Prompts:
 
     @property
     def groups(self) -> list[str]:
-        return [_group(f) for f in self.facts]
+        return [subject_group(f) for f in self.facts]
 
     def rows(self, split: str) -> torch.Tensor:
         return torch.tensor([i for i, f in enumerate(self.facts) if f.split == split], dtype=torch.long)

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .schema import AnalysisResult  # noqa: E402
+from .schema import AnalysisResult, EstimateModel, ReliabilityBin  # noqa: E402
 
 NEG, POS, GREY = "#c0392b", "#2471a3", "#7f8c8d"
 MODEL_LABELS = {"base": "base", "gains": "learned gains", "intercept": "intercept removed",
@@ -176,24 +176,30 @@ def plot_reliability(d: AnalysisResult, path: Path) -> str | None:
     fig, axes = plt.subplots(len(sets), len(models), figsize=(4 * len(models), 3.8 * len(sets)), squeeze=False)
     for row, (set_name, s) in zip(axes, sets, strict=True):
         for ax, model in zip(row, models, strict=True):
-            bins = [b for b in s.reliability[model] if b.count]
-            width = s.reliability[model][0].hi - s.reliability[model][0].lo
-            centres = [(b.lo + b.hi) / 2 for b in bins]
-            ax.bar(centres, [b.accuracy for b in bins], width=width * 0.9, color=POS, alpha=0.85, label="accuracy")
-            ax.scatter(centres, [b.confidence for b in bins], marker="_", s=180, color=NEG, linewidths=2,
-                       label="mean confidence", zorder=3)
-            ax.plot([0, 1], [0, 1], color="black", lw=0.8, ls="--")
-            for x, b in zip(centres, bins, strict=True):
-                ax.text(x, 0.99, str(b.count), ha="center", va="top", fontsize=6, rotation=90, color=GREY)
-            m = s.models[model]
-            ax.set_title(f"{set_name}: {MODEL_LABELS[model]}\nECE {m['ece_equal_width'].value:.3f}, "
-                         f"acc {m['accuracy'].value:.3f}", fontsize=9)
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1)
-            ax.set_xlabel("confidence (top-1 probability)")
+            draw_reliability(ax, s.reliability[model], f"{set_name}: {MODEL_LABELS[model]}", s.models[model])
         row[0].set_ylabel("accuracy")
         row[0].legend(fontsize=7, loc="upper left")
     return _save(fig, path)
+
+
+def draw_reliability(ax: plt.Axes, reliability: Sequence[ReliabilityBin], title: str,
+                     m: dict[str, EstimateModel]) -> None:
+    """One reliability diagram: accuracy bars and mean confidence per bin, each bin's count on top."""
+    bins = [b for b in reliability if b.count]
+    width = reliability[0].hi - reliability[0].lo
+    centres = [(b.lo + b.hi) / 2 for b in bins]
+    ax.bar(centres, [b.accuracy for b in bins], width=width * 0.9, color=POS, alpha=0.85, label="accuracy")
+    ax.scatter(centres, [b.confidence for b in bins], marker="_", s=180, color=NEG, linewidths=2,
+               label="mean confidence", zorder=3)
+    ax.plot([0, 1], [0, 1], color="black", lw=0.8, ls="--")
+    for x, b in zip(centres, bins, strict=True):
+        ax.text(x, 0.99, str(b.count), ha="center", va="top", fontsize=6, rotation=90, color=GREY)
+    ece, acc = (m[name].value for name in ("ece_equal_width", "accuracy"))
+    ax.set_title(f"{title}\nECE {'n/a' if ece is None else f'{ece:.3f}'}, "
+                 f"acc {'n/a' if acc is None else f'{acc:.3f}'}", fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1 probability)")
 
 
 PLOTS = {

@@ -311,7 +311,9 @@ class Watch:
             self.id = reply["id"]
         if isinstance(reply.get("usage"), dict):
             self.usage = reply["usage"]
-        for choice in reply.get("choices") or ():
+        # An echo reply's logprobs are the prompt's tokens too (observe.py): not generated tokens, so they feed
+        # neither the confidence metrics nor shadow scoring and feedback.
+        for choice in () if self.body.get("echo") else reply.get("choices") or ():
             if isinstance(choice, dict):
                 self._tokens(choice)
         if self.injected:

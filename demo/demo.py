@@ -1,0 +1,389 @@
+"""`make demo`: the whole story on a real model, told by recallfix's own commands.
+
+    python demo/demo.py [--model smollm2-135m] [--run runs/demo] [--name demo]
+
+1. `recallfix demo --out RUN`: the analysis (mechanism, patch, report); a run whose inputs are unchanged is reused.
+2. `recallfix serve MODEL --patch RUN/patch.json`: base and patched behind one front; waits for /ready.
+3. `recallfix compare` of NAME and NAME:patched on the analysis' held-out test split (RUN/compare/).
+4. A/B traffic: completions for NAME:ab from several `user`s (sticky per user), each answer rated through
+   POST /v1/feedback (right when it starts with the fact's answer, as compare's exact match reads it).
+5. Prints the compare table (compare prints it) and an excerpt of /metrics: confidence per variant, the shadow
+   shift, feedback reliability.
+6. Stops the server: SIGTERM (the front drains, then stops its vLLM servers), waited for; whatever of its process
+   tree is still there after that is killed. Ctrl-C (SIGINT) or SIGTERM at any point does the same, and the
+   script exits 130.
+
+It drives the commands as subprocesses and talks HTTP, like any user: it imports neither the analysis nor the
+server (only compare's exact-match rule, so "right" means one thing). The server's log is RUN/serve.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from recallfix.analysis.compare_client import exact_match
+
+RECALLFIX = [sys.executable, "-m", "recallfix.patches.cli"]  # the `recallfix` console script, this interpreter's
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
+# vLLM options of the demo's servers, for a fast start on a small CPU machine (shared/notes/vllm-facts.md):
+# float32, the checkpoint's own dtype, so compare's numbers are the analysis' numbers; eager mode (no graph
+# compilation at start); a short context (facts are a few tokens) and a 256 MiB KV cache (plenty for it:
+# about 5,800 tokens of this model), which start faster and leave memory to the second engine. The patch mode is
+# recallfix's default (auto): a merged second server on CPU, where vLLM's LoRA kernels run the patched variant
+# at a thirtieth of the base's speed; the adapter in the base server on GPU.
+VLLM_OPTIONS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+                "--kv-cache-memory-bytes", str(256 * 2**20)]
+# One OpenMP thread per vLLM engine (the front passes its environment on): the two engines work at once (a request
+# and its shadow scoring), and an engine whose threads outnumber the free cores waits at every barrier for a
+# thread that is not running (server_fixtures.py measured 0.1 against 7 tokens/s on a busy 2-core machine).
+SERVER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+SHADOW_RATE = "1.0"  # every request also scored by the other variant: the shadow shift from all the demo's traffic
+STOP_TIMEOUT_S = 90  # the front drains, then stops its vLLM servers
+# The calibration series the excerpt shows (their _count and _sum lines; the buckets are left to Prometheus).
+EXCERPT = ("recallfix_first_token_confidence", "recallfix_shadow_top1_confidence", "recallfix_shadow_agreement",
+           "recallfix_feedback_confidence")
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: stop everything, exit 130."""
+
+
+def say(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
+# -- child processes ----------------------------------------------------------------------------------------
+
+
+class Children:
+    """Every process the demo started: each is ended (and waited for) on the way out, whatever happens."""
+
+    def __init__(self) -> None:
+        self.server: subprocess.Popen[bytes] | None = None
+        self.current: subprocess.Popen[bytes] | None = None  # the command running in the foreground
+
+    def run(self, args: Sequence[str]) -> int:
+        """A recallfix command in the foreground, its output to ours; its exit status."""
+        self.current = subprocess.Popen([*RECALLFIX, *args])
+        try:
+            return self.current.wait()
+        finally:
+            self._end(self.current)
+            self.current = None
+
+    def start_server(self, args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+        """`recallfix serve ...` in a session of its own (a Ctrl-C in the terminal reaches the demo, which stops
+        it in order), its output to `log`."""
+        with log.open("wb") as out:
+            self.server = subprocess.Popen([*RECALLFIX, "serve", *args], stdout=out, stderr=subprocess.STDOUT,
+                                           start_new_session=True, env={**os.environ, **SERVER_ENV})
+        return self.server
+
+    def stop_server(self) -> int | None:
+        """SIGTERM to the front, which drains and stops its vLLM servers; then whatever of its process tree (vLLM
+        servers run in sessions of their own) is left gets SIGKILL. Its exit status."""
+        server, self.server = self.server, None
+        if server is None:
+            return None
+        try:
+            tree = psutil.Process(server.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        for process in alive:
+            process.kill()
+        psutil.wait_procs(alive, timeout=10)
+        return server.returncode
+
+    def close(self) -> None:
+        if self.current is not None:
+            self._end(self.current)
+        self.stop_server()
+
+    @staticmethod
+    def _end(process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, server: subprocess.Popen[bytes], log: Path, timeout: float) -> float:
+    """Seconds until the front's /ready answers 200; RuntimeError if the server exits or never gets there."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if server.poll() is not None:
+            raise RuntimeError(f"recallfix serve exited with {server.returncode}; its log, {log}, ends:\n"
+                               + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+        try:
+            if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                return time.monotonic() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"recallfix serve was not ready after {timeout:.0f} s (log: {log})")
+
+
+# -- A/B traffic with feedback ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fact:
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Rated:
+    """One A/B answer and its rating."""
+
+    user: str
+    variant: str  # base | patched: which one the A/B split gave this user
+    confidence: float  # the first token's probability, as the front recorded it
+    correct: bool
+
+
+def held_out_facts(compare_dir: Path, n: int) -> list[Fact]:
+    """The first `n` facts compare asked (the held-out test split), from its per_fact.jsonl."""
+    facts = []
+    with (compare_dir / "per_fact.jsonl").open(encoding="utf-8") as lines:
+        for line in lines:
+            record = json.loads(line)
+            facts.append(Fact(record["prompt"], record["answer"]))
+            if len(facts) == n:
+                break
+    return facts
+
+
+async def ab_traffic(url: str, name: str, facts: Sequence[Fact], users: int, concurrency: int = 8) -> list[Rated]:
+    """Each fact asked of NAME:ab by one of `users` users (greedy, a few tokens), each answer rated."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def ask(client: httpx.AsyncClient, i: int, fact: Fact) -> Rated:
+        user = f"user-{i % users}"
+        async with gate:
+            reply = await client.post(f"{url}/v1/completions", json={
+                "model": f"{name}:ab", "prompt": fact.prompt, "max_tokens": 8, "temperature": 0.0, "user": user})
+            reply.raise_for_status()
+            body = reply.json()
+            correct = exact_match(body["choices"][0]["text"], fact.answer)
+            rated = await client.post(f"{url}/v1/feedback", json={"id": body["id"], "correct": correct})
+            rated.raise_for_status()
+        feedback = rated.json()
+        return Rated(user, feedback["variant"], feedback["confidence"], correct)
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        return list(await asyncio.gather(*(ask(client, i, fact) for i, fact in enumerate(facts))))
+
+
+# -- the /metrics excerpt -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Histogram:
+    count: float
+    total: float
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What /metrics says about the calibration shift (histograms by their labels)."""
+
+    lines: list[str]  # the excerpt, as the server wrote it
+    first_token: dict[str, Histogram]  # variant -> first-token confidence
+    shadow: dict[str, Histogram]  # scored variant -> top-1 probability on the same shadowed prompts
+    agreement: dict[str, float]  # "true"/"false" -> shadowed requests whose top-1 tokens agree
+    feedback: dict[tuple[str, str], Histogram]  # (variant, correct) -> confidence of rated answers
+
+
+def settled_metrics(url: str, timeout: float = 60.0) -> str:
+    """/metrics once the shadow scorings still running (they finish after their requests) are done."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.get(url + "/metrics", timeout=60)
+        response.raise_for_status()
+        pending = [line for line in response.text.splitlines() if line.startswith("recallfix_shadow_pending{")]
+        if all(float(line.rsplit(" ", 1)[1]) == 0 for line in pending) or time.monotonic() > deadline:
+            return response.text
+        time.sleep(0.5)
+
+
+def read_calibration(text: str, name: str) -> Calibration:
+    counts: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model") == name:
+                counts[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def histograms(metric: str, key: str | tuple[str, ...]) -> dict:
+        keys = (key,) if isinstance(key, str) else key
+        out: dict = {}
+        for (sample, labels), value in counts.items():
+            if sample in (f"{metric}_count", f"{metric}_sum"):
+                label = dict(labels)
+                k = tuple(label.get(k, "") for k in keys)
+                count, total = out.get(k, (0.0, 0.0))
+                out[k] = (count + value, total) if sample.endswith("_count") else (count, total + value)
+        return {(k[0] if isinstance(key, str) else k): Histogram(*v) for k, v in out.items()}
+
+    agreement: dict[str, float] = {}
+    for (sample, labels), value in counts.items():
+        if sample == "recallfix_shadow_agreement_total":
+            agree = dict(labels)["agree"]
+            agreement[agree] = agreement.get(agree, 0.0) + value
+    lines = [line for line in text.splitlines() if line.startswith(EXCERPT)
+             and ("_count{" in line or "_sum{" in line or "_total{" in line) and f'model="{name}"' in line]
+    return Calibration(lines, histograms("recallfix_first_token_confidence", "variant"),
+                       histograms("recallfix_shadow_top1_confidence", "scored"), agreement,
+                       histograms("recallfix_feedback_confidence", ("variant", "correct")))
+
+
+def show_calibration(calibration: Calibration, rated: Sequence[Rated]) -> None:
+    print("\n".join(calibration.lines))
+    print()
+    for variant, h in sorted(calibration.first_token.items()):
+        print(f"first-token confidence, {variant}: mean {h.mean:.3f} over {h.count:.0f} answers")
+    base, patched = calibration.shadow.get("base"), calibration.shadow.get("patched")
+    if base and patched and base.count:
+        agree = calibration.agreement.get("true", 0.0)
+        total = agree + calibration.agreement.get("false", 0.0)
+        print(f"shadow shift (same prompts, both variants): top-1 probability {base.mean:.3f} -> {patched.mean:.3f} "
+              f"({patched.mean - base.mean:+.3f}) over {base.count:.0f} prompts; top-1 tokens agree on "
+              f"{agree / total:.0%}" if total else "")
+    for variant in ("base", "patched"):
+        right = calibration.feedback.get((variant, "true"), Histogram(0, 0))
+        wrong = calibration.feedback.get((variant, "false"), Histogram(0, 0))
+        n = right.count + wrong.count
+        if n:
+            users = len({r.user for r in rated if r.variant == variant})
+            print(f"feedback, {variant} ({users} users): {n:.0f} answers rated, {right.count / n:.0%} right, "
+                  f"mean confidence {(right.total + wrong.total) / n:.3f}")
+
+
+# -- the story ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timings:
+    analysis: float
+    start: float
+    compare: float
+    traffic: float
+
+
+def demo(args: argparse.Namespace, children: Children) -> int:
+    run: Path = args.run
+    clock = time.monotonic()
+    if not args.skip_analysis:
+        say(f"1. analysis: recallfix demo --model {args.model} --out {run}")
+        if children.run(["demo", "--model", args.model, "--out", str(run)]) != 0:
+            return 1
+    analysis_s, clock = time.monotonic() - clock, time.monotonic()
+
+    port = args.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = run / "serve.log"
+    serve_args = [args.model, "--patch", str(run / "patch.json"), "--served-model-name", args.name,
+                  "--port", str(port), "--shadow-rate", SHADOW_RATE, "--ab-split", "0.5", *VLLM_OPTIONS]
+    say(f"2. serving: recallfix serve {' '.join(serve_args)}  (log: {log})")
+    server = children.start_server(serve_args, log)
+    start_s = wait_ready(url, server, log, args.start_timeout)
+    say(f"   {url} ready after {start_s:.0f} s: {args.name}, {args.name}:patched, {args.name}:ab")
+    clock = time.monotonic()
+
+    compare_dir = run / "compare"
+    say(f"3. compare {args.name} vs {args.name}:patched on the held-out test split ({compare_dir})")
+    if children.run(["compare", "--base-url", url, "--models", args.name, f"{args.name}:patched", "--run", str(run),
+                     "--split", "test", "--out", str(compare_dir), "--force"]) != 0:
+        return 1
+    compare_s, clock = time.monotonic() - clock, time.monotonic()
+
+    facts = held_out_facts(compare_dir, args.traffic)
+    say(f"4. A/B traffic: {len(facts)} completions for {args.name}:ab from {args.users} users, each rated via "
+        "/v1/feedback")
+    rated = asyncio.run(ab_traffic(url, args.name, facts, args.users))
+    traffic_s = time.monotonic() - clock
+    say("5. /metrics, the calibration shift:")
+    show_calibration(read_calibration(settled_metrics(url), args.name), rated)
+
+    say("6. stopping the server")
+    status = children.stop_server()
+    timings = Timings(analysis_s, start_s, compare_s, traffic_s)
+    say(f"stopped (exit status {status}). Times: analysis {timings.analysis:.0f} s, server start "
+        f"{timings.start:.0f} s, compare {timings.compare:.0f} s, traffic {timings.traffic:.0f} s")
+    say(f"reports: {run / 'report.md'} (analysis, plots beside it), {compare_dir / 'report.md'} (compare, "
+        f"{compare_dir / 'reliability.png'})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="a named model, directory or .gguf (default smollm2-135m)")
+    p.add_argument("--run", type=Path, default=Path("runs/demo"), help="the analysis run directory (default runs/demo)")
+    p.add_argument("--name", default="demo", help="the served model name (default demo)")
+    p.add_argument("--port", type=int, default=0, help="the front's port (default: a free one)")
+    p.add_argument("--traffic", type=int, default=64, help="A/B requests (default 64)")
+    p.add_argument("--users", type=int, default=16, help="A/B users (default 16)")
+    p.add_argument("--start-timeout", type=float, default=1800.0, help="seconds the server may take to start")
+    p.add_argument("--skip-analysis", action="store_true", help="serve RUN/patch.json as it is (no `recallfix demo`)")
+    args = p.parse_args(argv)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    children = Children()
+    try:
+        return demo(args, children)
+    except Interrupted as why:
+        say(f"{why}: stopping")
+        return INTERRUPTED
+    except (RuntimeError, httpx.HTTPError) as err:
+        print(f"demo: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one stop, not interrupted by a second Ctrl-C
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        children.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
