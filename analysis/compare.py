@@ -138,23 +138,26 @@ def select_facts(facts: Path | None, run: Path | None, split: str | None) -> Sel
 
 async def score_all(endpoints: dict[str, Endpoint], facts: Sequence[Fact], config: CompareConfig,
                     ) -> dict[str, list[FactScore]]:
-    """Every fact of every model, at most `config.concurrency` requests in flight; the first error stops all.
+    """Every fact of every model, at most `config.concurrency` requests in flight per model; the first error stops
+    all.
 
-    One model after the other, never both at once: a server then never batches A's requests with B's. That is
-    not only tidiness: vLLM 0.32's CPU LoRA path applies the adapter to every request of a batch that mixes
-    adapter and base requests (measured on SmolLM2-135M: base requests sent alongside adapter ones came back
-    with the adapter's log-probabilities, while sent alone they match Hugging Face)."""
+    By default one model after the other, never both at once: a server then never batches A's requests with B's.
+    That is not only tidiness: vLLM 0.32's CPU LoRA path applies the adapter to every request of a batch that
+    mixes adapter and base requests (measured on SmolLM2-135M: base requests sent alongside adapter ones came back
+    with the adapter's log-probabilities, while sent alone they match Hugging Face). `config.together` asks both
+    at once, for models on separate engines (a merged patch, or two servers)."""
     await asyncio.gather(*(e.check(facts[0]) for e in endpoints.values()))
-    gate = asyncio.Semaphore(config.concurrency)
-    out: dict[str, list[FactScore]] = {}
+    out: dict[str, list[FactScore]] = {key: [FactScore()] * len(facts) for key in endpoints}
     with tqdm(total=len(facts) * len(endpoints), desc="compare", unit="fact",
               disable=None if config.progress else True) as bar:
-        for key, endpoint in endpoints.items():
-            async def one(i: int, endpoint: Endpoint = endpoint) -> tuple[int, FactScore]:
+
+        async def model(key: str, endpoint: Endpoint) -> None:
+            gate = asyncio.Semaphore(config.concurrency)
+
+            async def one(i: int) -> tuple[int, FactScore]:
                 async with gate:
                     return i, await endpoint.fact(facts[i])
 
-            out[key] = [FactScore()] * len(facts)
             tasks = [asyncio.ensure_future(one(i)) for i in range(len(facts))]
             try:
                 for done in asyncio.as_completed(tasks):
@@ -165,6 +168,12 @@ async def score_all(endpoints: dict[str, Endpoint], facts: Sequence[Fact], confi
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+        if config.together:
+            await asyncio.gather(*(model(key, endpoint) for key, endpoint in endpoints.items()))
+        else:
+            for key, endpoint in endpoints.items():
+                await model(key, endpoint)
     return out
 
 

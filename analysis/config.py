@@ -60,7 +60,11 @@ class AnalysisConfig:
 class CompareConfig:
     """The settings of `recallfix compare` (its servers, models and files are plain options of the command)."""
 
-    concurrency: int = _opt(8, "requests in flight at once (the models are asked one after the other)")
+    concurrency: int = _opt(8, "requests in flight at once per model (the models are asked one after the other "
+                               "unless --together)")
+    together: bool = _opt(False, "ask both models at once: only where they run on separate engines (recallfix "
+                                 "serve --patch-mode merged, or --base-url-b); vLLM's CPU LoRA path applies an "
+                                 "adapter to the base requests it batches with adapter ones")
     top_logprobs: int = _opt(20, "top log-probabilities asked per position (k; vLLM allows up to its --max-logprobs, "
                                  "default 20); an answer ranked below them has rank '> k'", metavar="K")
     extra_tokens: int = _opt(3, "greedy generation: the answer's token count plus this many tokens")

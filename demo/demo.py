@@ -44,9 +44,10 @@ INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
 # vLLM options of the demo's servers, for a fast start on a small CPU machine (shared/notes/vllm-facts.md):
 # float32, the checkpoint's own dtype, so compare's numbers are the analysis' numbers; eager mode (no graph
 # compilation at start); a short context (facts are a few tokens) and a 256 MiB KV cache (plenty for it:
-# about 5,800 tokens of this model), which start faster and leave memory to the second engine. The patch mode is
-# recallfix's default (auto): a merged second server on CPU, where vLLM's LoRA kernels run the patched variant
-# at a thirtieth of the base's speed; the adapter in the base server on GPU.
+# about 5,800 tokens of this model), which start faster and leave memory to the second engine. The patch is
+# merged into a second engine (what auto picks on CPU, where vLLM's LoRA kernels run the patched variant at a
+# thirtieth of the base's speed), so compare can ask both variants at once (--together): each engine works
+# on its own core.
 VLLM_OPTIONS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
                 "--kv-cache-memory-bytes", str(256 * 2**20)]
 # One OpenMP thread per vLLM engine (the front passes its environment on): the two engines work at once (a request
@@ -319,8 +320,9 @@ def demo(args: argparse.Namespace, children: Children) -> int:
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = run / "serve.log"
-    serve_args = [args.model, "--patch", str(run / "patch.json"), "--served-model-name", args.name,
-                  "--port", str(port), "--shadow-rate", SHADOW_RATE, "--ab-split", "0.5", *VLLM_OPTIONS]
+    serve_args = [args.model, "--patch", str(run / "patch.json"), "--patch-mode", "merged",
+                  "--served-model-name", args.name, "--port", str(port), "--shadow-rate", SHADOW_RATE,
+                  "--ab-split", "0.5", *VLLM_OPTIONS]
     say(f"2. serving: recallfix serve {' '.join(serve_args)}  (log: {log})")
     server = children.start_server(serve_args, log)
     start_s = wait_ready(url, server, log, args.start_timeout)
@@ -330,7 +332,7 @@ def demo(args: argparse.Namespace, children: Children) -> int:
     compare_dir = run / "compare"
     say(f"3. compare {args.name} vs {args.name}:patched on the held-out test split ({compare_dir})")
     if children.run(["compare", "--base-url", url, "--models", args.name, f"{args.name}:patched", "--run", str(run),
-                     "--split", "test", "--out", str(compare_dir), "--force"]) != 0:
+                     "--split", "test", "--together", "--out", str(compare_dir), "--force"]) != 0:
         return 1
     compare_s, clock = time.monotonic() - clock, time.monotonic()
 
