@@ -43,7 +43,7 @@ class AnalysisConfig:
     components: tuple[str, ...] | None = _opt(
         None, "fit gains on exactly these final-layer components, comma-separated (e.g. L11H3,L11MLP) instead "
               "of the ones found to suppress the answer", metavar="NAMES")
-    mechanism_prompts: int = _opt(512, "the logit lens through the layers, the MLP regressions and the mover heads "
+    mechanism_prompts: int = _opt(384, "the logit lens through the layers, the MLP regressions and the mover heads "
                                        "on a seeded sample of at most N prompts (about 60 full-vocabulary readouts "
                                        "each); the final block's findings use every prompt (0: all)", metavar="N")
     report_neurons: int = _opt(10, "neurons listed in the report, each way")
