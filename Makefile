@@ -76,6 +76,7 @@ demo: $(STAMP) model
 bench: $(STAMP) model
 	$(PY) bench/bench_export.py
 	$(PY) bench/bench_analysis.py
+	$(PY) bench/bench_lens.py
 	$(PY) bench/bench_serve.py
 
 lint: $(STAMP)
