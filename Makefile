@@ -81,6 +81,7 @@ demo: $(DEMO_STAMP) model
 bench: $(STAMP) model
 	$(PY) bench/bench_export.py
 	$(PY) bench/bench_analysis.py
+	$(PY) bench/bench_lens.py
 	$(PY) bench/bench_serve.py
 
 lint: $(STAMP)
