@@ -81,3 +81,15 @@ def test_parallelism_reaches_vllms_engine_arguments() -> None:
         assert engine.model == str(model)
     assert from_command.host == "127.0.0.1" and from_command.api_key == ["k"] and from_command.port == 1234
     assert ServeConfig().patch_mode == "auto"
+
+
+def test_lora_mode_on_cpu_warns_that_vllm_mixes_the_adapter_into_base_requests(tmp_path, caplog) -> None:  # noqa: ANN001
+    model = smollm2_dir()
+    config = ServeConfig(patch=patch_file("learned"), patch_mode="lora", cache_dir=tmp_path)
+    with caplog.at_level("WARNING", logger="recallfix.server.cli"):
+        plan = make_plan(model, "smol", [], parse(model, []), config, Patch.load(patch_file("learned")))
+    from recallfix.server import vllm_args
+
+    assert plan.mode == "lora"
+    warned = any("--patch-mode merged serves the variants apart" in r.getMessage() for r in caplog.records)
+    assert warned == vllm_args.on_cpu()
