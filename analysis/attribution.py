@@ -35,7 +35,7 @@ from recallfix.patches.components import Component, ComponentMap
 from recallfix.patches.decompose import constant_logits, frozen_norm_scale, mean_readout, norm_linear, readout
 
 from .gemm import matmul_t
-from .lens import answer_logp_rank, lens_answer
+from .lens import lens_answer
 
 
 def _answer_logp(cmap: ComponentMap, x: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
@@ -84,9 +84,9 @@ def ablation_effect_heads(cmap: ComponentMap, x_out: torch.Tensor, writes: torch
     constant = constant_logits(cmap)
     ablated = x_out.unsqueeze(1) - writes
     logits = (u_x.unsqueeze(1) - u) / frozen_norm_scale(cmap, ablated).unsqueeze(-1) + constant
-    answers = answer_ids.repeat_interleave(len(names))
-    logp_without = answer_logp_rank(logits.view(batch * len(names), -1), answers)[0].view(batch, -1)
-    logp = answer_logp_rank(u_x / frozen_norm_scale(cmap, x_out).unsqueeze(-1) + constant, answer_ids)[0]
+    logp_without = logits.gather(-1, answer_ids.view(-1, 1, 1).expand(-1, len(names), 1))[..., 0] - logits.logsumexp(-1)
+    own = u_x / frozen_norm_scale(cmap, x_out).unsqueeze(-1) + constant
+    logp = own.gather(-1, answer_ids.view(-1, 1))[:, 0] - own.logsumexp(-1)  # log p only: no rank needed here
     return logp.unsqueeze(1) - logp_without
 
 
