@@ -117,8 +117,9 @@ def run_facts(run: Path, facts: Path | None) -> tuple[list[Fact], Path]:
     return chosen, path
 
 
-def select_facts(facts: Path | None, run: Path | None, split: str | None) -> Selection:
-    """The facts to compare on (see the module doc)."""
+def select_facts(facts: Path | None, run: Path | None, split: str | None, max_facts: int | None = None,
+                 seed: int = 0) -> Selection:
+    """The facts to compare on (see the module doc), at most `max_facts` of them (whole subjects, seeded)."""
     if split is not None and run is None:
         raise CompareError("--split needs --run RUN: the analysis run whose split to use")
     if run is not None:
@@ -130,7 +131,7 @@ def select_facts(facts: Path | None, run: Path | None, split: str | None) -> Sel
         chosen = [f for f in chosen if f.split == split]
         if not chosen:
             raise CompareError(f"{run}: its {split} split is empty")
-    return Selection(chosen, path, run, split)
+    return Selection(subsample(chosen, max_facts, seed), path, run, split)
 
 
 # -- asking the servers -------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def run_compare(base_url: str, models: Sequence[str], out: Path, *, facts: Path 
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists (pass --force to replace it)")
     started = time.perf_counter()
-    selection = select_facts(facts, run, split)
+    selection = select_facts(facts, run, split, config.max_facts, config.seed)
     urls = dict(zip(MODELS, (base_url, base_url_b or base_url), strict=True))
     scores, endpoints = asyncio.run(ask(urls, dict(zip(MODELS, models, strict=True)), api_key, selection.facts,
                                         config))

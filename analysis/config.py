@@ -68,8 +68,11 @@ class CompareConfig:
     top_logprobs: int = _opt(20, "top log-probabilities asked per position (k; vLLM allows up to its --max-logprobs, "
                                  "default 20); an answer ranked below them has rank '> k'", metavar="K")
     extra_tokens: int = _opt(3, "greedy generation: the answer's token count plus this many tokens")
+    max_facts: int | None = _opt(None, "compare about N of the facts (after --split): whole subjects in an order "
+                                       "drawn by --seed until N are reached, as analyze --max-facts draws them",
+                                 metavar="N")
     max_retries: int = _opt(6, "retries of a request answered 429 or 503, backing off exponentially from 0.5 s")
     timeout: float = _opt(600.0, "seconds to wait for one answer", metavar="S")
     n_boot: int = _opt(AnalysisConfig.n_boot, "bootstrap resamples (of subjects) for the intervals")
-    seed: int = _opt(AnalysisConfig.seed, "bootstrap seed")
+    seed: int = _opt(AnalysisConfig.seed, "bootstrap seed (and which subjects --max-facts keeps)")
     progress: bool = _opt(True, "progress bar (drawn only on a terminal)")

@@ -133,6 +133,13 @@ class Front:
             raise unavailable(f"the {variant} model's vLLM server is not ready (starting, or down); retry shortly")
         return target
 
+    async def recheck(self, target: Target) -> None:
+        """After a request to `target` broke: its /health decides whether it is down (a dropped connection under
+        load is not a dead server, and marking it down would refuse every request until the next probe)."""
+        if not await target.upstream.probe(self.client):
+            log.warning("the %s vLLM server does not answer /health: down until it does", target.upstream.role)
+            self.metrics.set_upstream(target.upstream.role, False)
+
     # -- the pass-through ------------------------------------------------------------------------------
     async def forward(self, request: Request, path: str) -> Response:
         raw = await request.body()
@@ -168,8 +175,8 @@ class Front:
                                                                         content=raw or None), stream=True)
         except httpx.TransportError as err:
             target.leave()
-            target.upstream.up = False
-            log.warning("the %s vLLM server is unreachable: %s", variant, err)
+            log.warning("the %s vLLM server is unreachable: %s: %s", variant, type(err).__name__, err)
+            await self.recheck(target)
             raise unavailable(f"the {variant} model's vLLM server is unreachable; retry shortly") from None
         except BaseException:
             target.leave()
@@ -189,8 +196,10 @@ class Front:
                            requested: str | None, *, rewrite: bool, watch: Watch | None = None) -> Response:
         try:
             content = await upstream.aread()
-        except httpx.TransportError:
-            target.upstream.up = False
+        except httpx.TransportError as err:
+            log.warning("the %s vLLM server failed while answering: %s: %s", target.upstream.role,
+                        type(err).__name__, err)
+            await self.recheck(target)
             raise unavailable("the vLLM server went away while answering; retry shortly") from None
         finally:
             await upstream.aclose()
@@ -231,8 +240,8 @@ class Front:
             if watch is not None:
                 watch.finish()
         except httpx.TransportError as err:
-            target.upstream.up = False
-            log.warning("the %s vLLM server failed mid-stream: %s", target.upstream.role, err)
+            log.warning("the %s vLLM server failed mid-stream: %s: %s", target.upstream.role, type(err).__name__, err)
+            await self.recheck(target)
             if not done:
                 error = unavailable("the vLLM server failed while streaming; retry the request")
                 yield f"\ndata: {dumps(error.body().model_dump())}\n\ndata: [DONE]\n\n".encode()

@@ -122,10 +122,16 @@ class ServeBackend:
             self.metrics.set_upstream(upstream.role, True)
 
     async def tick(self, client: httpx.AsyncClient) -> None:
-        """Called every few seconds: report and restart a server that exited unasked."""
+        """Called every few seconds: probe a server marked down that still runs (a request to it broke, or /health
+        was slow), and report and restart one that exited unasked."""
         for upstream in self.upstreams():
             process = upstream.process
-            if process is None or process.alive or process.stopping or upstream.role in self._restarting():
+            if process is None or process.stopping or upstream.role in self._restarting():
+                continue
+            if process.alive:
+                if not upstream.up and await upstream.probe(client):
+                    log.info("vLLM (%s) answers /health again", upstream.role)
+                    self.metrics.set_upstream(upstream.role, True)
                 continue
             upstream.up = False
             self.metrics.set_upstream(upstream.role, False)

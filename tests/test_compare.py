@@ -121,6 +121,23 @@ def test_split_needs_a_run() -> None:
         select_facts(None, None, "test")
 
 
+def test_max_facts_keeps_whole_subjects_drawn_by_the_seed() -> None:
+    from recallfix.analysis.inputs import subject_group
+
+    every = select_facts(None, None, None).facts
+    by_subject: dict[str, int] = {}
+    for fact in every:
+        by_subject[subject_group(fact)] = by_subject.get(subject_group(fact), 0) + 1
+    drawn = {seed: select_facts(None, None, None, max_facts=100, seed=seed).facts for seed in (0, 1)}
+    for facts in drawn.values():
+        subjects = {subject_group(f) for f in facts}
+        assert all(sum(subject_group(f) == s for f in facts) == by_subject[s] for s in subjects)  # whole subjects
+        assert 100 <= len(facts) < 100 + max(by_subject.values())
+        assert [f for f in every if subject_group(f) in subjects] == facts  # the input's order
+    assert drawn[0] != drawn[1]
+    assert select_facts(None, None, None, max_facts=100, seed=0).facts == drawn[0]
+
+
 def _compare(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "recallfix.patches.cli", "compare", *args], capture_output=True,
                           text=True, timeout=120)
