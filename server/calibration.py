@@ -100,7 +100,7 @@ class Answer:
 class FeedbackStore:
     """Recent answers awaiting a rating, oldest dropped first. Each choice can be rated once."""
 
-    def __init__(self, capacity: int = 100_000) -> None:
+    def __init__(self, capacity: int) -> None:  # FrontConfig.feedback_capacity
         self._capacity = capacity
         self._answers: OrderedDict[str, tuple[Answer, set[int]]] = OrderedDict()  # -> (answer, rated choices)
 

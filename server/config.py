@@ -47,6 +47,8 @@ class FrontConfig:
     shadow_rate: float = option(0.0, "share of requests also scored by the other variant, for the calibration-"
                                      "shift metrics", type=fraction)
     max_concurrency: int = option(64, "requests in flight through the front before new ones get 429", metavar="N")
+    feedback_capacity: int = option(100_000, "recent answers kept for /v1/feedback to rate, oldest dropped first "
+                                             "(about 0.6 KiB each)", metavar="N")
     metrics_logprobs: int = option(20, "top logprobs asked from the upstream for the confidence and entropy "
                                        "metrics when the client asks for none (0: never ask)", metavar="N")
     drain_timeout: float = option(60.0, "seconds in-flight requests may take to finish at shutdown (serve: and at a "
@@ -60,6 +62,8 @@ class FrontConfig:
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be at least 1, got {self.max_concurrency}")
+        if self.feedback_capacity < 1:
+            raise ValueError(f"--feedback-capacity must be at least 1, got {self.feedback_capacity}")
         if not 0 <= self.metrics_logprobs <= 20:
             raise ValueError(f"--metrics-logprobs must be within [0, 20], got {self.metrics_logprobs}")
         if self.served_model_name is not None and ":" in self.served_model_name:

@@ -46,6 +46,10 @@ HOP_HEADERS = frozenset({"host", "connection", "keep-alive", "proxy-authenticate
                          "trailers", "transfer-encoding", "upgrade", "content-length", "authorization",
                          "accept-encoding", "content-encoding", "date", "server"})
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
+# Idle upstream connections are dropped after 2 s, before vLLM's server closes them (5 s,
+# VLLM_HTTP_TIMEOUT_KEEP_ALIVE): with httpx's default, also 5 s, a request sent on a connection as vLLM closed it
+# failed (httpx.ReadError), which the front took for the upstream being down (503s under load, tests/test_load.py).
+UPSTREAM_KEEPALIVE_S = 2.0
 
 
 @dataclass(eq=False)
@@ -102,9 +106,9 @@ class Front:
         self.router = Router(config.name, config.ab_split)
         self.shadow = ShadowScorer(self.score_first, self.metrics, config.shadow_rate,
                                    max_pending=config.max_concurrency)
-        self.feedback = FeedbackStore()
-        self.client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=httpx.Limits(max_connections=None,
-                                                                                     max_keepalive_connections=64))
+        self.feedback = FeedbackStore(config.feedback_capacity)
+        self.client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=httpx.Limits(
+            max_connections=None, max_keepalive_connections=64, keepalive_expiry=UPSTREAM_KEEPALIVE_S))
 
     # -- state -----------------------------------------------------------------------------------------
     @property

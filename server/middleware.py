@@ -107,11 +107,26 @@ class Admission:
             return
         self._in_flight += 1
         self._gauge.inc()
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._in_flight -= 1
+                self._gauge.dec()
+
+        async def send_releasing(message: Message) -> None:
+            # Free the slot as the last byte is handed over, before the client can see the reply end: a client
+            # that then sends its next request must not be refused for the one it has just been answered.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_releasing)
         finally:
-            self._in_flight -= 1
-            self._gauge.dec()
+            release()
 
     @staticmethod
     async def _refuse(error: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
