@@ -47,6 +47,10 @@ class FrontConfig:
     shadow_rate: float = option(0.0, "share of requests also scored by the other variant, for the calibration-"
                                      "shift metrics", type=fraction)
     max_concurrency: int = option(64, "requests in flight through the front before new ones get 429", metavar="N")
+    max_body_bytes: int = option(32 * 2**20, "largest request body the front takes (413 over it)", metavar="N")
+    max_prompts: int = option(256, "most prompts (times `n` choices) one completion request may ask for (400 over "
+                                   "it): the work of one request stays bounded, as --max-concurrency bounds the "
+                                   "requests", metavar="N")
     metrics_logprobs: int = option(20, "top logprobs asked from the upstream for the confidence and entropy "
                                        "metrics when the client asks for none (0: never ask)", metavar="N")
     drain_timeout: float = option(60.0, "seconds in-flight requests may take to finish at shutdown (serve: and at a "
@@ -60,6 +64,9 @@ class FrontConfig:
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be at least 1, got {self.max_concurrency}")
+        if self.max_body_bytes < 1 or self.max_prompts < 1:
+            raise ValueError(f"--max-body-bytes and --max-prompts must be at least 1, got {self.max_body_bytes} and "
+                             f"{self.max_prompts}")
         if not 0 <= self.metrics_logprobs <= 20:
             raise ValueError(f"--metrics-logprobs must be within [0, 20], got {self.metrics_logprobs}")
         if self.served_model_name is not None and ":" in self.served_model_name:
