@@ -166,7 +166,9 @@ class Front:
         headers.update(target.upstream.headers())
         if raw:
             headers["content-type"] = request.headers.get("content-type", "application/json")
-        url = target.upstream.url + path + (f"?{request.url.query}" if request.url.query else "")
+        # The path as the client wrote it (percent-encoded): decoded, a %7F would make no valid URL.
+        raw_path = request.scope.get("raw_path", b"").decode("latin-1") or path
+        url = target.upstream.url + raw_path + (f"?{request.url.query}" if request.url.query else "")
         target.enter()
         try:
             upstream = await self.client.send(self.client.build_request(request.method, url, headers=headers,

@@ -2,7 +2,8 @@
 through, with vLLM's request schemas), on SmolLM2-135M with the patch as a LoRA adapter: valid and invalid
 requests for every route, and then the server still gives the greedy replies it gave before.
 
-Each reply: no 5xx, in time, and every error in OpenAI's shape with no stack trace in it. A generated `model`
+Each reply: no 5xx, in time, and every error in OpenAI's shape (the Anthropic Messages API's in Anthropic's) with
+no stack trace in it. All the problems found are reported together, one example per route and status. A generated `model`
 is one of the served names half of the time, so that requests reach vLLM rather than stopping at the front's
 404; token counts are capped (`max_tokens` 8, `n` 2, see `bounded`) so that a valid request costs little.
 """
@@ -28,6 +29,7 @@ REQUEST_TIMEOUT_S = 120  # a reply later than this is a hang (the machine is sha
 MODELS = [NAME, f"{NAME}:patched", f"{NAME}:ab"]
 GREEDY = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0.0}
 ERROR_KEYS = {"message", "type", "param", "code"}
+ANTHROPIC_ERROR_KEYS = {"type", "message"}
 # The most tokens a generated request may ask for: a random valid max_tokens (up to the context) times n would
 # make a single case take minutes on CPU, and the fuzzing is about the shape of the requests, not their length.
 BOUNDS = {"max_tokens": 8, "max_completion_tokens": 8, "max_output_tokens": 8, "n": 2, "best_of": 2}
@@ -70,10 +72,15 @@ def problem(case: schemathesis.Case, response, elapsed: float) -> str | None:  #
         return f"a stack trace in the reply: {response.text[:500]}"
     if response.status_code >= 400:
         try:
-            error = response.json().get("error")
+            reply = response.json()
         except ValueError:
-            error = None
-        if not (isinstance(error, dict) and set(error) == ERROR_KEYS and isinstance(error["message"], str)):
+            reply = None
+        reply = reply if isinstance(reply, dict) else {}
+        error = reply.get("error")
+        # The Anthropic Messages API that vLLM serves answers in its own shape, which its clients read.
+        anthropic = case.path.startswith("/v1/messages") and reply.get("type") == "error"
+        keys = ANTHROPIC_ERROR_KEYS if anthropic else ERROR_KEYS
+        if not (isinstance(error, dict) and set(error) == keys and isinstance(error["message"], str)):
             return f"{response.status_code} not in OpenAI's shape: {response.text[:500]}"
     return None
 

@@ -70,8 +70,6 @@ CASES = [
     ("token-negative", "/v1/completions", completion(prompt=[-1]), 400, None),
     ("token-over-int64", "/v1/completions", completion(prompt=[2**64]), 400, None),
     ("tokens-out-of-vocabulary-batch", "/v1/completions", completion(prompt=[[1], [10**9]]), 400, None),
-    ("detokenize-out-of-vocabulary", "/detokenize", json.dumps({"model": NAME, "tokens": [10**9]}).encode(), 400,
-     None),
     ("over-body-limit", "/v1/completions", completion(prompt="x" * (33 * 2**20)), 413, None),
 ]
 
