@@ -31,6 +31,7 @@ from .protocol import FeedbackRequest, FeedbackResponse, LoadPatchRequest, LoadP
 log = logging.getLogger(__name__)
 
 PASS_THROUGH_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+LoadPatch = Callable[[Patch, httpx.AsyncClient], Awaitable[PatchState]]
 # vLLM routes the front keeps to itself, and the routes under them: recallfix manages the adapters and servers
 # behind it (SageMaker's /adapters, in vLLM's server too: DELETE /adapters/NAME would unload the patch's adapter).
 BLOCKED = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/scale_elastic_ep", "/adapters"})
@@ -38,7 +39,6 @@ BLOCKED = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/scale
 
 def blocked(path: str) -> bool:
     return any(path == route or path.startswith(route + "/") for route in BLOCKED)
-LoadPatch = Callable[[Patch, httpx.AsyncClient], Awaitable[PatchState]]
 
 
 def validation_error(err: RequestValidationError) -> ApiError:

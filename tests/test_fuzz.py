@@ -2,10 +2,11 @@
 through, with vLLM's request schemas), on SmolLM2-135M with the patch as a LoRA adapter: valid and invalid
 requests for every route, and then the server still gives the greedy replies it gave before.
 
-Each reply: no 5xx, in time, and every error in OpenAI's shape (the Anthropic Messages API's in Anthropic's) with
-no stack trace in it. All the problems found are reported together, one example per route and status. A generated `model`
-is one of the served names half of the time, so that requests reach vLLM rather than stopping at the front's
-404; token counts are capped (`max_tokens` 8, `n` 2, see `bounded`) so that a valid request costs little.
+Each reply: no 5xx, in time, and every error in OpenAI's shape (the Anthropic Messages API's in Anthropic's)
+with no stack trace in it. All the problems found are reported together, one example per route and status.
+A generated `model` is one of the served names half of the time, so that requests reach vLLM rather than
+stopping at the front's 404; token counts are capped (`max_tokens` 8, `n` 2, see `bounded`) so that a valid
+request costs little.
 """
 
 from __future__ import annotations
