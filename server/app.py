@@ -31,9 +31,14 @@ from .protocol import FeedbackRequest, FeedbackResponse, LoadPatchRequest, LoadP
 log = logging.getLogger(__name__)
 
 PASS_THROUGH_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-# vLLM routes the front keeps to itself: recallfix manages the adapters and servers behind it.
-BLOCKED = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/scale_elastic_ep"})
 LoadPatch = Callable[[Patch, httpx.AsyncClient], Awaitable[PatchState]]
+# vLLM routes the front keeps to itself, and the routes under them: recallfix manages the adapters and servers
+# behind it (SageMaker's /adapters, in vLLM's server too: DELETE /adapters/NAME would unload the patch's adapter).
+BLOCKED = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/scale_elastic_ep", "/adapters"})
+
+
+def blocked(path: str) -> bool:
+    return any(path == route or path.startswith(route + "/") for route in BLOCKED)
 
 
 def validation_error(err: RequestValidationError) -> ApiError:
@@ -93,7 +98,7 @@ def create_app(front: Front, *, load_patch: LoadPatch | None = None, patch_dir: 
     app = FastAPI(title="recallfix", summary="base, patched and A/B variants in front of vLLM's OpenAI server",
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Admission, api_key=front.config.api_key, max_concurrency=front.config.max_concurrency,
-                       metrics=front.metrics)
+                       max_body_bytes=front.config.max_body_bytes, metrics=front.metrics)
 
     # -- errors ----------------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
@@ -198,7 +203,7 @@ def create_app(front: Front, *, load_patch: LoadPatch | None = None, patch_dir: 
                     upstream_openapi.update(response.json())
         own = {path: item for path, item in doc.get("paths", {}).items() if path != "/{path}"}
         passed = {path: item for path, item in upstream_openapi.get("paths", {}).items()
-                  if path not in own and path not in BLOCKED}
+                  if path not in own and not blocked(path)}
         doc["paths"] = {**passed, **own}
         schemas = {**upstream_openapi.get("components", {}).get("schemas", {}),
                    **doc.get("components", {}).get("schemas", {})}
@@ -208,7 +213,7 @@ def create_app(front: Front, *, load_patch: LoadPatch | None = None, patch_dir: 
     @app.api_route("/{path:path}", methods=PASS_THROUGH_METHODS, include_in_schema=False)
     async def pass_through(request: Request, path: str) -> Response:
         full = "/" + path
-        if full in BLOCKED:
+        if blocked(full):
             raise not_found(f"{full} is not served through recallfix, which manages its vLLM servers itself")
         return await front.forward(request, full)
 
@@ -219,7 +224,10 @@ def _check_allowed(path: Path, patch_dir: Path | None) -> None:
     if patch_dir is None:
         raise PatchRefused("this server reads no patch files (start it with --patch-dir DIR); send the patch "
                            "document as `patch` instead")
-    resolved, allowed = path.resolve(), patch_dir.resolve()
+    try:
+        resolved, allowed = path.resolve(), patch_dir.resolve()
+    except (OSError, ValueError) as err:  # a NUL byte, a symlink loop
+        raise PatchRefused(f"{str(path)!r} is not a usable path: {err}") from None
     if not resolved.is_relative_to(allowed):
         raise PatchRefused(f"{path} is outside the patch directory {allowed}")
 

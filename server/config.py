@@ -49,6 +49,10 @@ class FrontConfig:
     max_concurrency: int = option(64, "requests in flight through the front before new ones get 429", metavar="N")
     feedback_capacity: int = option(100_000, "recent answers kept for /v1/feedback to rate, oldest dropped first "
                                              "(about 0.6 KiB each)", metavar="N")
+    max_body_bytes: int = option(32 * 2**20, "largest request body the front takes (413 over it)", metavar="N")
+    max_prompts: int = option(256, "most prompts (times `n` choices) one completion request may ask for (400 over "
+                                   "it): the work of one request stays bounded, as --max-concurrency bounds the "
+                                   "requests", metavar="N")
     metrics_logprobs: int = option(20, "top logprobs asked from the upstream for the confidence and entropy "
                                        "metrics when the client asks for none (0: never ask)", metavar="N")
     drain_timeout: float = option(60.0, "seconds in-flight requests may take to finish at shutdown (serve: and at a "
@@ -64,6 +68,9 @@ class FrontConfig:
             raise ValueError(f"--max-concurrency must be at least 1, got {self.max_concurrency}")
         if self.feedback_capacity < 1:
             raise ValueError(f"--feedback-capacity must be at least 1, got {self.feedback_capacity}")
+        if self.max_body_bytes < 1 or self.max_prompts < 1:
+            raise ValueError(f"--max-body-bytes and --max-prompts must be at least 1, got {self.max_body_bytes} and "
+                             f"{self.max_prompts}")
         if not 0 <= self.metrics_logprobs <= 20:
             raise ValueError(f"--metrics-logprobs must be within [0, 20], got {self.metrics_logprobs}")
         if self.served_model_name is not None and ":" in self.served_model_name:

@@ -6,7 +6,11 @@ request id, and the trace goes to the server log under that id.
 
 from __future__ import annotations
 
+import json
+from http import HTTPStatus
+
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from .protocol import ErrorBody, ErrorResponse
 
@@ -36,6 +40,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, type="invalid_request_error", param=param, code=code)
 
 
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is over the server's limit of {limit} bytes (--max-body-bytes)",
+                    type="invalid_request_error", code="request_too_large")
+
+
 def unauthorized() -> ApiError:
     return ApiError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
                     type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -61,3 +70,31 @@ def unavailable(message: str) -> ApiError:
 def internal_error(request_id: str) -> ApiError:
     return ApiError(500, f"internal server error (request id {request_id}); the details are in the server log",
                     type="server_error", code="internal_error")
+
+
+def openai_error(status: int, content: bytes) -> bytes:
+    """An upstream's error reply (status >= 400) in OpenAI's shape: unchanged where it is already, else its
+    message (FastAPI's `detail`, or the text) in an error of that status."""
+    try:
+        reply = json.loads(content)
+    except ValueError:
+        reply = None
+    try:
+        ErrorResponse.model_validate(reply)
+        return content
+    except ValidationError:
+        pass
+    detail = reply.get("detail") if isinstance(reply, dict) else None
+    if detail is None:
+        message = content.decode(errors="replace")[:1000]
+    else:
+        message = detail if isinstance(detail, str) else json.dumps(detail)[:1000]
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return ApiError(status, message or _phrase(status), type=kind).body().model_dump_json().encode()
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"error {status}"

@@ -23,7 +23,7 @@ from starlette.responses import Response, StreamingResponse
 
 from .calibration import Answer, FeedbackStore, ShadowScorer
 from .config import FrontConfig
-from .errors import model_not_found, unavailable
+from .errors import bad_request, model_not_found, openai_error, unavailable
 from .metrics import Metrics, PatchState
 from .observe import (
     GENERATION_PATHS,
@@ -32,9 +32,11 @@ from .observe import (
     dumps,
     rename_model,
     requested_logprobs,
+    sequences,
     strip_logprobs,
     tokens_of,
 )
+from .protocol import parse_json
 from .routing import Route, Router, UnknownModel, Variant
 from .upstream import Upstream
 
@@ -150,9 +152,12 @@ class Front:
         body: Any = None
         if raw:
             try:
-                body = json.loads(raw)
+                body = parse_json(raw)
             except ValueError:  # not JSON: vLLM answers it (its own 400), the base server by default
                 body = None
+        if isinstance(body, dict) and (asked := sequences(body)) > self.config.max_prompts:
+            raise bad_request(f"the request asks for {asked} sequences (prompts times n); this server takes at most "
+                              f"{self.config.max_prompts} in one request (--max-prompts): split it", "prompt")
         route = None
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             route = self.route(body["model"], body.get("user"))
@@ -172,7 +177,9 @@ class Front:
         headers.update(target.upstream.headers())
         if raw:
             headers["content-type"] = request.headers.get("content-type", "application/json")
-        url = target.upstream.url + path + (f"?{request.url.query}" if request.url.query else "")
+        # The path as the client wrote it (percent-encoded): decoded, a %7F would make no valid URL.
+        raw_path = request.scope.get("raw_path", b"").decode("latin-1") or path
+        url = target.upstream.url + raw_path + (f"?{request.url.query}" if request.url.query else "")
         target.enter()
         try:
             upstream = await self.client.send(self.client.build_request(request.method, url, headers=headers,
@@ -208,6 +215,8 @@ class Front:
         finally:
             await upstream.aclose()
             target.leave()
+        if upstream.status_code >= 400:  # vLLM's framework errors (FastAPI's {"detail": ...}) put in OpenAI's shape
+            content, headers["content-type"] = openai_error(upstream.status_code, content), "application/json"
         if rewrite and "json" in upstream.headers.get("content-type", ""):
             try:
                 reply = json.loads(content)

@@ -1,5 +1,6 @@
-"""Admission, before any route runs: request id, API key, the concurrency limit, the request metrics of
-whatever comes out, and the catch-all for unexpected errors.
+"""Admission, before any route runs: request id, API key, the concurrency limit, the body (at most
+`max_body_bytes`, and a JSON body must be JSON by `protocol.parse_json`), the request metrics of whatever
+comes out, and the catch-all for unexpected errors.
 
 A pure ASGI middleware (not Starlette's BaseHTTPMiddleware) so it sees a streamed reply to its end:
 a streaming request holds its concurrency slot, and is timed, until its last byte. The catch-all lives
@@ -17,8 +18,9 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ApiError, internal_error, too_many_requests, unauthorized
+from .errors import ApiError, bad_request, internal_error, too_large, too_many_requests, unauthorized
 from .metrics import NO_VARIANT, Metrics
+from .protocol import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ ENDPOINTS = frozenset({
     "/detokenize", "/tokenizer_info", "/v1/load_patch", "/v1/feedback", "/openapi.json", "/pooling", "/score",
     "/v1/score", "/rerank", "/v1/rerank", "/v1/messages", "/version", "/ping",
 })
+FORMS = frozenset({b"multipart/form-data", b"application/x-www-form-urlencoded"})  # bodies that are not JSON
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -40,10 +43,12 @@ def variant_of(scope: Scope) -> str:
 
 
 class Admission:
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_concurrency: int, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_concurrency: int, max_body_bytes: int,
+                 metrics: Metrics) -> None:
         self.app = app
         self._key = api_key.encode() if api_key else None
         self._limit = max_concurrency
+        self._max_body = max_body_bytes
         self._metrics = metrics
         self._in_flight = 0
         self._gauge = metrics.in_flight.labels(metrics.model)
@@ -98,6 +103,11 @@ class Admission:
         if not self._authorized(scope):
             await self._refuse(unauthorized(), scope, receive, send)
             return
+        try:
+            receive = await self._checked_body(scope, receive)
+        except ApiError as err:
+            await self._refuse(err, scope, receive, send)
+            return
         if path in OWN_PATHS:
             await self.app(scope, receive, send)
             return
@@ -128,6 +138,46 @@ class Admission:
         finally:
             release()
 
+    async def _checked_body(self, scope: Scope, receive: Receive) -> Receive:
+        """Read the whole body (413 past the limit) and check that it is JSON unless it is a form (vLLM reads
+        any other body as JSON, whatever its content type); the routes then read it from the returned `receive`."""
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > self._max_body:
+            raise too_large(self._max_body)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: the route sees the disconnect
+                return _replay(b"", message, receive)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self._max_body:
+                raise too_large(self._max_body)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"").split(b";")[0].strip()
+        if body and content_type.lower() not in FORMS:
+            try:
+                parse_json(body)
+            except ValueError as err:
+                raise bad_request(f"the request body is not valid JSON: {err}", code="invalid_json") from None
+        return _replay(body, None, receive)
+
     @staticmethod
     async def _refuse(error: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
         await error.response()(scope, receive, send)
+
+
+def _replay(body: bytes, last: Message | None, receive: Receive) -> Receive:
+    """A `receive` that gives the body already read (or the message that ended the reading), then whatever
+    comes next from the client (its disconnect, which a streaming reply watches for)."""
+    first: Message | None = last or {"type": "http.request", "body": body, "more_body": False}
+
+    async def replayed() -> Message:
+        nonlocal first
+        if first is not None:
+            message, first = first, None
+            return message
+        return await receive()
+
+    return replayed

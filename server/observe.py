@@ -116,3 +116,15 @@ def rename_model(reply: Any, name: str) -> None:
     inner = reply.get("response")
     if isinstance(inner, dict) and isinstance(inner.get("model"), str):
         inner["model"] = name
+
+
+def sequences(body: dict[str, Any]) -> int:
+    """How many sequences a generation request asks for: its prompts times `n` (choices per prompt)."""
+    prompt, messages, n = body.get("prompt"), body.get("messages"), body.get("n")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        prompts = len(prompt)  # texts or token-id lists (a list of ints is one prompt)
+    elif isinstance(messages, list) and messages and all(isinstance(m, list) for m in messages):
+        prompts = len(messages)  # a batch chat's conversations
+    else:
+        prompts = 1
+    return prompts * (n if isinstance(n, int) and n > 1 else 1)

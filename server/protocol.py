@@ -2,13 +2,43 @@
 through unchanged.
 
 Requests forbid unknown fields: a misspelt field must fail loudly (400, naming it), not be ignored.
+
+Every JSON body the front takes is read by `parse_json` first, stricter than Python's `json`: no NaN or
+Infinity, valid UTF-8 and no lone surrogates, nested at most 200 levels deep (the fixed limit of pydantic's
+parser, jiter). vLLM's server reads bodies with Python's `json`, which takes NaN and fails on deep nesting with
+a RecursionError (a 500): what the front passes on is what vLLM reads as the client meant.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """`raw` as JSON, or ValueError with the reason and where (line and column). Numbers too large for a
+    double (1e400, which parsers read as infinity) are refused too."""
+    value = pydantic_core.from_json(raw, allow_inf_nan=False)
+    if not _finite(value):
+        raise ValueError("a number is out of range (not a finite double)")
+    return value
+
+
+def _finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 class Request(BaseModel):

@@ -176,3 +176,42 @@ def test_cpu_kv_cache_is_sized_from_free_memory_and_refuses_what_cannot_fit() ->
     assert 1 <= three < cpu_kv_cache_gib(20 * GiB, weights, engines=2)
     with pytest.raises(DoesNotFit, match=r"free memory.*--patch-mode lora"):
         cpu_kv_cache_gib(6 * GiB, weights, engines=3)
+
+
+# -- hostile bodies --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("body", "why"), [
+    (b'{"t": NaN}', "expected value"), (b'{"t": -Infinity}', "invalid number"), (b'{"t": 1e400}', "out of range"),
+    (b'{"p": "\\ud800"}', "hex escape"), (b'{"p": "\xff"}', "unicode"), (b"[" * 100_000, "recursion limit"),
+    (b'{"a": 1} x', "trailing"),
+])
+def test_parse_json_refuses_what_vllm_would_misread(body: bytes, why: str) -> None:
+    from recallfix.server.protocol import parse_json
+
+    with pytest.raises(ValueError, match=why):
+        parse_json(body)
+    assert parse_json(b'{"p": "\\ud83d\\ude00", "t": 1e308, "n": 100000000000000000000}') == {
+        "p": "\U0001f600", "t": 1e308, "n": 10**20}
+
+
+def test_sequences_counts_prompts_times_n() -> None:
+    from recallfix.server.observe import sequences
+
+    assert sequences({"prompt": "x"}) == sequences({"prompt": [1, 2, 3]}) == 1
+    assert sequences({"prompt": ["a", "b"], "n": 3}) == sequences({"prompt": [[1], [2]], "n": 3}) == 6
+    assert sequences({"messages": [{"role": "user", "content": "x"}], "n": 10**9}) == 10**9
+    assert sequences({"messages": [[{"role": "user", "content": "x"}]] * 4}) == 4  # a batch chat
+    assert sequences({"prompt": "x", "n": "many"}) == 1  # vLLM refuses it
+
+
+def test_upstream_errors_are_put_in_openais_shape() -> None:
+    import json
+
+    from recallfix.server.errors import openai_error
+
+    vllm = b'{"error":{"message":"m","type":"BadRequestError","param":null,"code":400}}'
+    assert openai_error(400, vllm) == vllm
+    fastapi = json.loads(openai_error(400, b'{"detail":"There was an error parsing the body"}'))
+    assert fastapi == {"error": {"message": "There was an error parsing the body", "type": "invalid_request_error",
+                                 "param": None, "code": None}}
+    assert json.loads(openai_error(502, b""))["error"]["message"] == "Bad Gateway"
+    assert json.loads(openai_error(404, b"Not Found"))["error"]["message"] == "Not Found"
