@@ -117,7 +117,7 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, 
         serve.stop()
 
 
-def complete(front: Process, stream: bool = False, max_tokens: int = 8, **extra: object) -> httpx.Response:
+def complete(front: Process, max_tokens: int = 8, **extra: object) -> httpx.Response:
     body = {"model": NAME, "prompt": "The capital of France is", "max_tokens": max_tokens, "temperature": 0.0,
             "logprobs": 2, **extra}
     return httpx.post(front.url + "/v1/completions", json=body, headers=front.headers(), timeout=READ_TIMEOUT)
@@ -294,6 +294,8 @@ def write_facts(path: Path) -> Path:
 
 def debris(target: Path) -> list[str]:
     """What writers of `target` left beside it (temp files and directories)."""
+    if not target.parent.is_dir():
+        return []
     return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}."))
 
 
