@@ -112,14 +112,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model)
     front = from_args(FrontConfig, args, served_model_name=args.served_model_name or model_dir.name)
     serve = from_args(ServeConfig, args)
-    parsed = vllm_args.parse(model_dir, vllm_argv)  # vLLM's own message and exit status 2 on a bad option
     patch = None
     if serve.patch is not None:
-        try:  # a patch that cannot be served fails now, before any server starts
+        try:  # a patch that cannot be served fails now, before vLLM is even imported
             patch = read_patch(serve.patch)
-            check_against_checkpoint(model_dir, patch, trust_remote_code=bool(parsed.trust_remote_code))
-        except PatchRefused as err:
-            raise ValueError(f"--patch {serve.patch}: {err}") from None
+            trust = any(a.split("=", 1)[0] in ("--trust-remote-code", "--trust_remote_code") for a in vllm_argv)
+            check_against_checkpoint(model_dir, patch, trust_remote_code=trust)
+        except PatchRefused as err:  # one line; Patch.load's reasons already start with the file
+            said = str(err) if str(err).startswith(str(serve.patch)) else f"{serve.patch}: {err}"
+            raise ValueError(f"--patch {said}") from None
+    parsed = vllm_args.parse(model_dir, vllm_argv)  # vLLM's own message and exit status 2 on a bad option
     plan = make_plan(model_dir, front.name, vllm_argv, parsed, serve, patch)
     _warn_open(front)
     log.info("recallfix serve: %s as %r; patch %s served %s (%s)", model_dir, front.name,

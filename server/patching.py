@@ -20,7 +20,12 @@ from recallfix.patches.patch import format_validation_error
 
 
 class PatchRefused(ValueError):
-    """A patch the server will not serve; the variants that were serving keep serving (HTTP 400)."""
+    """A patch the server will not serve; the variants that were serving keep serving (HTTP 400). Its
+    message is one line (the reasons of a multi-line validation error joined with "; ")."""
+
+    def __init__(self, message: str) -> None:
+        first, *rest = str(message).splitlines() or [""]
+        super().__init__(f"{first.rstrip(':')}: {'; '.join(r.strip() for r in rest)}" if rest else first)
 
 
 def read_patch(path: str | Path | None = None, document: dict[str, Any] | None = None) -> Patch:

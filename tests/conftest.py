@@ -18,3 +18,8 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         arch: save_model(arch, root / arch, max_shard_size="60KB" if arch == "llama" else None)
         for arch in ARCHITECTURES
     }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "faults: failure injection (killed servers and writers, refused patches, "
+                                       "full or read-only disks): `pytest -m faults`")

@@ -7,6 +7,7 @@ changes nothing, bit for bit, and a vLLM server that dies unasked is reported (5
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -33,11 +34,23 @@ from recallfix.patches import Patch
 PROMPT = "The capital of France is"
 
 
-def first_logprobs(server: Process) -> list[float]:
-    reply = server.post("/v1/completions", {"model": f"{NAME}:patched", "prompt": PROMPT, "max_tokens": 3,
+def first_logprobs(server: Process, model: str = f"{NAME}:patched") -> list[float]:
+    reply = server.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 3,
                                             "temperature": 0.0, "logprobs": 5})
     assert reply.status_code == 200, reply.text
     return reply.json()["choices"][0]["logprobs"]["token_logprobs"]
+
+
+def greedy_replies(server: Process) -> dict[str, tuple[str, list]]:
+    """Each variant's greedy text and top logprobs (exact floats: compared bit for bit)."""
+    replies = {}
+    for model in (NAME, f"{NAME}:patched"):
+        reply = server.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 3,
+                                                "temperature": 0.0, "logprobs": 5})
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        replies[model] = (choice["text"], choice["logprobs"]["token_logprobs"], choice["logprobs"]["top_logprobs"])
+    return replies
 
 
 def served_patch(server: Process) -> dict[str, str]:
@@ -110,20 +123,35 @@ def test_load_patch_swaps_under_load_and_back(kind: str, servers) -> None:  # no
     assert served_patch(server)["patch_id"] == Patch.load(mine).id
 
 
+@pytest.mark.faults
 @pytest.mark.servers("serve-lora")
 def test_refused_patches_say_why_and_change_nothing(servers, tiny_dirs, tmp_path: Path) -> None:  # noqa: ANN001
     from recallfix.patches import make_patch
     from recallfix.patches.io import load_causal_lm
 
     server = servers["serve-lora"]
-    before, info = first_logprobs(server), served_patch(server)
+    before, info = greedy_replies(server), served_patch(server)
     foreign = make_patch(load_causal_lm(tiny_dirs["llama"])[0], {"L1H0": 0.5}).save(scratch_dir("patches") / "f.json")
+    good = Patch.load(patch_file("learned")).model_dump(mode="json")
     tampered = Patch.load(patch_file("learned")).model_dump(mode="json")
     tampered["edits"][0]["gain"] = float("1e39")  # not finite once applied in float32
+    hashed = Patch.load(patch_file("learned")).model_dump(mode="json")
+    tensor = next(iter(hashed["model"]["tensors"]))
+    hashed["model"]["tensors"][tensor] = hashed["model"]["tensors"][tensor][::-1]  # the fingerprint tampered
+    truncated = scratch_dir("patches") / "truncated.json"
+    truncated.write_text(json.dumps(good)[:400])
+    non_finite = {}
+    for name, gain in (("nan", float("nan")), ("inf", float("inf"))):  # as JSON's NaN and Infinity, in files
+        non_finite[name] = scratch_dir("patches") / f"{name}.json"
+        non_finite[name].write_text(json.dumps({**good, "edits": [{**good["edits"][0], "gain": gain}]}))
     outside = Path(tmp_path / "p.json")
     outside.write_text(Patch.load(patch_file("learned")).model_dump_json())
     for body, why in (({"path": str(foreign)}, "hidden_size: the patch was made for 128, this model has 576"),
                       ({"patch": tampered}, "finite|gain|invalid"),
+                      ({"path": str(truncated)}, r"invalid patch: \(document\): Invalid JSON"),
+                      ({"patch": hashed}, rf"model.tensors\['{tensor}'\]: sha256 differs"),
+                      ({"path": str(non_finite["nan"])}, "gain must be a finite number, got nan"),
+                      ({"path": str(non_finite["inf"])}, "gain must be a finite number, got inf"),
                       ({"path": str(outside)}, "outside the patch directory"),
                       ({"patch": {"edits": "nonsense"}}, "invalid patch"),
                       ({"path": str(patch_file("bias"))}, r"--patch-mode lora.*LoRA cannot.*L29MLP adds a bias.*"
@@ -132,8 +160,8 @@ def test_refused_patches_say_why_and_change_nothing(servers, tiny_dirs, tmp_path
         assert refused.status_code == 400, refused.text
         error = refused.json()["error"]
         assert error["code"] == "patch_refused" and "keeps serving" in error["message"]
-        assert re.search(why, error["message"]), error["message"]
-    assert first_logprobs(server) == before  # bit for bit
+        assert re.search(why, error["message"]) and "\n" not in error["message"], error["message"]
+    assert greedy_replies(server) == before  # both variants, bit for bit
     assert served_patch(server) == info
 
 
