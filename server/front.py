@@ -254,10 +254,10 @@ class Front:
                 watch.finish()
         except httpx.TransportError as err:
             log.warning("the %s vLLM server failed mid-stream: %s: %s", target.upstream.role, type(err).__name__, err)
-            await self.recheck(target)
             if not done:
                 error = unavailable("the vLLM server failed while streaming; retry the request")
                 yield f"\ndata: {dumps(error.body().model_dump())}\n\ndata: [DONE]\n\n".encode()
+            await self.recheck(target)  # after the client has its answer: a hung server's probe takes seconds
         finally:
             await upstream.aclose()
             target.leave()
