@@ -274,12 +274,16 @@ def test_serve_refuses_a_bad_patch_at_start_in_one_line(tiny_dirs: dict[str, Pat
         [sys.executable, "-m", "recallfix.server", "serve", str(smollm2_dir()), "--patch", str(path),
          *TINY_VLLM[:2]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, (path, _) in patches.items()}
-    for name, process in running_.items():
-        out, err = process.communicate(timeout=600)
-        path, why = patches[name]
-        line = one_error_line(subprocess.CompletedProcess(process.args, process.returncode, out, err),
-                              f"--patch {path}", why)
-        assert "started vLLM" not in err, line
+    try:
+        for name, process in running_.items():
+            out, err = process.communicate(timeout=600)
+            path, why = patches[name]
+            line = one_error_line(subprocess.CompletedProcess(process.args, process.returncode, out, err),
+                                  f"--patch {path}", why)
+            assert "started vLLM" not in err, line
+    finally:
+        for process in running_.values():
+            process.kill()  # a no-op for those that have exited
 
 
 # -- interrupted operations ----------------------------------------------------------------------------
@@ -302,11 +306,13 @@ def debris(target: Path) -> list[str]:
 def kill_when(process: subprocess.Popen, ready, timeout: float = 900) -> None:  # noqa: ANN001
     """SIGKILL `process` as soon as `ready()` is true; fails if it ended first."""
     deadline = time.monotonic() + timeout
-    while not ready():
-        assert process.poll() is None, f"ended before it could be killed midway: {process.communicate()}"
-        assert time.monotonic() < deadline, "never reached the point to kill it at"
-        time.sleep(0.02)
-    process.kill()
+    try:
+        while not ready():
+            assert process.poll() is None, f"ended before it could be killed midway: {process.communicate()}"
+            assert time.monotonic() < deadline, "never reached the point to kill it at"
+            time.sleep(0.02)
+    finally:
+        process.kill()
     assert process.wait(timeout=60) == -signal.SIGKILL
 
 
