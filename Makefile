@@ -83,6 +83,7 @@ bench: $(STAMP) model
 	$(PY) bench/bench_analysis.py
 	$(PY) bench/bench_lens.py
 	$(PY) bench/bench_serve.py
+	$(PY) bench/bench_load.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
