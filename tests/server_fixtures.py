@@ -449,3 +449,16 @@ def sse_events(response: httpx.Response) -> list[dict | str]:
             data = line.removeprefix("data: ")
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+GREEDY = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0.0}
+
+
+def greedy_replies(front: Process) -> dict[str, str]:
+    """The greedy completion of the base and patched names: what a server serves, to compare before and after."""
+    replies = {}
+    for model in (NAME, f"{NAME}:patched"):
+        response = front.post("/v1/completions", {"model": model, **GREEDY})
+        assert response.status_code == 200, response.text
+        replies[model] = response.json()["choices"][0]["text"]
+    return replies

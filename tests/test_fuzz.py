@@ -21,14 +21,13 @@ import schemathesis
 from hypothesis import HealthCheck
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from server_fixtures import NAME, Process, shared
+from server_fixtures import NAME, Process, greedy_replies, shared
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.servers("serve-lora")]
 
 CASES = 1200  # generated requests, over all routes
 REQUEST_TIMEOUT_S = 120  # a reply later than this is a hang (the machine is shared: a valid request may queue)
 MODELS = [NAME, f"{NAME}:patched", f"{NAME}:ab"]
-GREEDY = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0.0}
 ERROR_KEYS = {"message", "type", "param", "code"}
 ANTHROPIC_ERROR_KEYS = {"type", "message"}
 # The most tokens a generated request may ask for: a random valid max_tokens (up to the context) times n would
@@ -41,14 +40,6 @@ def front() -> Process:
     return shared("serve-lora")[0]
 
 
-def greedy(front: Process) -> dict[str, str]:
-    """The greedy completion of each variant (the A/B name's is its user's variant's)."""
-    replies = {}
-    for model in (NAME, f"{NAME}:patched"):
-        response = front.post("/v1/completions", {"model": model, **GREEDY})
-        assert response.status_code == 200, response.text
-        replies[model] = response.json()["choices"][0]["text"]
-    return replies
 
 
 def bounded(case: schemathesis.Case, model: str | None) -> None:
@@ -118,11 +109,11 @@ def fuzz(front: Process, cases: int) -> tuple[collections.Counter[str], collecti
 
 
 def test_fuzz_every_route_then_the_same_greedy_replies(front: Process) -> None:
-    before = greedy(front)
+    before = greedy_replies(front)
     routes, statuses, problems = fuzz(front, CASES)
     print(f"{sum(routes.values())} cases over {len(routes)} routes; statuses {dict(sorted(statuses.items()))}")
     assert not problems, "\n".join(f"{where}: {what}" for where, what in problems.items())
     assert sum(routes.values()) >= 1000
     operations = schemathesis.openapi.from_url(front.url + "/openapi.json").get_all_operations()
     assert set(routes) == {f"{op.ok().method.upper()} {op.ok().path}" for op in operations}  # every route
-    assert greedy(front) == before
+    assert greedy_replies(front) == before

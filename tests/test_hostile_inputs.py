@@ -12,12 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_fixtures import NAME, Process, patch_file, shared
+from server_fixtures import NAME, Process, greedy_replies, patch_file, shared
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.servers("serve-lora")]
 
 ERROR_KEYS = {"message", "type", "param", "code"}
-GREEDY = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0.0}
 DEEP = 100_000
 
 
@@ -81,16 +80,9 @@ def front() -> Process:
 
 @pytest.fixture(scope="module")
 def greedy_before(front: Process) -> dict[str, str]:
-    return greedy(front)
+    return greedy_replies(front)
 
 
-def greedy(front: Process) -> dict[str, str]:
-    replies = {}
-    for model in (NAME, f"{NAME}:patched"):
-        response = front.post("/v1/completions", {"model": model, **GREEDY})
-        assert response.status_code == 200, response.text
-        replies[model] = response.json()["choices"][0]["text"]
-    return replies
 
 
 def send(front: Process, path: str, body: bytes, content_type: str = "application/json") -> httpx.Response:
@@ -165,4 +157,4 @@ def patch_id(metrics: str) -> str:
 
 def test_the_server_serves_the_same_greedy_replies_after_all_this(front: Process,
                                                                  greedy_before: dict[str, str]) -> None:
-    assert greedy(front) == greedy_before
+    assert greedy_replies(front) == greedy_before
