@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--run", type=Path, default=Path("runs/demo"), help="the analysis run directory (default runs/demo)")
     p.add_argument("--name", default="demo", help="the served model name (default demo)")
     p.add_argument("--port", type=int, default=0, help="the front's port (default: a free one)")
-    p.add_argument("--compare-facts", type=int, default=COMPARE_FACTS,
+    p.add_argument("--compare-facts", type=int, default=COMPARE_FACTS, metavar="N",
                    help=f"compare on about N facts of the test split, whole subjects (default {COMPARE_FACTS}; 0: all)")
     p.add_argument("--traffic", type=int, default=64, help="A/B requests (default 64)")
     p.add_argument("--users", type=int, default=16, help="A/B users (default 16)")
