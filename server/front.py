@@ -35,6 +35,7 @@ from .observe import (
     sequences,
     strip_logprobs,
     tokens_of,
+    unreadable_input_part,
 )
 from .protocol import parse_json
 from .routing import Route, Router, UnknownModel, Variant
@@ -158,6 +159,9 @@ class Front:
         if isinstance(body, dict) and (asked := sequences(body)) > self.config.max_prompts:
             raise bad_request(f"the request asks for {asked} sequences (prompts times n); this server takes at most "
                               f"{self.config.max_prompts} in one request (--max-prompts): split it", "prompt")
+        if isinstance(body, dict) and (where := unreadable_input_part(path, body)):
+            raise bad_request("an earlier assistant message must start with an output_text part: vLLM cannot read a "
+                              "refusal there", where)
         route = None
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             route = self.route(body["model"], body.get("user"))

@@ -128,3 +128,16 @@ def sequences(body: dict[str, Any]) -> int:
     else:
         prompts = 1
     return prompts * (n if isinstance(n, int) and n > 1 else 1)
+
+
+def unreadable_input_part(path: str, body: dict[str, Any]) -> str | None:
+    """Where a Responses request's `input` holds an earlier assistant message whose first content part is not
+    text (a refusal): vLLM 0.32 reads `.text` of that part and answers 500 (responses/utils.py; found by the
+    fuzzing test). The parameter's name, or None."""
+    items = body.get("input") if path == "/v1/responses" else None
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        content = item.get("content") if isinstance(item, dict) and item.get("type") == "message" else None
+        if isinstance(content, list) and content and isinstance(content[0], dict) \
+                and content[0].get("type") == "refusal":
+            return f"input[{i}].content[0]"
+    return None

@@ -70,6 +70,10 @@ CASES = [
     ("token-over-int64", "/v1/completions", completion(prompt=[2**64]), 400, None),
     ("tokens-out-of-vocabulary-batch", "/v1/completions", completion(prompt=[[1], [10**9]]), 400, None),
     ("over-body-limit", "/v1/completions", completion(prompt="x" * (33 * 2**20)), 413, None),
+    # vLLM 0.32 reads `.text` of an earlier assistant message's first part: a refusal there was its 500 (fuzzing)
+    ("refusal-in-responses-input", "/v1/responses", json.dumps({"model": NAME, "max_output_tokens": 8, "input": [
+        {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+         "content": [{"type": "refusal", "refusal": "no"}]}]}).encode(), 400, "input[0].content[0]"),
 ]
 
 

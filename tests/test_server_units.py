@@ -215,3 +215,16 @@ def test_upstream_errors_are_put_in_openais_shape() -> None:
                                  "param": None, "code": None}}
     assert json.loads(openai_error(502, b""))["error"]["message"] == "Bad Gateway"
     assert json.loads(openai_error(404, b"Not Found"))["error"]["message"] == "Not Found"
+
+
+def test_a_refusal_first_in_an_earlier_assistant_message_is_found_before_vllm_fails_on_it() -> None:
+    from recallfix.server.observe import unreadable_input_part
+
+    refusal = {"type": "message", "role": "assistant", "id": "m1", "status": "completed",
+               "content": [{"type": "refusal", "refusal": "no"}]}
+    text = {**refusal, "content": [{"type": "output_text", "text": "Paris", "annotations": []}]}
+    user = {"type": "message", "role": "user", "content": "The capital of France is"}
+    assert unreadable_input_part("/v1/responses", {"input": [user, refusal]}) == "input[1].content[0]"
+    assert unreadable_input_part("/v1/responses", {"input": [user, text]}) is None
+    assert unreadable_input_part("/v1/responses", {"input": "a prompt"}) is None
+    assert unreadable_input_part("/v1/chat/completions", {"input": [refusal]}) is None
