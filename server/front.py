@@ -25,6 +25,7 @@ from .calibration import Answer, FeedbackStore, ShadowScorer
 from .config import FrontConfig
 from .errors import bad_request, model_not_found, openai_error, unavailable
 from .metrics import Metrics, PatchState
+from .middleware import PARSED_BODY
 from .observe import (
     GENERATION_PATHS,
     TokenLogprobs,
@@ -37,7 +38,6 @@ from .observe import (
     tokens_of,
     unreadable_input_part,
 )
-from .protocol import parse_json
 from .routing import Route, Router, UnknownModel, Variant
 from .upstream import Upstream
 
@@ -150,12 +150,7 @@ class Front:
     # -- the pass-through ------------------------------------------------------------------------------
     async def forward(self, request: Request, path: str) -> Response:
         raw = await request.body()
-        body: Any = None
-        if raw:
-            try:
-                body = parse_json(raw)
-            except ValueError:  # not JSON: vLLM answers it (its own 400), the base server by default
-                body = None
+        body: Any = getattr(request.state, PARSED_BODY, None)  # parsed by the admission middleware (not forms)
         if isinstance(body, dict) and (asked := sequences(body)) > self.config.max_prompts:
             raise bad_request(f"the request asks for {asked} sequences (prompts times n); this server takes at most "
                               f"{self.config.max_prompts} in one request (--max-prompts): split it", "prompt")

@@ -22,6 +22,8 @@ from .errors import ApiError, bad_request, internal_error, too_large, too_many_r
 from .metrics import NO_VARIANT, Metrics
 from .protocol import parse_json
 
+PARSED_BODY = "parsed_body"  # request.state's name of the body `_checked_body` parsed
+
 log = logging.getLogger(__name__)
 
 VARIANT_HEADER = "x-recallfix-variant"  # on every reply a variant was chosen for
@@ -158,9 +160,10 @@ class Admission:
         content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"").split(b";")[0].strip()
         if body and content_type.lower() not in FORMS:
             try:
-                parse_json(body)
+                parsed = parse_json(body)
             except ValueError as err:
                 raise bad_request(f"the request body is not valid JSON: {err}", code="invalid_json") from None
+            scope.setdefault("state", {})[PARSED_BODY] = parsed  # the pass-through reads it, not the bytes again
         return _replay(body, None, receive)
 
     @staticmethod
