@@ -296,11 +296,13 @@ def shared(*kinds: str) -> list[Process]:
             stop(kind)
             raise
         if kind in _started_at:
-            START_TIMES.append((kind, time.monotonic() - _started_at.pop(kind)))
+            what = f"{kind} (started ahead, beside other tests: to its first use)" if kind in _ahead else kind
+            START_TIMES.append((what, time.monotonic() - _started_at.pop(kind)))
     return [_shared[kind] for kind in kinds]
 
 
 _started_at: dict[str, float] = {}
+_ahead: set[str] = set()  # kinds started before the test that first needs them (their time includes waiting)
 START_TIMES: list[tuple[str, float]] = []  # (what, seconds from start to ready), shown at the end of the run
 
 
@@ -379,6 +381,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if kind not in _shared and kind not in _stopped and kind not in _failed:
             _shared[kind] = _make(kind).start()
             _started_at[kind] = time.monotonic()
+            _ahead.add(kind)
 
 
 @pytest.hookimpl(trylast=True)

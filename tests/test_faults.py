@@ -55,7 +55,6 @@ CONTEXT = 1024
 TINY_VLLM = ["--dtype", "float32", "--max-model-len", str(CONTEXT), "--enforce-eager", "--seed", "0",
              "--kv-cache-memory-bytes", str(256 * 2**20)]
 LONG = 1000  # tokens: most of the context
-SHORT = 200  # tokens, for the drain: in flight at the signal, not too long to wait for
 READ_TIMEOUT = httpx.Timeout(120.0)  # no read waits longer: a hang fails the test
 SERVER_TEST_TIMEOUT = 2 * START_TIMEOUT_S + TEST_TIMEOUT_S  # a start and a restart of a vLLM server
 
@@ -214,12 +213,14 @@ def test_sigterm_drains_requests_in_flight_exits_0_and_leaves_no_process(fronts)
     router.stop()  # it holds connections to the child; the drain is serve's
     descendants = psutil.Process(serve.proc.pid).children(recursive=True)
     assert any("vllm" in " ".join(p.cmdline()) for p in descendants), descendants
+    child = vllm_child(serve)
     with contextlib.ExitStack() as stack:
-        stream = stack.enter_context(open_stream(serve, stack, max_tokens=SHORT,
-                                                 stream_options={"include_usage": True}))
-        waiting = InFlight(serve, SHORT)
+        # Both requests are long (a fast machine generated 200 tokens between two polls and the two never
+        # overlapped), and vLLM is polled often: the signal comes while both generate.
+        stream = stack.enter_context(open_stream(serve, stack, stream_options={"include_usage": True}))
+        waiting = InFlight(serve, LONG)
         waiting.start()
-        assert wait_for(lambda: running(vllm_child(serve)) >= 2, timeout=120)
+        assert wait_for(lambda: running(child) >= 2, timeout=120, interval=0.05), "the two never ran together"
         serve.proc.send_signal(signal.SIGTERM)
         rest = list(stream)
     waiting.join(timeout=300)
@@ -227,9 +228,9 @@ def test_sigterm_drains_requests_in_flight_exits_0_and_leaves_no_process(fronts)
     events = [json.loads(line[6:]) for line in rest[:-1]]
     assert not any("error" in e for e in events), events[-2:]
     assert any(e["choices"] and e["choices"][0]["text"] for e in events)  # tokens came after the signal
-    assert events[-1]["usage"]["completion_tokens"] == SHORT  # ... all of them
+    assert events[-1]["usage"]["completion_tokens"] == LONG  # ... all of them
     assert waiting.reply is not None and waiting.reply.status_code == 200, waiting.reply
-    assert waiting.reply.json()["usage"]["completion_tokens"] == SHORT
+    assert waiting.reply.json()["usage"]["completion_tokens"] == LONG
     assert serve.proc.wait(timeout=300) == 0
     gone, alive = psutil.wait_procs(descendants, timeout=60)
     assert not alive, f"left behind: {[(p.pid, p.cmdline()[:3]) for p in alive]}"
