@@ -84,6 +84,7 @@ bench: $(STAMP) model
 	$(PY) bench/bench_lens.py
 	$(PY) bench/bench_serve.py
 	$(PY) bench/bench_load.py
+	$(PY) bench/bench_gpu.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

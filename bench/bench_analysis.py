@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench_doc import markers, write_section  # bench/ is on sys.path: these run as scripts
+from bench_doc import commit, machine, markers, write_section  # bench/ is on sys.path: these run as scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_COMMIT = "8590e74"
@@ -75,21 +74,13 @@ def run_side(name: str, pythonpath: Path | None, model: str, max_facts: int | No
             "command": " ".join(command[1:])}
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+def machine_info() -> str:
     import torch
     import transformers
 
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"transformers {transformers.__version__}, Python {platform.python_version()}, "
-            f"load average before the runs {os.getloadavg()[0]:.1f}")
-
-
-def commit() -> str:
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)
-    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+    return (machine(f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+                    f"transformers {transformers.__version__}")
+            + f", load average before the runs {os.getloadavg()[0]:.1f}")
 
 
 def report(before: dict | None, after: dict, args: argparse.Namespace, info: str) -> str:
@@ -128,7 +119,7 @@ def main() -> None:
     from recallfix.patches.io import resolve_model_dir
 
     model = str(resolve_model_dir(args.model))  # the baseline has no model registry: pass the folder
-    info = machine()
+    info = machine_info()
     with tempfile.TemporaryDirectory() as tmp:
         before = None
         if not args.skip_before:

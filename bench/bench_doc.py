@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
 from pathlib import Path
 
 from recallfix.patches.io import atomic_write_text
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def machine(*versions: str) -> str:
+    """The CPU, its cores, the given package versions ("vllm 0.32.0") and Python: the head of every section."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return ", ".join([cpu, f"{os.cpu_count()} cores", *versions, f"Python {platform.python_version()}"])
+
+
+def commit(*paths: str) -> str:
+    """The checkout's commit, marked when `paths` (default: all) have uncommitted changes."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", *paths], capture_output=True,
+                           text=True)
+    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
 def markers(name: str) -> tuple[str, str]:

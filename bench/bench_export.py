@@ -1,9 +1,10 @@
 """Merged export: streaming shard-by-shard (recallfix) against the naive peer (load, patch, save_pretrained).
 
 Each side runs in its own fresh process, so its peak RSS is its own. Reported as ratios, side by side,
-on the same checkpoint: a random Llama-architecture model saved in several shards.
+on the same checkpoint: a random Llama-architecture model saved in several shards; the two outputs must hold the
+same tensors (exits 1 otherwise). Writes docs/benchmarks.md between the `bench_export` markers.
 
-    python bench/bench_export.py [--hidden 512 --layers 8 --shard 20MB]
+    python bench/bench_export.py [--hidden 1024 --layers 12 --shard 100MB] [--repeats 3] [--no-write]
 """
 
 from __future__ import annotations
@@ -83,19 +84,63 @@ def side(kind: str, model_dir: Path, patch_file: Path, out: Path) -> dict:
     else:
         model = load_model(model_dir)
         apply_patch(model, patch)
-        model.save_pretrained(out, max_shard_size="20MB")
+        model.save_pretrained(out)
     seconds = time.perf_counter() - start
     sampler.stopped.set()
     sampler.join()
     return {"seconds": seconds, "peak_mb": sampler.peak - baseline}
 
 
+def same_tensors(a: Path, b: Path) -> tuple[bool, float]:
+    """Whether two checkpoints hold the same tensors (names and values), and the largest |difference|."""
+    from safetensors.torch import load_file
+
+    def tensors(d: Path) -> dict:
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    x, y = tensors(a), tensors(b)
+    if set(x) != set(y):
+        return False, float("inf")
+    worst = max((x[k].float() - y[k].float()).abs().max().item() for k in x)
+    return worst == 0.0, worst
+
+
+def report(runs: dict[str, list[dict]], checkpoint: str, equal: tuple[bool, float], command: str) -> str:
+    import statistics
+
+    import torch
+    import transformers
+    from bench_doc import commit, machine, markers  # bench/ is on sys.path: this runs as a script
+
+    begin, end = markers("bench_export")
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "peak_mb")} for k, v in runs.items()}
+    largest = runs["streaming"][0]["largest_shard_mb"]
+    lines = [begin, "## Merged export: streaming against load-patch-save (bench/bench_export.py)", "",
+             f"- machine: {machine(f'torch {torch.__version__}', f'transformers {transformers.__version__}')}",
+             f"- code: {commit('patches', 'bench')}; checkpoint: {checkpoint}",
+             f"- command: `{command}`",
+             "- streaming: `recallfix export --format merged` (`patches.export.export_merged`, shard by shard); naive: "
+             "`load_model`, `apply_patch`, `save_pretrained` (what a user would write); each side a fresh process, "
+             "in turn; peak RSS is the export's own (sampled every 2 ms, above the RSS after the imports)", "",
+             "| per run: median [min-max] | streaming | naive | streaming / naive |", "|---|---:|---:|---:|"]
+    for key, label in (("peak_mb", "peak RSS (MiB)"), ("seconds", "wall (s)")):
+        cells = [f"{statistics.median(r[key] for r in runs[k]):.1f} [{min(r[key] for r in runs[k]):.1f}-"
+                 f"{max(r[key] for r in runs[k]):.1f}]" for k in ("streaming", "naive")]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {med['streaming'][key] / med['naive'][key]:.2f} |")
+    lines += ["", f"- streaming peak RSS / largest shard ({largest:.0f} MiB): "
+              f"{med['streaming']['peak_mb'] / largest:.2f}",
+              f"- the two exports hold the same tensors, bit for bit: {'yes' if equal[0] else 'NO'} "
+              f"(largest |difference| {equal[1]:g})", end]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--shard", default="20MB")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--shard", default="100MB")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--args", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -113,22 +158,31 @@ def main() -> None:
         largest_mb = max(p.stat().st_size for p in shards) / 2**20
         runs: dict[str, list[dict]] = {"streaming": [], "naive": []}
         for i in range(args.repeats):
-            for kind in runs:  # interleaved, so drift on a shared machine hits both sides alike
+            for kind in (list(runs) if i % 2 == 0 else list(runs)[::-1]):  # in turn: drift hits both alike
                 out = tmp / f"{kind}-{i}"
                 child = subprocess.run(
                     [sys.executable, __file__, "--side", kind, "--args", json.dumps([str(model_dir), str(patch_file),
                                                                                        str(out)])],
                     capture_output=True, text=True, check=True,
                 )
-                runs[kind].append(json.loads(child.stdout.strip().splitlines()[-1]))
-    best = {k: {m: min(r[m] for r in v) for m in ("seconds", "peak_mb")} for k, v in runs.items()}
-    print(f"checkpoint: {total_mb:.0f} MiB in {len(shards)} shards, largest {largest_mb:.0f} MiB "
-          f"(Llama, hidden {args.hidden}, {args.layers} layers); best of {args.repeats}")
-    print(f"{'':<11}{'peak RSS (MiB)':>20}{'seconds':>10}")
-    for kind, r in best.items():
-        print(f"{kind:<11}{r['peak_mb']:>20.0f}{r['seconds']:>10.2f}")
-    print(f"streaming / naive: memory x{best['streaming']['peak_mb'] / best['naive']['peak_mb']:.2f}, "
-          f"time x{best['streaming']['seconds'] / best['naive']['seconds']:.2f}")
+                runs[kind].append({**json.loads(child.stdout.strip().splitlines()[-1]),
+                                   "largest_shard_mb": largest_mb})
+                print(f"run {i + 1} {kind}: {runs[kind][-1]['peak_mb']:.0f} MiB, {runs[kind][-1]['seconds']:.1f} s",
+                      flush=True)
+        equal = same_tensors(tmp / "streaming-0", tmp / "naive-0")
+    checkpoint = (f"random Llama (hidden {args.hidden}, {args.layers} layers, float32), {total_mb:.0f} MiB in "
+                  f"{len(shards)} shards of at most {args.shard}, largest {largest_mb:.0f} MiB; patch: two final-layer "
+                  "heads and a neuron")
+    command = (f"python bench/bench_export.py --hidden {args.hidden} --layers {args.layers} --shard {args.shard} "
+               f"--repeats {args.repeats}")
+    section = report(runs, checkpoint, equal, command)
+    if not args.no_write:
+        from bench_doc import write_section
+
+        write_section("bench_export", section)
+    print(section)
+    if not equal[0]:
+        sys.exit("the streaming and the naive export differ")
 
 
 if __name__ == "__main__":

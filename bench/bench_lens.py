@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -37,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TL_VENV = ROOT / ".cache" / "bench-tl-venv"
 TL_VERSION = "4.3.0"
 MODEL = "smollm2-135m"
-SIDES = ("recallfix", "transformer_lens")
+SIDES = ("recallfix", "transformer_lens")  # the two compared; FLOOR runs beside them as the reference
+FLOOR = "forward"  # the model's own forward pass, nothing kept: what any method that runs the model must pay
 # Goals of issue 11: TransformerLens / recallfix at least this much wall time, at least this much peak memory.
 GOAL_TIME, GOAL_MEMORY = 3.0, 3.0
 # Agreement. Both sides compute the same float32 quantity through different kernels and orders (TransformerLens
@@ -122,6 +122,30 @@ def side_recallfix(inputs: dict, batch_size: int) -> tuple[dict, dict]:
     return timings(imported, start, mark), {"heads": heads, "neurons": neurons}
 
 
+def side_forward(inputs: dict, batch_size: int) -> tuple[dict, dict]:
+    """The floor: the same model, batches and attention as recallfix's side, the forward pass alone (logits at the
+    last position only, nothing captured). No method that runs the model to attribute its final layer can take
+    less time, so TransformerLens' time over this one bounds the speed-up any such method can show."""
+    import torch
+    from transformers import AutoModelForCausalLM  # noqa: F401  imported before the clock, as on the other sides
+
+    from recallfix.analysis.batching import batches
+    from recallfix.patches.io import load_model
+    from recallfix.patches.memory import keep_freed_memory
+
+    keep_freed_memory()
+    imported, start = peak_rss_mib(), time.perf_counter()
+    lm = load_model(inputs["model_dir"])
+    mark = loaded_mark(lm)
+    last = torch.zeros(len(inputs["token_ids"]))
+    with torch.no_grad():
+        for batch in batches(inputs["token_ids"], batch_size, inputs["pad"]):
+            logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                        logits_to_keep=batch.last.unique()).logits
+            last[batch.index] = logits[:, -1].max(dim=-1).values.float()
+    return timings(imported, start, mark), {"max_logit": last}
+
+
 def side_transformer_lens(inputs: dict, batch_size: int) -> tuple[dict, dict]:
     """What a TransformerLens 4.x user writes: boot the bridge on the checkpoint, run_with_cache, logit_attrs.
 
@@ -171,7 +195,7 @@ def child(side: str, inputs_path: str, out_path: str, batch_size: int, threads: 
 
         torch.set_num_threads(threads)
     inputs = json.loads(Path(inputs_path).read_text())
-    run = side_recallfix if side == "recallfix" else side_transformer_lens
+    run = {"recallfix": side_recallfix, "transformer_lens": side_transformer_lens, FLOOR: side_forward}[side]
     times, tensors = run(inputs, batch_size)
     from safetensors.torch import save_file
 
@@ -268,24 +292,16 @@ def _spread(values: list[float], digits: int) -> str:
     return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
-def ratio(runs: dict[str, list[dict]], key: str) -> float:
-    return (statistics.median(r[key] for r in runs["transformer_lens"])
-            / statistics.median(r[key] for r in runs["recallfix"]))
+def ratio(runs: dict[str, list[dict]], key: str, over: str = "transformer_lens", under: str = "recallfix") -> float:
+    return statistics.median(r[key] for r in runs[over]) / statistics.median(r[key] for r in runs[under])
 
 
 def report(runs: dict[str, list[dict]], agree: dict, args: argparse.Namespace, n: int, command: str) -> str:
-    from bench_analysis import commit  # bench/ is on sys.path: this runs as a script
-    from bench_doc import markers
+    from bench_doc import commit, machine, markers  # bench/ is on sys.path: this runs as a script
 
     begin, end = markers("bench_lens")
     rf, tl = runs["recallfix"][0], runs["transformer_lens"][0]
-    loads = [r["load_before"] for side in SIDES for r in runs[side]]
+    loads = [r["load_before"] for side in runs for r in runs[side]]
     scope = "all shipped facts" if args.max_facts is None else f"--max-facts {args.max_facts}"
     lines = [begin, "## Final-layer DLA: recallfix against TransformerLens (bench/bench_lens.py)", "",
              f"- machine: {machine()}; shared with other jobs: 1-minute load average before each run "
@@ -294,21 +310,30 @@ def report(runs: dict[str, list[dict]], agree: dict, args: argparse.Namespace, n
              f"TransformerLens {TL_VERSION} in its own venv: torch {tl['torch']} ({tl['threads']} threads), "
              f"transformers {tl['transformers']}",
              f"- code: {commit()}; model: {MODEL} (SmolLM2-135M-Instruct, float32, CPU)",
-             f"- prompts: {n} ({scope}), batch size {args.batch_size}, {args.rounds} rounds, the two sides "
-             "alternating, each a fresh process",
-             f"- command: `{command}`", "",
-             "| per run: median [min-max] | recallfix | TransformerLens | TransformerLens / recallfix |",
-             "|---|---:|---:|---:|"]
+             f"- prompts: {n} ({scope}), batch size {args.batch_size}, {args.rounds} rounds, the sides "
+             "in turn (each first in one round of three), each a fresh process",
+             f"- command: `{command}`",
+             "- forward pass alone: the model's own forward pass on recallfix's batches, logits at the last position "
+             "only, nothing captured (the floor of any method that runs the model)", "",
+             "| per run: median [min-max] | recallfix | TransformerLens | forward pass alone "
+             "| TransformerLens / recallfix | recallfix / forward pass |",
+             "|---|---:|---:|---:|---:|---:|"]
     for key, label, digits in ROWS:
-        lines.append(f"| {label} | {_spread([r[key] for r in runs['recallfix']], digits)} | "
-                     f"{_spread([r[key] for r in runs['transformer_lens']], digits)} | {ratio(runs, key):.2f} |")
+        cells = " | ".join(_spread([r[key] for r in runs[side]], digits) for side in ("recallfix",
+                                                                                      "transformer_lens", FLOOR))
+        lines.append(f"| {label} | {cells} | {ratio(runs, key):.2f} | {ratio(runs, key, 'recallfix', FLOOR):.2f} |")
     time_ratio, memory_ratio = ratio(runs, "pass_s"), ratio(runs, "peak_rss_mib")
+    ceiling_time = ratio(runs, "pass_s", "transformer_lens", FLOOR)
+    ceiling_memory = ratio(runs, "peak_rss_mib", "transformer_lens", FLOOR)
     lines += ["", "Goals (issue 11), on the medians:", "",
               f"- at least {GOAL_TIME:.0f}x faster (decomposition pass): {time_ratio:.2f}x, "
               f"**{'met' if time_ratio >= GOAL_TIME else 'not met'}** (CPU time: {ratio(runs, 'pass_cpu_s'):.2f}x; "
               f"whole process: {ratio(runs, 'process_s'):.2f}x)",
               f"- at most a third of the memory (peak RSS): TransformerLens / recallfix = {memory_ratio:.2f}, "
-              f"**{'met' if memory_ratio >= GOAL_MEMORY else 'not met'}**", "",
+              f"**{'met' if memory_ratio >= GOAL_MEMORY else 'not met'}**",
+              f"- the ceiling on this model: the forward pass alone is {ceiling_time:.2f}x faster than "
+              f"TransformerLens' pass and peaks at 1/{ceiling_memory:.2f} of its memory; no method that runs the "
+              "model's forward pass on every prompt can show more against TransformerLens", "",
               f"Agreement (tolerance: max |difference| <= {MAX_ABS_REL:g} x the largest |attribution|, "
               f"correlation >= {MIN_CORRELATION}):", "",
               "| attribution | shape | max \\|recallfix\\| | max \\|difference\\| | relative | correlation | |",
@@ -330,7 +355,7 @@ def main() -> None:
                         help="torch threads in both sides (0: torch's default); 1 keeps the ratio steady when other "
                              "jobs share the cores")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md")
-    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=(*SIDES, FLOOR), help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -339,13 +364,14 @@ def main() -> None:
         return
     from safetensors.torch import load_file
 
-    pythons = {"recallfix": Path(sys.executable), "transformer_lens": tl_python()}
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    pythons = {"recallfix": Path(sys.executable), "transformer_lens": tl_python(), FLOOR: Path(sys.executable)}
+    order = (*SIDES, FLOOR)
+    runs: dict[str, list[dict]] = {side: [] for side in order}
     with tempfile.TemporaryDirectory() as tmp:
         inputs_path = Path(tmp) / "inputs.json"
         n = len(prepare_inputs(args.max_facts, inputs_path)["token_ids"])
         for r in range(args.rounds):
-            for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+            for side in order[r % 3:] + order[: r % 3]:  # each side first in one round of three
                 out = Path(tmp) / f"{side}.safetensors"
                 run = run_child(side, pythons[side], inputs_path, out, args.batch_size, args.threads)
                 runs[side].append(run)

@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_doc import markers, write_section  # bench/ is on sys.path: these run as scripts
-from bench_serve import NAME, VLLM_OPTIONS, Server, commit, machine, make_patch_file
+from bench_doc import commit, markers, write_section  # bench/ is on sys.path: these run as scripts
+from bench_serve import CODE, NAME, VLLM_OPTIONS, Server, machine_info, make_patch_file
 from load_driver import Load, drive, report_lines, sticky_violations, unjustified_refusals
 
 BEGIN, END = markers("bench_load")
@@ -42,7 +42,7 @@ def report(load: Load, args: argparse.Namespace, info: str, loads: tuple[float, 
     command = "python bench/bench_load.py " + shlex.join(argv)
     lines = [BEGIN, "## The front under load (bench/bench_load.py)", "",
              f"- machine: {info}; load average {loads[0]:.1f} before, {loads[1]:.1f} after{note}",
-             f"- code: {commit()}; model {args.model}; `recallfix serve --patch-mode merged --max-concurrency "
+             f"- code: {commit(*CODE)}; model {args.model}; `recallfix serve --patch-mode merged --max-concurrency "
              f"{args.max_concurrency} --shadow-rate {args.shadow_rate}` with `{' '.join(vllm_options(args))}`, "
              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}",
              f"- command: `{command.strip()}`",
@@ -74,7 +74,7 @@ def main() -> None:
     from recallfix.patches.io import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
-    info = machine()
+    info = machine_info()
     with tempfile.TemporaryDirectory() as tmp:
         patch = make_patch_file(model_dir, Path(tmp) / "patch.json")
         server = Server("merged", ["-m", "recallfix.server", "serve", str(model_dir), "--patch", str(patch),

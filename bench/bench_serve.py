@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -36,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from bench_doc import markers, write_section  # bench/ is on sys.path: these run as scripts
+from bench_doc import commit, machine, markers, write_section  # bench/ is on sys.path: these run as scripts
 
 ROOT = Path(__file__).resolve().parents[1]
+CODE = ("server", "patches", "bench")  # what the serving numbers depend on (the commit is marked when they change)
 BEGIN, END = markers("bench_serve")
 NAME = "smol"
 # The patch `recallfix analyze` learned on SmolLM2-135M (shared/notes/real-models.md): four heads of the last layer.
@@ -163,19 +163,10 @@ def make_patch_file(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+def machine_info() -> str:
     import vllm
 
-    return f"{cpu}, {os.cpu_count()} cores, vllm {vllm.__version__}, Python {platform.python_version()}"
-
-
-def commit() -> str:
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "server", "patches", "bench"],
-                           capture_output=True, text=True)
-    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+    return machine(f"vllm {vllm.__version__}")
 
 
 def summarize(runs: list[Run]) -> dict[str, float]:
@@ -197,7 +188,7 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace, info:
     }
     lines = [BEGIN, "## `recallfix serve` against vLLM's own server (bench/bench_serve.py)", "",
              f"- machine: {info}; load average {min(loads):.1f}-{max(loads):.1f} during the rounds{note}",
-             f"- code: {commit()}; model {args.model}; vLLM options of every server: `{' '.join(VLLM_OPTIONS)}`, "
+             f"- code: {commit(*CODE)}; model {args.model}; vLLM options of every server: `{' '.join(VLLM_OPTIONS)}`, "
              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}",
              f"- a run: {args.requests} completions ({args.lora_requests} for the lora targets), {args.concurrency} at "
              f"a time, {args.max_tokens} tokens each (ignore_eos, greedy); one warm-up run per target, then "
@@ -234,7 +225,7 @@ def main() -> None:
     from recallfix.patches.io import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
-    info = machine()
+    info = machine_info()
     with tempfile.TemporaryDirectory() as tmp:
         patch = make_patch_file(model_dir, Path(tmp) / "patch.json")
         serve = ["-m", "recallfix.server", "serve", str(model_dir), "--patch", str(patch), "--served-model-name", NAME,
