@@ -21,10 +21,11 @@ def machine(*versions: str) -> str:
 
 
 def commit(*paths: str) -> str:
-    """The checkout's commit, marked when `paths` (default: all) have uncommitted changes."""
+    """The checkout's commit, marked when `paths` (default: all but this doc, which the benchmarks themselves
+    rewrite) have uncommitted changes."""
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", *paths], capture_output=True,
-                           text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
+                            *(paths or (".", f":!{DOC.relative_to(ROOT)}"))], capture_output=True, text=True)
     return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
