@@ -20,6 +20,13 @@ def machine(*versions: str) -> str:
     return ", ".join([cpu, f"{os.cpu_count()} cores", *versions, f"Python {platform.python_version()}"])
 
 
+def spread(values: list[float], digits: int = 2) -> str:
+    """Median [min-max] of a side's runs."""
+    import statistics
+
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
 def commit(*paths: str) -> str:
     """The checkout's commit, marked when `paths` (default: all but this doc, which the benchmarks themselves
     rewrite) have uncommitted changes."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,24 @@ def side(kind: str, model_dir: Path, patch_file: Path, out: Path) -> dict:
     return {"seconds": seconds, "peak_mb": sampler.peak - baseline}
 
 
+def run_sides(model_dir: Path, patch_file: Path, tmp: Path, repeats: int) -> dict[str, list[dict]]:
+    """Both sides `repeats` times, each in a fresh process, in turn (drift hits both alike). The first output of
+    each is kept (`{kind}-0`, to compare them), the others removed (a real-size checkpoint fills a disk)."""
+    runs: dict[str, list[dict]] = {"streaming": [], "naive": []}
+    for i in range(repeats):
+        for kind in list(runs) if i % 2 == 0 else list(runs)[::-1]:
+            out = tmp / f"{kind}-{i}"
+            child = subprocess.run([sys.executable, __file__, "--side", kind, "--args",
+                                    json.dumps([str(model_dir), str(patch_file), str(out)])],
+                                   capture_output=True, text=True, check=True)
+            runs[kind].append(json.loads(child.stdout.strip().splitlines()[-1]))
+            if i:
+                shutil.rmtree(out)
+            print(f"run {i + 1} {kind}: {runs[kind][-1]['peak_mb']:.0f} MiB, {runs[kind][-1]['seconds']:.1f} s",
+                  flush=True)
+    return runs
+
+
 def same_tensors(a: Path, b: Path) -> tuple[bool, float]:
     """Whether two checkpoints hold the same tensors (names and values), and the largest |difference|."""
     from safetensors.torch import load_file
@@ -110,7 +129,7 @@ def report(runs: dict[str, list[dict]], checkpoint: str, equal: tuple[bool, floa
 
     import torch
     import transformers
-    from bench_doc import commit, machine, markers  # bench/ is on sys.path: this runs as a script
+    from bench_doc import commit, machine, markers, spread  # bench/ is on sys.path: this runs as a script
 
     begin, end = markers("bench_export")
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "peak_mb")} for k, v in runs.items()}
@@ -124,8 +143,7 @@ def report(runs: dict[str, list[dict]], checkpoint: str, equal: tuple[bool, floa
              "in turn; peak RSS is the export's own (sampled every 2 ms, above the RSS after the imports)", "",
              "| per run: median [min-max] | streaming | naive | streaming / naive |", "|---|---:|---:|---:|"]
     for key, label in (("peak_mb", "peak RSS (MiB)"), ("seconds", "wall (s)")):
-        cells = [f"{statistics.median(r[key] for r in runs[k]):.1f} [{min(r[key] for r in runs[k]):.1f}-"
-                 f"{max(r[key] for r in runs[k]):.1f}]" for k in ("streaming", "naive")]
+        cells = [spread([r[key] for r in runs[k]], 1) for k in ("streaming", "naive")]
         lines.append(f"| {label} | {cells[0]} | {cells[1]} | {med['streaming'][key] / med['naive'][key]:.2f} |")
     lines += ["", f"- streaming peak RSS / largest shard ({largest:.0f} MiB): "
               f"{med['streaming']['peak_mb'] / largest:.2f}",
@@ -156,19 +174,9 @@ def main() -> None:
         shards = sorted(model_dir.glob("*.safetensors"))
         total_mb = sum(p.stat().st_size for p in shards) / 2**20
         largest_mb = max(p.stat().st_size for p in shards) / 2**20
-        runs: dict[str, list[dict]] = {"streaming": [], "naive": []}
-        for i in range(args.repeats):
-            for kind in (list(runs) if i % 2 == 0 else list(runs)[::-1]):  # in turn: drift hits both alike
-                out = tmp / f"{kind}-{i}"
-                child = subprocess.run(
-                    [sys.executable, __file__, "--side", kind, "--args", json.dumps([str(model_dir), str(patch_file),
-                                                                                       str(out)])],
-                    capture_output=True, text=True, check=True,
-                )
-                runs[kind].append({**json.loads(child.stdout.strip().splitlines()[-1]),
-                                   "largest_shard_mb": largest_mb})
-                print(f"run {i + 1} {kind}: {runs[kind][-1]['peak_mb']:.0f} MiB, {runs[kind][-1]['seconds']:.1f} s",
-                      flush=True)
+        runs = run_sides(model_dir, patch_file, tmp, args.repeats)
+        for run in runs["streaming"] + runs["naive"]:
+            run["largest_shard_mb"] = largest_mb
         equal = same_tensors(tmp / "streaming-0", tmp / "naive-0")
     checkpoint = (f"random Llama (hidden {args.hidden}, {args.layers} layers, float32), {total_mb:.0f} MiB in "
                   f"{len(shards)} shards of at most {args.shard}, largest {largest_mb:.0f} MiB; patch: two final-layer "

@@ -19,16 +19,14 @@ to docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_doc import commit, machine, markers, write_section  # bench/ is on sys.path: this runs as a script
-from bench_export import make_patch_file
+from bench_doc import commit, machine, markers, spread, write_section  # bench/ is on sys.path: this runs as a script
+from bench_export import make_patch_file, run_sides
 
 DIMS = {  # Llama-2-7B's shape with SmolLM2's vocabulary; tiny: the check run on a CPU
     "llama2-7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
@@ -110,26 +108,6 @@ def decomposition(model, cmap, inputs: dict, batch_size: int, device: str, floor
     return {"pass_s": time.perf_counter() - start, "peak_mib": peak_memory(device) - base}
 
 
-def export_runs(model_dir: Path, tmp: Path, rounds: int) -> dict[str, list[dict]]:
-    """bench/bench_export.py's two sides, each in a fresh process, in turn."""
-    patch_file = make_patch_file(model_dir, tmp / "patch.json")
-    runs: dict[str, list[dict]] = {"streaming": [], "naive": []}
-    for r in range(rounds):
-        for kind in list(runs) if r % 2 == 0 else list(runs)[::-1]:
-            out = tmp / f"export-{kind}"
-            child = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_export.py")), "--side", kind,
-                                    "--args", json.dumps([str(model_dir), str(patch_file), str(out)])],
-                                   capture_output=True, text=True, check=True)
-            runs[kind].append(json.loads(child.stdout.strip().splitlines()[-1]))
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-            print(f"export round {r + 1} {kind}: {runs[kind][-1]['seconds']:.1f} s", flush=True)
-    return runs
-
-
-def spread(values: list[float], digits: int = 2) -> str:
-    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
-
-
 def report(args: argparse.Namespace, gpu: str, n: int, load_s: float, passes: dict, exports: dict | None,
            checkpoint_gib: float) -> str:
     import torch
@@ -207,7 +185,8 @@ def main() -> None:
                                                   floor=kind == "forward"))
                 print(f"round {r + 1} {kind}: {passes[kind][-1]['pass_s']:.2f} s", flush=True)
         del model
-        exports = None if args.no_export else export_runs(model_dir, tmp, args.rounds)
+        exports = None if args.no_export else run_sides(model_dir, make_patch_file(model_dir, tmp / "patch.json"),
+                                                        tmp, args.rounds)
     section = report(args, gpu, len(inputs["token_ids"]), load_s, passes, exports, checkpoint_gib)
     if args.device == "cuda" and not args.no_write:
         write_section("bench_gpu", section)

@@ -288,16 +288,12 @@ ROWS = (("pass_s", "decomposition pass, wall (s)", 2), ("pass_cpu_s", "decomposi
         ("pass_rss_mib", "of which: peak above the RSS of the loaded model (the pass's own, MiB)", 0))
 
 
-def _spread(values: list[float], digits: int) -> str:
-    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
-
-
 def ratio(runs: dict[str, list[dict]], key: str, over: str = "transformer_lens", under: str = "recallfix") -> float:
     return statistics.median(r[key] for r in runs[over]) / statistics.median(r[key] for r in runs[under])
 
 
 def report(runs: dict[str, list[dict]], agree: dict, args: argparse.Namespace, n: int, command: str) -> str:
-    from bench_doc import commit, machine, markers  # bench/ is on sys.path: this runs as a script
+    from bench_doc import commit, machine, markers, spread  # bench/ is on sys.path: this runs as a script
 
     begin, end = markers("bench_lens")
     rf, tl = runs["recallfix"][0], runs["transformer_lens"][0]
@@ -319,7 +315,7 @@ def report(runs: dict[str, list[dict]], agree: dict, args: argparse.Namespace, n
              "| TransformerLens / recallfix | recallfix / forward pass |",
              "|---|---:|---:|---:|---:|---:|"]
     for key, label, digits in ROWS:
-        cells = " | ".join(_spread([r[key] for r in runs[side]], digits) for side in ("recallfix",
+        cells = " | ".join(spread([r[key] for r in runs[side]], digits) for side in ("recallfix",
                                                                                       "transformer_lens", FLOOR))
         lines.append(f"| {label} | {cells} | {ratio(runs, key):.2f} | {ratio(runs, key, 'recallfix', FLOOR):.2f} |")
     time_ratio, memory_ratio = ratio(runs, "pass_s"), ratio(runs, "peak_rss_mib")
