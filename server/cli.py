@@ -225,7 +225,8 @@ def run(front_config: FrontConfig, make_backend, *, serve_mode: bool, patch_dir:
                      patch_dir=patch_dir, relay_metrics=serve_mode, probe_interval=probe_interval,
                      on_start_failure=on_start_failure)
     server = uvicorn.Server(uvicorn.Config(app, host=front_config.host, port=front_config.port, log_config=None,
-                                           access_log=False, timeout_graceful_shutdown=int(front_config.drain_timeout)))
+                                           access_log=False, timeout_keep_alive=front_config.timeout_keep_alive,
+                                           timeout_graceful_shutdown=int(front_config.drain_timeout)))
     log.info("the recallfix front listens on http://%s:%d (API key %s)", front_config.host, front_config.port,
              "required" if front_config.api_key else "off")
     # uvicorn raises the signal that stopped it again once it has drained, to end the process by it: after a

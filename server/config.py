@@ -57,6 +57,11 @@ class FrontConfig:
                                        "metrics when the client asks for none (0: never ask)", metavar="N")
     drain_timeout: float = option(60.0, "seconds in-flight requests may take to finish at shutdown (serve: and at a "
                                         "patch swap)", metavar="S")
+    # Longer than the idle timeouts of the clients and load balancers before the front (httpx and the openai
+    # client 5 s, AWS ALB 60 s), so that they, never the front, close an idle connection: when the server closes
+    # it just as a client sends on it, that request gets no reply (httpx.ReadError; 1 in 3,400 calls of
+    # bench/bench_load.py with uvicorn's default of 5 s).
+    timeout_keep_alive: int = option(75, "seconds an idle client connection is kept open", metavar="S")
 
     @property
     def name(self) -> str:
@@ -64,6 +69,8 @@ class FrontConfig:
         return self.served_model_name
 
     def __post_init__(self) -> None:
+        if self.timeout_keep_alive < 1:
+            raise ValueError(f"--timeout-keep-alive must be at least 1, got {self.timeout_keep_alive}")
         if self.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be at least 1, got {self.max_concurrency}")
         if self.feedback_capacity < 1:

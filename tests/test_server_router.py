@@ -1,6 +1,7 @@
 """`recallfix router` in front of two vLLM servers started separately (base, and the merged patched
 checkpoint): the three names, vLLM's replies unchanged, errors in OpenAI's shape (401, 404, 429 with
-Retry-After, 503 while an upstream is down), and SIGTERM draining a stream in flight.
+Retry-After, 503 while an upstream is down), idle connections kept open longer than clients keep theirs, and SIGTERM
+draining a stream in flight.
 """
 
 from __future__ import annotations
@@ -59,6 +60,19 @@ def test_errors_have_openais_shape(front: Process) -> None:
     assert "smol:patched" in unknown.json()["error"]["message"]
     refused = front.post("/v1/load_patch", {"patch": {}})
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "not_supported"
+
+
+def test_an_idle_connection_outlives_the_clients_own_keep_alive(front: Process) -> None:
+    """The front keeps an idle connection open past the 5 s after which httpx and the openai client drop theirs, so
+    the client always closes first: a request sent just as the server closed its connection would get no reply."""
+    with httpx.Client(limits=httpx.Limits(keepalive_expiry=60)) as client:
+        ports = []
+        for pause in (0, 6):
+            time.sleep(pause)
+            reply = client.get(front.url + "/health")
+            assert reply.status_code == 200
+            ports.append(reply.extensions["network_stream"].get_extra_info("client_addr")[1])
+    assert ports[0] == ports[1], "the front closed an idle connection within 6 s"
 
 
 def test_over_max_concurrency_is_429_with_retry_after(front: Process) -> None:
