@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from tiny import ARCHITECTURES, save_model
 
 pytest_plugins = ["real_model", "server_fixtures"]  # the real model (SmolLM2-135M); the live servers
+
+# The most a whole run held on disk at once beyond the venv (checkpoints, merged exports, vLLM's caches), measured on
+# a fresh clone. Less free space fails tests with ENOSPC far from the cause, so the header says so first.
+DISK_NEEDED_GIB = 4
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +29,13 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "faults: failure injection (killed servers and writers, refused patches, "
                                        "full or read-only disks): `pytest -m faults`")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")  # shown under -q too, unlike the header
+    for where in {Path(tempfile.gettempdir()), Path(session.config.rootpath)}:
+        free = shutil.disk_usage(where).free / 2**30
+        if free < DISK_NEEDED_GIB and reporter is not None:
+            reporter.write_line(f"LOW DISK: {free:.1f} GiB free at {where}; a whole run writes up to {DISK_NEEDED_GIB} "
+                                "GiB there (tmp_path, .cache/, vLLM's caches): expect 'No space left on device'",
+                                yellow=True, bold=True)
