@@ -11,9 +11,9 @@ from tiny import ARCHITECTURES, save_model
 
 pytest_plugins = ["real_model", "server_fixtures"]  # the real model (SmolLM2-135M); the live servers
 
-# The most a whole run held on disk at once beyond the venv (checkpoints, merged exports, vLLM's caches), measured on
-# a fresh clone. Less free space fails tests with ENOSPC far from the cause, so the header says so first.
-DISK_NEEDED_GIB = 4
+# Disk a whole run needs beyond the venv (checkpoints, merged exports, vLLM's caches): it held at most 1.7 GB at once
+# on a fresh clone (README). With less free, tests fail with ENOSPC far from the cause, so the run says so first.
+DISK_NEEDED_GIB = 3
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +36,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     for where in {Path(tempfile.gettempdir()), Path(session.config.rootpath)}:
         free = shutil.disk_usage(where).free / 2**30
         if free < DISK_NEEDED_GIB and reporter is not None:
-            reporter.write_line(f"LOW DISK: {free:.1f} GiB free at {where}; a whole run writes up to {DISK_NEEDED_GIB} "
+            reporter.write_line(f"LOW DISK: {free:.1f} GiB free at {where}; a whole run needs up to {DISK_NEEDED_GIB} "
                                 "GiB there (tmp_path, .cache/, vLLM's caches): expect 'No space left on device'",
                                 yellow=True, bold=True)
