@@ -3,7 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
+# setuptools' editable install of a mapped package layout (package-dir) always ends with an information-only
+# notice ("Editable installation ... be careful with folders ... with the same name as your package"): no folder
+# here is named recallfix, so pip's build of the package is told to leave it out of the first screen.
+PIP := PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(PY) -m pip
 STAMP := $(VENV)/.recallfix-installed
 DEMO_STAMP := $(VENV)/.recallfix-demo-installed
 ARCH := $(shell uname -m)
@@ -36,7 +39,8 @@ else ifeq ($(ARCH),x86_64)
 	@# Their builds do not match torch 2.13.0+cpu and break `import vllm`.
 	$(PIP) uninstall --yes --quiet torchvision torchaudio torchcodec || true
 else
-	@echo "no vLLM build for $(ARCH) without a GPU: the server falls back to the transformers engine"
+	@echo "no vLLM build for $(ARCH) without a CUDA GPU: installing without vLLM (analysis, patches and compare work;"
+	@echo "recallfix serve, and the serving steps of make demo and make test, need vLLM: an x86-64 CPU or a CUDA GPU)"
 	$(PIP) install --quiet torch -e ".[analysis,server]"
 endif
 	touch $(DEMO_STAMP)

@@ -1,7 +1,7 @@
 """Subcommands this package adds to the `recallfix` console script: `demo-model`, `analyze`, `demo` and `compare`.
 
 The analysis options of `analyze` and `demo` are derived from `config.AnalysisConfig` (defaults and help
-stated there once); the demo sizes are `demo_model.SIZES`.
+stated there once); the demo sizes are `demo_model.sizes.SIZES`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from recallfix.analysis.config import AnalysisConfig
-from recallfix.analysis.schema import AnalysisResult
 from recallfix.patches.options import add_options, from_args
+
+from .config import AnalysisConfig
+from .schema import AnalysisResult
 
 DEFAULT_DEMO_MODEL = Path(".cache/demo-model")
 DEMO_REAL_MODEL = "smollm2-135m"  # `recallfix demo` without --model: a real pretrained model (models.json)
@@ -24,8 +25,8 @@ DEMO_CHECKS = {"default": "demo", "tiny": "demo-tiny"}  # analysis/checks/: the 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the `recallfix` parser."""
-    from recallfix.analysis.compare import add_cli as add_compare_cli  # `recallfix compare`
-    from recallfix.analysis.demo_model import add_cli as add_demo_model_cli  # `recallfix demo-model`
+    from .compare.run import add_cli as add_compare_cli  # `recallfix compare`
+    from .demo_model.build import add_cli as add_demo_model_cli  # `recallfix demo-model`
 
     add_demo_model_cli(subcommands)
     add_analyze_cli(subcommands)
@@ -61,7 +62,8 @@ def add_analyze_cli(subcommands: argparse._SubParsersAction) -> None:
 
 
 def add_demo_cli(subcommands: argparse._SubParsersAction) -> None:
-    from recallfix.analysis.demo_model import SIZES, build_demo_model
+    from .demo_model.build import build_demo_model
+    from .demo_model.sizes import SIZES
 
     p = subcommands.add_parser(
         "demo",
@@ -102,8 +104,8 @@ def _command() -> str:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from recallfix.analysis.facts import shipped_facts_dir
-    from recallfix.analysis.pipeline import run_analysis
+    from .data.facts import shipped_facts_dir
+    from .pipeline import run_analysis
 
     facts = args.facts or shipped_facts_dir()
     result = run_analysis(args.model, facts, args.out, unknown=args.unknown, neutral=args.neutral,
@@ -112,9 +114,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from recallfix.analysis.demo_model import build_demo_model
-    from recallfix.analysis.facts import shipped_facts_dir
-    from recallfix.analysis.pipeline import inputs_key, run_analysis
+    from .data.facts import shipped_facts_dir
+    from .demo_model.build import build_demo_model
+    from .pipeline import inputs_key, run_analysis
 
     config = from_args(AnalysisConfig, args)
     model: str | Path = args.model

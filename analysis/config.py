@@ -13,7 +13,25 @@ from dataclasses import dataclass, field
 from recallfix.patches.io import DTYPES
 from recallfix.patches.options import option as _opt  # a field that is a CLI option
 
-from .fit import FitConfig
+
+@dataclass(frozen=True)
+class FitConfig:
+    """The gain fit's settings (`learn.fit`), nested in `AnalysisConfig.fit`; not on the command line."""
+
+    lr: float = 0.05
+    max_epochs: int = 40
+    patience: int = 5
+    l2: float = 0.01  # weight of sum (g - 1)^2, the pull toward the base model
+    kl_weight: float = 1.0  # weight of the KL guard on neutral text
+    guard_weight: float = 1.0  # initial weight of the KL guard on prompts the model does not recall
+    max_confidence_rise: float | None = 0.05  # budget on the guarded dev prompts' mean top-1 rise (None: off)
+    guard_growth: float = 3.0  # the guard weight is multiplied by this after an epoch over budget
+    min_gain: float = 0.0
+    max_gain: float = 2.0
+    recalled_per_step: int = 32  # recalled train facts in each training step (an epoch is one pass over them)
+    guarded_per_step: int = 64  # other train prompts in each training step's KL guard (0: all of them)
+    neutral_per_step: int = 64  # neutral positions in each training step's KL guard (0: all of them)
+    seed: int = 0
 
 
 @dataclass(frozen=True)

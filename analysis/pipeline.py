@@ -1,27 +1,32 @@
 """`run_analysis`: the recipe of a run, model + facts -> RUN/{analysis.json, patch.json, report.md, *.png}.
 
-Steps (numbers in analysis.json under the same names; the module that computes them in brackets):
+Steps (numbers in analysis.json under the same names; where they are computed in brackets, folders of
+analysis/ in the order a run flows: data -> mechanism -> learn -> evaluate -> report):
 
-1. logit_lens     p(answer) and rank after every layer, per relation (all facts)            [summaries]
+0. inputs         the model, the facts and their splits, unknown subjects, neutral text  [data.inputs]
+   one pass       every fact through the model once, kept per prompt as a few numbers    [mechanism.collect]
+1. logit_lens     p(answer) and rank after every layer, per relation (all facts)         [mechanism.summaries]
 2. final_layer    DLA and effect on log p(answer) of every final-block component, its top
-                  neurons (all facts)                                                       [summaries]
-3. mechanisms     mover heads, and each MLP regressed on its block's heads (all facts)      [summaries]
-4. findings     the headline at two levels on the test split, with intervals: the share of prompts where
+                  neurons (all facts)                                                    [mechanism.summaries]
+3. mechanisms     mover heads, and each MLP regressed on its block's heads (all facts)   [mechanism.summaries]
+4. findings       the headline at two levels on the test split, with intervals: the share of prompts where
                   the final block lowers p(answer) and its rescale term; each final-block component's
-                  share of prompts where it lowers p(answer) and its mean effect                [summaries]
+                  share of prompts where it lowers p(answer) and its mean effect         [mechanism.summaries]
 5. patch          --method gains: gains on the final-block components that suppress the answer on the
-                  *train* split, fitted through the real forward pass (`fit`), early-stopped on dev, the
-                  saved patch checked against the fitted gains                               [here]
+                  *train* split, fitted through the real forward pass, early-stopped on dev, the saved
+                  patch checked against the fitted gains                                 [learn.gains]
    intercept      --method intercept: the paper's fix, the final MLP's intercept fitted on train and
-                  removed (a bias edit); `both` (default): both, patch.json the lower dev NLL  [methods]
+                  removed (a bias edit); `both` (default): both, patch.json the lower dev NLL  [learn.methods]
+   temperature    the baseline every patch is measured against (T fitted on train)       [learn.temperature]
 6. evaluation     each patch applied with `apply_patch`, on the test split (and per relation), the unknown
                   subjects and held-out neutral text, in one table with the base model and temperature
-                  scaling (T fitted on train), with cluster-bootstrap intervals; the patches edit the final
-                  block only, so the blocks below run once and each model replays the final block [evaluate]
-7. checks         only those asked for (--require): findings against thresholds         [require]
+                  scaling, with cluster-bootstrap intervals; the patches edit the final block only, so the
+                  blocks below run once and each model replays the final block  [evaluate.passes, .evaluation]
+7. checks         only those asked for (--require): findings against thresholds          [evaluate.require]
+8. report         report.md and its plots, rendered from the typed result   [report.markdown, report.plots]
 
-Settings: `config.AnalysisConfig`. Inputs: `inputs`. Every section is a `schema` model from where it is
-computed; the report (`report`, `plots`) renders the `AnalysisResult` this returns.
+Settings: `config.AnalysisConfig`. Every section is a `schema` model from where it is computed; the report
+renders the `AnalysisResult` this returns.
 """
 
 from __future__ import annotations
@@ -39,19 +44,23 @@ from pathlib import Path
 import torch
 
 from recallfix.patches import Patch, __version__
-from recallfix.patches.io import atomic_directory, atomic_write_text, resolve_model_dir
+from recallfix.patches.io import atomic_directory, atomic_write_text
+from recallfix.patches.registry.models import resolve_model
 
-from .attribution import select_suppressors, summarize, top_neurons
-from .collect import Collected, collect
 from .config import AnalysisConfig
-from .evaluate import capture_inputs, evaluate, fit_baseline_temperature, patch_metrics, run_model, split_nll
-from .facts import FactsFormatError, dataset_sha256
-from .inputs import AnalysisError, Loaded, load_inputs
-from .learn import _log, learn_patch
-from .methods import choose, file_names, intercept_method, method_info
-from .require import finding_values, load_checks, run_checks
+from .data.facts import FactsFormatError, dataset_sha256
+from .data.inputs import AnalysisError, Loaded, load_inputs
+from .evaluate.evaluation import evaluate, patch_metrics
+from .evaluate.passes import capture_inputs, run_model, split_nll
+from .evaluate.require import finding_values, load_checks, run_checks
+from .learn.gains import learn_patch
+from .learn.methods import choose, file_names, intercept_method, method_info
+from .learn.temperature import fit_baseline_temperature
+from .mechanism.attribution import select_suppressors, summarize, top_neurons
+from .mechanism.collect import Collected, collect
+from .mechanism.summaries import describe, neuron_names
+from .progress import log
 from .schema import SCHEMA_VERSION, AnalysisResult, DataInfo, LogitLens, ModelInfo
-from .summaries import describe, neuron_names
 
 
 def choose_components(s: Loaded, c: Collected, config: AnalysisConfig) -> tuple[list[str], str]:
@@ -109,7 +118,7 @@ def inputs_key(model: str | Path, facts: str | Path, unknown: str | Path | None,
     """sha256 of what a run's files depend on: the recallfix version, the model's files (name, size, mtime), the
     bytes of the facts, unknown and neutral files, and every setting (progress aside)."""
     h = hashlib.sha256(f"recallfix {__version__}\n".encode())
-    model_dir = resolve_model_dir(model)
+    model_dir = resolve_model(model)
     for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
         stat = path.stat()
         h.update(f"model {path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
@@ -146,8 +155,8 @@ def run_analysis(
     `unknown`/`neutral` default to MODEL/unknown_facts.jsonl and MODEL/neutral.txt when present. Returns the
     analysis. The run directory appears only when everything succeeded. `config`: `AnalysisConfig()` if None.
     """
-    from .plots import write_plots  # matplotlib is imported only when a report is written
-    from .report import write_markdown
+    from .report.markdown import write_markdown
+    from .report.plots import write_plots  # matplotlib is imported only when a report is written
 
     config = config or AnalysisConfig()
     checks = load_checks(config.require or ())  # a malformed check fails before the long run
@@ -163,7 +172,7 @@ def run_analysis(
     shape, known = s.cmap.shape, s.known
     facts_sha = dataset_sha256(known.facts)
     splits = {split: int(len(known.rows(split))) for split in ("train", "dev", "test")}
-    _log(config.progress, f"{shape.architecture}, {shape.num_layers} layers x {shape.num_heads} heads on "
+    log(config.progress, f"{shape.architecture}, {shape.num_layers} layers x {shape.num_heads} heads on "
                           f"{s.device} ({s.dtype}); {len(known.facts)} facts {splits}, "
                           f"{len(s.unknown.facts) if s.unknown else 0} unknown")
 
@@ -172,7 +181,7 @@ def run_analysis(
                     subjects=known.subjects, mechanisms=True, progress=config.progress, desc="facts",
                     sample=mechanism_sample(len(known.facts), config.mechanism_prompts, config.seed))
     described = describe(s, c, config)
-    _log(config.progress, described.findings.text)
+    log(config.progress, described.findings.text)
 
     patches: dict[str, Patch] = {}
     patch_info, intercept_info = None, None
@@ -185,7 +194,7 @@ def run_analysis(
                 patches["gains"], patch_info = learn_patch(s, c, selected, rule, config, command, facts_sha,
                                                            temperature)
         else:
-            _log(config.progress, "no final-layer component suppresses the answer on the train split: no gains")
+            log(config.progress, "no final-layer component suppresses the answer on the train split: no gains")
     if "intercept" in config.methods:
         with timer("intercept fit"):
             patches["intercept"], intercept_info = intercept_method(s, c, command, facts_sha)
@@ -198,7 +207,7 @@ def run_analysis(
             chosen, choice = choose(methods)
             files_of = file_names(methods, chosen)
             methods = [m.model_copy(update={"file": files_of[m.name]}) for m in methods]
-            _log(config.progress, f"patch.json: {choice}")
+            log(config.progress, f"patch.json: {choice}")
             base_runs = run_model(s, inputs, None)
             runs = {name: run_model(s, inputs, patch) for name, patch in patches.items()}
         with timer("bootstrap"):
@@ -231,7 +240,7 @@ def run_analysis(
             patch.save(scratch / files_of[name])
         atomic_write_text(scratch / "analysis.json", result.model_dump_json(indent=2) + "\n")
         write_markdown(scratch, result)
-    _log(config.progress, f"wrote {out / 'report.md'}")
+    log(config.progress, f"wrote {out / 'report.md'}")
     return result
 
 

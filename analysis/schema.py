@@ -1,6 +1,6 @@
 """The shape of RUN/analysis.json (pydantic), exported as `analysis.schema.json`.
 
-Each model is built where its numbers are computed (`summaries`, `evaluate`, `calibration`, `pipeline`) and
+Each model is built where its numbers are computed (`mechanism.summaries`, `evaluate`, `calibration`, `pipeline`) and
 the report renders the finished `AnalysisResult`. Numbers that can be undefined (an AUROC when every prompt
 is right, a statistic of an empty set) are null, never NaN, so the file is strict JSON.
 """

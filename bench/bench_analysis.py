@@ -116,9 +116,9 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, help="a folder holding the baseline `recallfix` package")
     parser.add_argument("--skip-before", action="store_true", help="only time this checkout")
     args = parser.parse_args()
-    from recallfix.patches.io import resolve_model_dir
+    from recallfix.patches.registry.models import resolve_model
 
-    model = str(resolve_model_dir(args.model))  # the baseline has no model registry: pass the folder
+    model = str(resolve_model(args.model))  # the baseline has no model registry: pass the folder
     info = machine_info()
     with tempfile.TemporaryDirectory() as tmp:
         before = None

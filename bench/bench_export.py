@@ -52,7 +52,7 @@ def build(out: Path, hidden: int, layers: int, shard: str) -> Path:
 
 def make_patch_file(model_dir: Path, out: Path) -> Path:
     from recallfix.patches import make_patch
-    from recallfix.patches.io import load_model
+    from recallfix.patches.registry.load import load_model
 
     model = load_model(model_dir)
     last = model.config.num_hidden_layers - 1
@@ -68,7 +68,7 @@ def side(kind: str, model_dir: Path, patch_file: Path, out: Path) -> dict:
 
     from recallfix.patches import Patch, apply_patch
     from recallfix.patches.export import export_merged
-    from recallfix.patches.io import load_model
+    from recallfix.patches.registry.load import load_model
 
     patch = Patch.load(patch_file)
     # Both sides pay for imports and config parsing before the baseline, so only the export is measured.

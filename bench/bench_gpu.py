@@ -50,14 +50,14 @@ def build(dims: str, device: str, out: Path) -> Path:
     import torch
     import transformers
 
-    from recallfix.patches.io import resolve_model_dir
+    from recallfix.patches.registry.models import resolve_model
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**DIMS[dims], tie_word_embeddings=False, dtype="bfloat16")
     with torch.device(device):  # initialised where it runs: 6.7e9 random numbers are minutes on a CPU
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out, max_shard_size=SHARD[dims])
-    transformers.AutoTokenizer.from_pretrained(resolve_model_dir("smollm2-135m")).save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(out)
     return out
 
 
@@ -84,7 +84,7 @@ def decomposition(model, cmap, inputs: dict, batch_size: int, device: str, floor
     pass alone (floor). Wall time and the peak memory above the loaded model."""
     import torch
 
-    from recallfix.analysis.batching import batches
+    from recallfix.analysis.data.batching import batches
     from recallfix.patches import decompose, direct_logit_attribution, neuron_attribution
 
     final = cmap.shape.num_layers - 1
@@ -163,7 +163,7 @@ def main() -> None:
     from bench_lens import prepare_inputs
 
     from recallfix.patches import ComponentMap
-    from recallfix.patches.io import load_model
+    from recallfix.patches.registry.load import load_model
 
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "none (a CPU check run)"
     with tempfile.TemporaryDirectory() as tmp:

@@ -98,10 +98,10 @@ def side_recallfix(inputs: dict, batch_size: int) -> tuple[dict, dict]:
     import torch
     from transformers import AutoModelForCausalLM  # noqa: F401  imported before the clock, as on the other side
 
-    from recallfix.analysis.batching import batches
+    from recallfix.analysis.data.batching import batches
     from recallfix.patches import ComponentMap, decompose, direct_logit_attribution, neuron_attribution
-    from recallfix.patches.io import load_model
     from recallfix.patches.memory import keep_freed_memory
+    from recallfix.patches.registry.load import load_model
 
     keep_freed_memory()  # the CLI does this at start
     imported, start = peak_rss_mib(), time.perf_counter()
@@ -129,9 +129,9 @@ def side_forward(inputs: dict, batch_size: int) -> tuple[dict, dict]:
     import torch
     from transformers import AutoModelForCausalLM  # noqa: F401  imported before the clock, as on the other sides
 
-    from recallfix.analysis.batching import batches
-    from recallfix.patches.io import load_model
+    from recallfix.analysis.data.batching import batches
     from recallfix.patches.memory import keep_freed_memory
+    from recallfix.patches.registry.load import load_model
 
     keep_freed_memory()
     imported, start = peak_rss_mib(), time.perf_counter()
@@ -235,12 +235,12 @@ def prepare_inputs(max_facts: int | None, path: Path) -> dict:
     """The shipped facts' prompts and answer tokens, tokenised as `recallfix analyze` does (one file for both)."""
     from transformers import AutoTokenizer
 
-    from recallfix.analysis.batching import pad_id
-    from recallfix.analysis.facts import load_shipped_facts
-    from recallfix.analysis.inputs import prepare, subsample
-    from recallfix.patches.io import resolve_model_dir
+    from recallfix.analysis.data.batching import pad_id
+    from recallfix.analysis.data.facts import load_shipped_facts
+    from recallfix.analysis.data.inputs import prepare, subsample
+    from recallfix.patches.registry.models import resolve_model
 
-    model_dir = resolve_model_dir(MODEL)
+    model_dir = resolve_model(MODEL)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = prepare(tokenizer, subsample(load_shipped_facts(), max_facts, seed=0), "shipped facts")
     inputs = {"model_dir": str(model_dir), "token_ids": prompts.token_ids, "answers": prompts.answers.tolist(),

@@ -222,9 +222,9 @@ def main() -> None:
     parser.add_argument("--start-timeout", type=float, default=1800)
     parser.add_argument("--note", default="", help="added to the machine line (e.g. that the machine was shared)")
     args = parser.parse_args()
-    from recallfix.patches.io import resolve_model_dir
+    from recallfix.patches.registry.models import resolve_model
 
-    model_dir = resolve_model_dir(args.model)
+    model_dir = resolve_model(args.model)
     info = machine_info()
     with tempfile.TemporaryDirectory() as tmp:
         patch = make_patch_file(model_dir, Path(tmp) / "patch.json")

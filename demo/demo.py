@@ -38,7 +38,7 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from recallfix.analysis.compare_client import exact_match
+from recallfix.analysis.compare.client import exact_match
 
 RECALLFIX = [sys.executable, "-m", "recallfix.patches.cli"]  # the `recallfix` console script, this interpreter's
 INTERRUPTED = 130  # the shell's status for a command ended by SIGINT

@@ -21,8 +21,9 @@ from safetensors import safe_open
 from torch import nn
 
 from .components import ComponentMap
-from .io import checkpoint_key, resolve_model_dir, safetensors_index
+from .io import checkpoint_key, safetensors_index
 from .patch import FingerprintMismatchError, Patch, PatchError
+from .registry.models import resolve_model
 from .rule import (
     GetTensor,
     HasTensor,
@@ -48,7 +49,7 @@ class Checkpoint:
         """A checkpoint directory or hub name; its config is read, its tensors only when asked for."""
         from transformers import AutoConfig
 
-        model_dir = resolve_model_dir(model)
+        model_dir = resolve_model(model)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         return cls(model_dir, config, ComponentMap.from_config(config), safetensors_index(model_dir))
 

@@ -1,4 +1,4 @@
-"""The `recallfix` console script and its `patch` subcommands.
+"""The `recallfix` console script (its parser and `main`) and its `patch` subcommands.
 
 Subcommands are plugins (entry-point group `recallfix.commands`): each package registers its own,
 so this hub never imports analysis/ or server/.
@@ -12,7 +12,7 @@ import math
 import shlex
 import sys
 import tempfile
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, metadata
 from pathlib import Path
 
 from .memory import keep_freed_memory
@@ -38,7 +38,7 @@ def _parse_edit(text: str) -> tuple[str, float]:
 
 def cmd_new(args: argparse.Namespace) -> int:
     from .apply import make_patch
-    from .io import load_model
+    from .registry.load import load_model
 
     gains = dict(args.edit)
     if len(gains) != len(args.edit):
@@ -98,8 +98,8 @@ def cmd_apply_check(args: argparse.Namespace) -> int:
 
     from .apply import apply_patch
     from .export import LoraUnsupportedError, export_lora, export_merged
-    from .io import load_causal_lm, load_model
     from .patch import Patch
+    from .registry.load import load_causal_lm, load_model
 
     patch = Patch.load(args.patch)
     model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
@@ -176,8 +176,16 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     check.set_defaults(func=cmd_apply_check)
 
 
+def summary() -> str:
+    """What recallfix does, in one line: the package's summary (pyproject's `description`)."""
+    try:
+        return metadata("recallfix")["Summary"]
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "recallfix"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recallfix", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="recallfix", description=summary())
     parser.add_argument("--version", action="version", version=f"recallfix {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subcommands = parser.add_subparsers(dest="command", required=True)

@@ -30,8 +30,9 @@ from torch import nn
 
 from .checkpoint import Checkpoint, model_tensors
 from .components import Component, ComponentMap
-from .io import PICKLE_SUFFIXES, atomic_directory, resolve_model_dir
+from .io import PICKLE_SUFFIXES, atomic_directory
 from .patch import Patch, PatchError
+from .registry.models import resolve_model
 from .rule import HasTensor, TensorEdit, edit_
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values of max_lora_rank vLLM accepts
@@ -223,6 +224,6 @@ def export_refusals(model: str | Path | Checkpoint | nn.Module, patch: Patch) ->
     if isinstance(model, nn.Module):
         cmap, has_tensor = ComponentMap(model), model_tensors(model)[1]
     else:
-        ckpt = model if isinstance(model, Checkpoint) else Checkpoint.open(resolve_model_dir(model))
+        ckpt = model if isinstance(model, Checkpoint) else Checkpoint.open(resolve_model(model))
         cmap, has_tensor = ckpt.cmap, ckpt.has
     return {"merged": merged_refusal(cmap, patch, has_tensor), "lora": lora_refusal(cmap, patch, has_tensor)}

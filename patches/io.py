@@ -178,14 +178,6 @@ def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def resolve_model_dir(model: str | Path) -> Path:
-    """A local checkpoint directory for a directory, a .gguf file, a named model or a hub name
-    (`recallfix.patches.models.resolve_model`)."""
-    from .models import resolve_model
-
-    return resolve_model(model)
-
-
 def safetensors_index(model_dir: Path) -> dict[str, str]:
     """Tensor name -> shard file name for a safetensors checkpoint (sharded or single file)."""
     index = model_dir / "model.safetensors.index.json"
@@ -214,28 +206,3 @@ def checkpoint_key(param_name: str, index: dict[str, str]) -> str:
     if stripped in index:
         return stripped
     raise KeyError(f"tensor {param_name} is not in the checkpoint")
-
-
-def load_model(
-    model: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False
-) -> torch.nn.Module:
-    """Load a Hugging Face causal LM from safetensors only, in eval mode."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    if not sys.stderr.isatty():  # transformers' "Loading weights" bar would fill a log file with \r frames
-        hf_logging.disable_progress_bar()
-    lm = AutoModelForCausalLM.from_pretrained(
-        resolve_model_dir(model), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    return lm.to(device).eval()
-
-
-def load_causal_lm(
-    model: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False
-) -> tuple[torch.nn.Module, object]:
-    """Load a Hugging Face causal LM and its tokenizer (see `load_model`)."""
-    from transformers import AutoTokenizer
-
-    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    return lm, AutoTokenizer.from_pretrained(resolve_model_dir(model), trust_remote_code=trust_remote_code)

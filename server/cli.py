@@ -100,7 +100,7 @@ def _warn_open(front: FrontConfig) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from recallfix.patches.io import resolve_model_dir
+    from recallfix.patches.registry.models import resolve_model
 
     from . import vllm_args
     from .patching import PatchRefused, check_against_checkpoint, read_patch
@@ -109,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if "-h" in vllm_argv or "--help" in vllm_argv:
         print_serve_help(args.parser)
         return 0
-    model_dir = resolve_model_dir(args.model)
+    model_dir = resolve_model(args.model)
     front = from_args(FrontConfig, args, served_model_name=args.served_model_name or model_dir.name)
     serve = from_args(ServeConfig, args)
     patch = None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from recallfix.patches.models import fetch_gguf, get_model, load_registry
+from recallfix.patches.registry.models import fetch_gguf, get_model, load_registry
 
 REAL_MODEL = "smollm2-135m"
 # Components of its final layer that analysis finds (shared/notes/real-models.md): a strong suppressor head,

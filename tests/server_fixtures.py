@@ -75,9 +75,9 @@ def smollm2_dir() -> Path:
     registry's cached copy (`recallfix model get smollm2-135m`, which `make test` runs first)."""
     if os.environ.get("RECALLFIX_TEST_SMOLLM2"):
         return Path(os.environ["RECALLFIX_TEST_SMOLLM2"])
-    from recallfix.patches.io import resolve_model_dir
+    from recallfix.patches.registry.models import resolve_model
 
-    return resolve_model_dir("smollm2-135m")
+    return resolve_model("smollm2-135m")
 
 
 @functools.cache

@@ -6,11 +6,11 @@ import pytest
 import torch
 from tiny import ARCHITECTURES, PROMPTS, build_model
 
-from recallfix.analysis import fit as fit_module
-from recallfix.analysis.batching import batches, encode, pad_id
-from recallfix.analysis.collect import collect
-from recallfix.analysis.fit import capture_final_block_inputs, replay_logits
-from recallfix.analysis.learn import fact_inputs
+from recallfix.analysis.data.batching import batches, encode, pad_id
+from recallfix.analysis.learn import fit as fit_module
+from recallfix.analysis.learn.gains import fact_inputs
+from recallfix.analysis.learn.replay import capture_final_block_inputs, replay_logits
+from recallfix.analysis.mechanism.collect import collect
 from recallfix.patches import ComponentMap
 
 ANSWERS = [" Paris", " Au", " Portuguese"]
@@ -84,12 +84,12 @@ def test_fit_inputs_from_the_analysis_pass_equal_a_forward_pass_into_the_final_b
 
 
 def test_step_samples_are_drawn_without_replacement_and_reproducibly() -> None:
-    draw = fit_module._sample(1000, 64, torch.Generator().manual_seed(0))
-    again = fit_module._sample(1000, 64, torch.Generator().manual_seed(0))
+    draw = fit_module.sample_rows(1000, 64, torch.Generator().manual_seed(0))
+    again = fit_module.sample_rows(1000, 64, torch.Generator().manual_seed(0))
     assert len(draw) == 64 == len(set(draw.tolist())) and torch.equal(draw, again)
     assert int(draw.min()) >= 0 and int(draw.max()) < 1000
-    assert torch.equal(fit_module._sample(50, 64, torch.Generator()), torch.arange(50))  # fewer: all
-    assert torch.equal(fit_module._sample(50, 0, torch.Generator()), torch.arange(50))  # 0: all
+    assert torch.equal(fit_module.sample_rows(50, 64, torch.Generator()), torch.arange(50))  # fewer: all
+    assert torch.equal(fit_module.sample_rows(50, 0, torch.Generator()), torch.arange(50))  # 0: all
 
 
 def test_outputs_only_keeps_what_an_evaluation_reads() -> None:
@@ -109,7 +109,7 @@ def test_outputs_only_keeps_what_an_evaluation_reads() -> None:
 def test_heads_read_through_their_z_give_the_full_ablation_effect(arch: str) -> None:
     """The final layer's ablation effects with the heads' logits read from z (`head_readout`) equal the
     reference: a full readout of x_out minus each write through the real final norm."""
-    from recallfix.analysis.attribution import ablation_effect, ablation_effect_heads, head_readout
+    from recallfix.analysis.mechanism.attribution import ablation_effect, ablation_effect_heads, head_readout
     from recallfix.patches import decompose
 
     model, tokenizer = build_model(arch)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from recallfix.analysis.demo_model import build_demo_model
-from recallfix.analysis.facts import shipped_facts_dir
+from recallfix.analysis.data.facts import shipped_facts_dir
+from recallfix.analysis.demo_model.build import build_demo_model
 from recallfix.analysis.pipeline import AnalysisConfig, run_analysis
 
 CACHE = Path(os.environ.get("RECALLFIX_TEST_CACHE", Path(__file__).resolve().parents[1] / ".cache"))

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from recallfix.analysis import calibration as cal
-from recallfix.analysis.attribution import ColumnStats, select_suppressors, summarize, top_neurons
-from recallfix.analysis.batching import batches, subject_token_mask
-from recallfix.analysis.lens import answer_stats
-from recallfix.analysis.movers import attention_to_subject, pearson, summarize_movers
+from recallfix.analysis.data.batching import batches, subject_token_mask
+from recallfix.analysis.mechanism.attribution import ColumnStats, select_suppressors, summarize, top_neurons
+from recallfix.analysis.mechanism.lens import answer_stats
+from recallfix.analysis.mechanism.movers import attention_to_subject, pearson, summarize_movers
+from recallfix.analysis.mechanism.regression import regress
 from recallfix.analysis.records import Dist
-from recallfix.analysis.regression import regress
 
 # -- calibration ------------------------------------------------------------------------------------
 
@@ -224,8 +224,8 @@ def test_subject_token_mask_uses_character_overlap() -> None:
 
 
 def test_nonce_facts_fill_train_templates_with_names_the_relation_has_no_answer_for() -> None:
-    from recallfix.analysis.facts import Fact
-    from recallfix.analysis.nonce import nonce_facts
+    from recallfix.analysis.data.facts import Fact
+    from recallfix.analysis.data.nonce import nonce_facts
 
     facts = [Fact(f"The capital of {s} is", a, s, "capital", "train", "The capital of {} is")
              for s, a in [("France", "Paris"), ("Japan", "Tokyo"), ("Peru", "Lima")]]
@@ -251,7 +251,7 @@ def test_nonce_facts_fill_train_templates_with_names_the_relation_has_no_answer_
 
 
 def test_readout_product_through_openblas_threads_equals_torch() -> None:
-    from recallfix.analysis import gemm
+    from recallfix.analysis.mechanism import gemm
 
     torch.manual_seed(0)
     x, w = torch.randn(301, 48), torch.randn(500, 48)
@@ -264,7 +264,7 @@ def test_readout_product_through_openblas_threads_equals_torch() -> None:
 
 
 def test_readout_product_keeps_autograd() -> None:
-    from recallfix.analysis.gemm import matmul_t
+    from recallfix.analysis.mechanism.gemm import matmul_t
 
     torch.manual_seed(0)
     w = torch.randn(300, 8)

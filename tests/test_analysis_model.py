@@ -6,12 +6,15 @@ import pytest
 import torch
 from tiny import ARCHITECTURES, PROMPTS, build_model
 
-from recallfix.analysis import fit as fit_module
-from recallfix.analysis.attribution import ablation_effect, logprob_gradient, neuron_logprob_attribution
-from recallfix.analysis.batching import batches, encode, pad_id, subject_spans
-from recallfix.analysis.collect import collect, eager_attention
-from recallfix.analysis.fit import FitConfig, GainHooks, capture_final_block_inputs, fit_gains, replay_logits
-from recallfix.analysis.lens import layer_residuals, lens_logits
+from recallfix.analysis.config import FitConfig
+from recallfix.analysis.data.batching import batches, encode, pad_id, subject_spans
+from recallfix.analysis.learn import fit as fit_module
+from recallfix.analysis.learn.fit import fit_gains
+from recallfix.analysis.learn.gain_hooks import GainHooks
+from recallfix.analysis.learn.replay import capture_final_block_inputs, replay_logits
+from recallfix.analysis.mechanism.attribution import ablation_effect, logprob_gradient, neuron_logprob_attribution
+from recallfix.analysis.mechanism.collect import collect, eager_attention
+from recallfix.analysis.mechanism.lens import layer_residuals, lens_logits
 from recallfix.patches import ComponentMap, apply_patch, decompose, make_patch
 
 SUBJECTS = ["France", "Gold", "Brazil"]
@@ -223,7 +226,7 @@ def test_fit_keeps_no_epoch_over_the_confidence_budget() -> None:
 def test_evaluation_replay_equals_the_patched_forward_pass(tiny: tuple) -> None:
     """The evaluation runs the blocks below the final one once and replays the final block per patch: the same
     numbers as a forward pass of the patched model, at the last position and at every neutral position."""
-    from recallfix.analysis.evaluate import replay_dist
+    from recallfix.analysis.evaluate.passes import replay_dist
 
     model, tokenizer, cmap, answers = tiny
     final = cmap.shape.num_layers - 1

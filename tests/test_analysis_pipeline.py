@@ -12,14 +12,14 @@ import pytest
 import torch
 from tiny import ARCHITECTURES
 
-from recallfix.analysis.compare_runs import compare_runs
-from recallfix.analysis.compare_runs import main as compare_runs_main
-from recallfix.analysis.fit import FitConfig
+from recallfix.analysis.config import FitConfig
 from recallfix.analysis.pipeline import AnalysisConfig, AnalysisError, run_analysis
+from recallfix.analysis.rundiff import compare_runs
+from recallfix.analysis.rundiff import main as compare_runs_main
 from recallfix.analysis.schema import SCHEMA_PATH, AnalysisResult, json_schema
 from recallfix.patches import Patch, apply_patch
 from recallfix.patches.cli import main as recallfix_main
-from recallfix.patches.io import load_causal_lm
+from recallfix.patches.registry.load import load_causal_lm
 
 CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Brazil": "Brasilia", "Egypt": "Cairo", "Peru": "Lima",
             "Chile": "Santiago", "Kenya": "Nairobi", "Spain": "Madrid", "Italy": "Rome", "Greece": "Athens"}
@@ -162,7 +162,7 @@ def test_pipeline_in_bfloat16(tiny_dirs: dict[str, Path], inputs: dict[str, Path
 def test_reported_patched_numbers_come_from_the_applied_patch(tiny_dirs: dict[str, Path], inputs: dict[str, Path],
                                                               tmp_path: Path) -> None:
     """Re-measure the test split's patched p(answer) independently with apply_patch and a plain forward."""
-    from recallfix.analysis.facts import answer_token_id, assign_splits, load_facts
+    from recallfix.analysis.data.facts import answer_token_id, assign_splits, load_facts
 
     config = replace(FAST, components=("L1H0", "L1H1", "L1MLP"), method="gains")
     run_analysis(tiny_dirs["gpt2"], inputs["facts"], tmp_path / "run", neutral=inputs["neutral"], config=config)
@@ -270,7 +270,7 @@ def test_compare_runs_lists_every_difference_but_times_and_paths(tmp_path: Path)
 
 def test_bad_inputs_are_refused_with_the_file_named(tiny_dirs: dict[str, Path], inputs: dict[str, Path],
                                                     tmp_path: Path) -> None:
-    from recallfix.analysis.facts import FactsFormatError
+    from recallfix.analysis.data.facts import FactsFormatError
 
     model = tiny_dirs["llama"]
     bad = tmp_path / "bad.jsonl"

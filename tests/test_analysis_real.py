@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from recallfix.analysis.require import load_checks, run_checks
+from recallfix.analysis.evaluate.require import load_checks, run_checks
 from recallfix.analysis.schema import AnalysisResult
 from recallfix.patches import Patch
 from recallfix.patches.cli import main as recallfix_main

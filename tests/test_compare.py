@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from recallfix.analysis import calibration as cal
-from recallfix.analysis.compare import _command, select_facts
-from recallfix.analysis.compare_client import (
+from recallfix.analysis.compare.client import (
     CompareError,
     answer_start,
     exact_match,
@@ -23,8 +22,9 @@ from recallfix.analysis.compare_client import (
     normalize_words,
     read_score,
 )
-from recallfix.analysis.compare_schema import COMPARE_SCHEMA_PATH, json_schema
-from recallfix.analysis.lens import answer_stats
+from recallfix.analysis.compare.run import command_line, select_facts
+from recallfix.analysis.compare.schema import COMPARE_SCHEMA_PATH, json_schema
+from recallfix.analysis.mechanism.lens import answer_stats
 
 
 def _top(logits: torch.Tensor, k: int) -> dict[str, float]:
@@ -113,7 +113,7 @@ def test_mcnemar_exact_is_tiny_but_not_zero_for_many_discordant_pairs() -> None:
 
 def test_compare_schema_file_is_current() -> None:
     assert json.loads(COMPARE_SCHEMA_PATH.read_text()) == json_schema(), \
-        "run `python -m recallfix.analysis.compare_schema` to regenerate analysis/compare.schema.json"
+        "run `python -m recallfix.analysis.compare.schema` to regenerate analysis/compare/compare.schema.json"
 
 
 def test_split_needs_a_run() -> None:
@@ -122,7 +122,7 @@ def test_split_needs_a_run() -> None:
 
 
 def test_max_facts_keeps_whole_subjects_drawn_by_the_seed() -> None:
-    from recallfix.analysis.inputs import subject_group
+    from recallfix.analysis.data.inputs import subject_group
 
     every = select_facts(None, None, None).facts
     by_subject: dict[str, int] = {}
@@ -205,5 +205,5 @@ def test_read_score_counts_an_answer_the_tokenizer_merges_into_the_prompt_as_unp
 
 
 def test_the_recorded_command_hides_the_api_key() -> None:
-    assert "sk-secret" not in _command(["compare", "--api-key", "sk-secret", "--models", "a", "b"])
-    assert "sk-secret" not in _command(["compare", "--api-key=sk-secret"])
+    assert "sk-secret" not in command_line(["compare", "--api-key", "sk-secret", "--models", "a", "b"])
+    assert "sk-secret" not in command_line(["compare", "--api-key=sk-secret"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from server_fixtures import API_KEY, NAME, Process
 
-from recallfix.analysis.facts import load_facts, shipped_facts_dir
+from recallfix.analysis.data.facts import load_facts, shipped_facts_dir
 
 pytestmark = [pytest.mark.real_model, pytest.mark.servers("serve-merged")]
 ROOT = Path(__file__).resolve().parents[1]

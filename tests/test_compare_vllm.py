@@ -67,8 +67,8 @@ from server_fixtures import (
     wait_for,
 )
 
-from recallfix.analysis.compare import select_facts
-from recallfix.analysis.compare_schema import COMPARE_SCHEMA_PATH
+from recallfix.analysis.compare.run import select_facts
+from recallfix.analysis.compare.schema import COMPARE_SCHEMA_PATH
 from recallfix.analysis.schema import AnalysisResult
 from recallfix.patches.cli import main as recallfix_main
 from recallfix.patches.export import VLLM_LORA_RANKS

@@ -17,8 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from recallfix.analysis import demo_model as dm
-from recallfix.analysis.facts import Fact, answer_token_ids, load_facts, shipped_facts_dir
+from recallfix.analysis.data.facts import Fact, answer_token_ids, load_facts, shipped_facts_dir
+from recallfix.analysis.demo_model import build as dm
 
 # Share of the shipped facts on which the last layer must lower p(answer). The default size does so on
 # ~99% (seeds 0 and 1: 98.8%, 96.4%); the tiny size (2 layers, width 64, 550 steps) on 88% / 92%, so it

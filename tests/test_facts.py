@@ -1,4 +1,4 @@
-"""Tests for the shipped facts set and its loader (recallfix.analysis.facts)."""
+"""Tests for the shipped facts set and its loader (recallfix.analysis.data.facts)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from recallfix.analysis.facts import (
+from recallfix.analysis.data.facts import (
     SPLITS,
     AnswerTokenError,
     Fact,
@@ -298,7 +298,7 @@ def test_explicit_split_kept_and_followed() -> None:
 
 def test_splits_independent_of_python_hash_seed() -> None:
     code = (
-        "from recallfix.analysis.facts import *;"
+        "from recallfix.analysis.data.facts import *;"
         "print(dataset_sha256(assign_splits(load_shipped_facts(), seed=7)))"
     )
     expected = dataset_sha256(assign_splits(load_shipped_facts(), seed=7))

@@ -241,7 +241,7 @@ def bad_patches(where: Path, tiny_llama: Path) -> dict[str, tuple[Path, str]]:
     """name -> (patch file, what the refusal must say): truncated, tampered (a tensor's sha256 changed),
     made for another model, and non-finite gains (NaN, Infinity, and 1e39: finite in JSON, not in float32)."""
     from recallfix.patches import make_patch
-    from recallfix.patches.io import load_model
+    from recallfix.patches.registry.load import load_model
 
     good = Patch.load(patch_file("learned"))
     text = good.model_dump_json(indent=2)
@@ -350,7 +350,7 @@ def test_a_killed_merged_export_leaves_no_partial_directory(tmp_path: Path) -> N
 
 
 def test_a_killed_model_conversion_leaves_no_partial_directory(real_gguf: Path, tmp_path: Path) -> None:
-    from recallfix.patches.models import sha256_file
+    from recallfix.patches.registry.models import sha256_file
 
     cache = tmp_path / "cache"
     out = cache / "gguf" / sha256_file(real_gguf)[:16]
@@ -404,7 +404,7 @@ def fill(directory: Path) -> None:
 def test_a_full_disk_is_one_line_naming_the_path_and_nothing_is_left(tiny_dirs: dict[str, Path],
                                                                    tmp_path: Path) -> None:
     from recallfix.patches import make_patch
-    from recallfix.patches.io import load_model
+    from recallfix.patches.registry.load import load_model
 
     patch = make_patch(load_model(tiny_dirs["llama"]), {"L1H0": 0.5}).save(tmp_path / "p.json")
     with tmpfs(tmp_path / "small", "size=1m") as disk:  # the tiny llama's checkpoint is 1.5 MB
@@ -421,7 +421,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_nothing_is_left(tiny_dirs: 
 
 
 def test_an_unwritable_cache_is_one_line_naming_the_path(real_gguf: Path, tmp_path: Path) -> None:
-    from recallfix.patches.models import sha256_file
+    from recallfix.patches.registry.models import sha256_file
 
     digest = sha256_file(real_gguf)[:16]
     convert = ("patch", "new", "--model", real_gguf, "--edit", "L29H0=0.5", "--out", tmp_path / "p.json")

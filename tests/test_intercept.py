@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import PROMPTS, build_model
 
-from recallfix.analysis.intercept import fit_intercept, intercept_patch
+from recallfix.analysis.learn.intercept import fit_intercept, intercept_patch
 from recallfix.patches import ComponentMap, apply_patch
 from recallfix.patches.hooks import hooks
 

@@ -23,12 +23,13 @@ from real_model import REAL_MODEL, REAL_PATCH, REAL_PROMPTS
 from tiny import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recallfix.patches import Patch, UnsupportedModelError, apply_patch, make_patch, models
+from recallfix.patches import Patch, UnsupportedModelError, apply_patch, make_patch
 from recallfix.patches.cli import main
 from recallfix.patches.export import export_lora, export_merged
-from recallfix.patches.gguf import GGUFError, read_gguf
-from recallfix.patches.io import load_causal_lm, load_model
-from recallfix.patches.models import MANIFEST, load_registry, read_manifest, resolve_model, sha256_file
+from recallfix.patches.registry import models
+from recallfix.patches.registry.gguf import GGUFError, read_gguf
+from recallfix.patches.registry.load import load_causal_lm, load_model
+from recallfix.patches.registry.models import MANIFEST, load_registry, read_manifest, resolve_model, sha256_file
 
 ENTRY = load_registry()[REAL_MODEL]
 # pip with no index, no find-links, no config file and no cache: it can reach nothing.

@@ -127,7 +127,7 @@ def test_load_patch_swaps_under_load_and_back(kind: str, servers) -> None:  # no
 @pytest.mark.servers("serve-lora")
 def test_refused_patches_say_why_and_change_nothing(servers, tiny_dirs, tmp_path: Path) -> None:  # noqa: ANN001
     from recallfix.patches import make_patch
-    from recallfix.patches.io import load_causal_lm
+    from recallfix.patches.registry.load import load_causal_lm
 
     server = servers["serve-lora"]
     before, info = greedy_replies(server), served_patch(server)

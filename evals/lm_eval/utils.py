@@ -1,5 +1,5 @@
 """The data of the `recallfix_facts` lm-evaluation-harness task, built from recallfix facts with the selection
-`recallfix compare` uses (`recallfix.analysis.compare.select_facts`), so both see the same facts in the same
+`recallfix compare` uses (`recallfix.analysis.compare.run.select_facts`), so both see the same facts in the same
 order."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import datasets
 
-from recallfix.analysis.compare import select_facts
+from recallfix.analysis.compare.run import select_facts
 
 
 def load_facts(**kwargs: Any) -> dict[str, datasets.Dataset]:

