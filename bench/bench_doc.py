@@ -20,11 +20,18 @@ def machine(*versions: str) -> str:
     return ", ".join([cpu, f"{os.cpu_count()} cores", *versions, f"Python {platform.python_version()}"])
 
 
+def number(x: float, digits: int = 2) -> str:
+    """`x` with `digits` decimals, or two significant digits where those decimals would show a nonzero value as 0
+    (a fast machine's time)."""
+    text = f"{x:.{digits}f}"
+    return f"{x:.2g}" if x != 0 and float(text) == 0 else text
+
+
 def spread(values: list[float], digits: int = 2) -> str:
     """Median [min-max] of a side's runs."""
     import statistics
 
-    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+    return f"{number(statistics.median(values), digits)} [{number(min(values), digits)}-{number(max(values), digits)}]"
 
 
 def commit(*paths: str) -> str:

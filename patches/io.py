@@ -141,6 +141,20 @@ def _exchange(a: Path, b: Path) -> bool:
     return libc.renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
+def commit_directory(scratch: Path, out: Path) -> None:
+    """Make the finished `scratch` directory `out`, replacing any previous `out` in one step where the system can.
+    The one moment of `atomic_directory` at which `out` changes (the fault tests hold a writer here)."""
+    if out.exists() and _exchange(scratch, out):
+        shutil.rmtree(scratch)  # the previous `out`, swapped out
+    elif out.exists():  # no atomic swap here: a short moment without `out`
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=_scratch_prefix(out), suffix=".old.tmp"))
+        os.replace(out, old)
+        os.replace(scratch, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(scratch, out)
+
+
 @contextmanager
 def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a scratch directory that becomes `out` only if the block finishes without error.
@@ -161,15 +175,7 @@ def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     scratch.chmod(0o755)  # mkdtemp makes it private; the result should be readable like any other directory
     try:
         yield scratch
-        if out.exists() and _exchange(scratch, out):
-            shutil.rmtree(scratch)  # the previous `out`, swapped out
-        elif out.exists():  # no atomic swap here: a short moment without `out`
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=_scratch_prefix(out), suffix=".old.tmp"))
-            os.replace(out, old)
-            os.replace(scratch, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(scratch, out)
+        commit_directory(scratch, out)
     except BaseException as err:
         shutil.rmtree(scratch, ignore_errors=True)
         failure = _write_error(err, out)

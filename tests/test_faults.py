@@ -304,48 +304,48 @@ def debris(target: Path) -> list[str]:
     return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}."))
 
 
-def kill_when(process: subprocess.Popen, ready, timeout: float = 900) -> None:  # noqa: ANN001
-    """SIGKILL `process` as soon as `ready()` is true; fails if it ended first."""
+HELD = Path(__file__).with_name("held.py")
+
+
+def start_held(marker: Path, *args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`recallfix ARGS` stopped for good where its output directory would appear (held.py): all written into
+    its scratch directory, nothing committed. `marker` appears when it is there."""
+    return subprocess.Popen([sys.executable, str(HELD), str(marker), *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+
+
+def kill_held(process: subprocess.Popen, marker: Path, timeout: float = 900) -> None:
+    """SIGKILL `process` once it holds before committing its output (`marker` written); fails if it ended
+    instead (it errored) or never got there."""
     deadline = time.monotonic() + timeout
     try:
-        while not ready():
-            assert process.poll() is None, f"ended before it could be killed midway: {process.communicate()}"
-            assert time.monotonic() < deadline, "never reached the point to kill it at"
-            time.sleep(0.02)
+        while not marker.exists():
+            assert process.poll() is None, f"ended before it reached its commit: {process.communicate()}"
+            assert time.monotonic() < deadline, "never reached its commit"
+            time.sleep(0.05)
     finally:
         process.kill()
     assert process.wait(timeout=60) == -signal.SIGKILL
-
-
-def scratch_with(target: Path, name: str):  # noqa: ANN201 (a predicate)
-    """True once a writer of `target` has `name` in its scratch directory (it is writing its output)."""
-    def ready() -> bool:
-        return any((target.parent / d / name).exists() for d in debris(target) if d.endswith(".tmp"))
-    return ready
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()}
 
 
-def start(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "recallfix.patches.cli", *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
-
-
 def test_a_killed_merged_export_leaves_no_partial_directory(tmp_path: Path) -> None:
     out = tmp_path / "merged"
     export = ("patch", "export", "--model", smollm2_dir(), "--patch", patch_file("learned"), "--format", "merged",
               "--out", out)
-    kill_when(start(*export), scratch_with(out, "model.safetensors"))  # killed while writing the edited shard
+    kill_held(start_held(tmp_path / "held-1", *export), tmp_path / "held-1")  # the edited shard written, uncommitted
     assert not out.exists()
-    assert len(debris(out)) == 1  # the killed writer's scratch, until the next run
+    (left,) = debris(out)  # the killed writer's scratch, until the next run
+    assert (out.parent / left / "model.safetensors").is_file()  # it was killed with its checkpoint written
     done = cli(*export)
     assert done.returncode == 0, done.stderr
     assert debris(out) == [], "the next run did not remove the killed one's scratch"
     whole = snapshot(out)
     assert {"model.safetensors", "config.json", "recallfix_patch.json"} <= set(whole)
-    kill_when(start(*export, "--force"), scratch_with(out, "model.safetensors"))
+    kill_held(start_held(tmp_path / "held-2", *export, "--force"), tmp_path / "held-2")
     assert snapshot(out) == whole, "a killed --force export changed the previous checkpoint"
 
 
@@ -355,27 +355,31 @@ def test_a_killed_model_conversion_leaves_no_partial_directory(real_gguf: Path, 
     cache = tmp_path / "cache"
     out = cache / "gguf" / sha256_file(real_gguf)[:16]
     convert = ("patch", "new", "--model", real_gguf, "--edit", "L29H0=0.5", "--out", tmp_path / "p.json")
-    first = start(*convert, env={"RECALLFIX_CACHE": str(cache)})
-    kill_when(first, scratch_with(out, "config.json"))  # killed while the checkpoint is being saved
+    kill_held(start_held(tmp_path / "held-1", *convert, env={"RECALLFIX_CACHE": str(cache)}), tmp_path / "held-1")
     assert not out.exists()
     (left,) = debris(out)
-    # the next conversion removes it as it starts (killed too: the whole conversion is test_models.py's)
-    second = start(*convert, env={"RECALLFIX_CACHE": str(cache)})
-    kill_when(second, lambda: left not in debris(out) and debris(out) != [])
+    assert (out.parent / left / "config.json").is_file()  # killed with the checkpoint saved, uncommitted
+    # the next conversion removes it as it starts (killed too, before its commit: the whole conversion is
+    # test_models.py's)
+    second = start_held(tmp_path / "held-2", *convert, env={"RECALLFIX_CACHE": str(cache)})
+    kill_held(second, tmp_path / "held-2")
     assert not out.exists() and len(debris(out)) == 1 and str(second.pid) in debris(out)[0]
+    assert left not in debris(out)
 
 
 def test_a_killed_analysis_run_leaves_the_previous_run_whole(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
     analyze = ("analyze", "--model", tiny_dirs["llama"], "--facts", write_facts(tmp_path / "facts.jsonl"),
                "--method", "intercept", "--n-boot", "20", "--no-progress", "--out", out)
-    kill_when(start(*analyze), scratch_with(out, "logit_lens.png"))  # killed while writing the report
-    assert not out.exists() and len(debris(out)) == 1
+    kill_held(start_held(tmp_path / "held-1", *analyze), tmp_path / "held-1")  # its report written, uncommitted
+    assert not out.exists()
+    (left,) = debris(out)
+    assert (out.parent / left / "logit_lens.png").is_file() and (out.parent / left / "report.md").is_file()
     done = cli(*analyze)
     assert done.returncode == 0, done.stderr
     assert debris(out) == [] and (out / "analysis.json").is_file() and (out / "report.md").is_file()
     whole = snapshot(out)
-    kill_when(start(*analyze, "--force"), scratch_with(out, "logit_lens.png"))
+    kill_held(start_held(tmp_path / "held-2", *analyze, "--force"), tmp_path / "held-2")
     assert snapshot(out) == whole
 
 
