@@ -9,7 +9,10 @@ Loaded as a pytest plugin by conftest.py, so every test module can ask for these
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,10 @@ REAL_MODEL = "smollm2-135m"
 # two heads the learned patch raises, and a suppressor neuron.
 REAL_PATCH = {"L29H0": 0.4, "L29H4": 1.28, "L29N385": 0.5}
 REAL_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "Tokyo is the capital of"]
+# The one analysis run of the real model per test session (`real_run`): a subset of the shipped facts (whole
+# subjects, seeded) and fewer bootstrap resamples keep it to a minute or two on 2 cores.
+REAL_RUN_FACTS = 300
+REAL_RUN_CHECKS = "gains.nll_change<0,component.L29H0.lowers_share>=0.5"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -55,3 +62,35 @@ def real_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def real_gguf() -> Path:
     return real_gguf_path()
+
+
+def made_once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """`make(path)` once per test session, shared by every module and every pytest-xdist worker that asks: the
+    first caller makes it under a lock, the others wait for it and read it."""
+    root = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base directories share this one
+    path = root / name
+    with (root / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.done").exists():
+            make(path)
+            (root / f"{name}.done").touch()
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_run(real_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """`recallfix analyze` of the real model (both methods, --require checks): (its run directory, its exit
+    status). Made once per session: test_analysis_real.py reads its findings, test_compare_vllm.py serves its
+    patch and compares the served numbers with its evaluation."""
+    from recallfix.patches.cli import main as recallfix_main
+
+    def make(root: Path) -> None:
+        code = recallfix_main(["analyze", "--model", str(real_model_dir), "--out", str(root / "run"),
+                               "--max-facts", str(REAL_RUN_FACTS), "--n-boot", "200", "--no-progress",
+                               "--require", REAL_RUN_CHECKS])
+        (root / "exit_status").write_text(str(code))
+
+    root = made_once(tmp_path_factory, "real-analysis", make)
+    return root / "run", int((root / "exit_status").read_text())

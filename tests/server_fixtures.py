@@ -342,6 +342,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "swaps_patch: the test changes the patch a shared server serves")
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): every test that needs a live server is in
+    one group, run on one worker in the order below (each server starts once); every other module is a group of
+    its own (its module fixtures made once), run on the other worker meanwhile."""
+    item.add_marker(pytest.mark.xdist_group("servers" if needs(item) else item.nodeid.split("::")[0]))
+
+
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)  # stable: each group keeps its order
@@ -358,6 +365,11 @@ MAX_ENGINES = 4  # at most this many engines up at once (memory of a 24 GiB mach
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     items = session.items
+    if session.config.getoption("loadgroup", default=False):  # a pytest-xdist worker of `--dist loadgroup`
+        split = [item.nodeid for item in items if needs(item) and not item.nodeid.endswith("@servers")]
+        if split:  # each worker would start its own servers: twice the memory of a 24 GiB machine
+            raise pytest.UsageError(f"pytest-xdist did not group the live-server tests ({split[0]}): "
+                                    "pytest 9.2 breaks --dist loadgroup (pytest-dev/pytest-xdist#1386)")
     first: dict[str, int] = {}
     for i, item in enumerate(items):
         for kind in needs(item):
@@ -374,6 +386,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         new = next((set(needs(later)) - live for later in items[i + 1:] if set(needs(later)) - live), set())
         if new and sum(ENGINES[k] for k in live | new) <= MAX_ENGINES:
             _prestart[item.nodeid] = tuple(k for k in KINDS if k in new)
+    # The first group's servers start as its first test begins, before that test's own fixtures (the analysis
+    # run of test_compare_vllm.py), which then run beside the start.
+    first_user = next((item for item in items if needs(item)), None)
+    if first_user is not None:
+        _prestart[first_user.nodeid] = (*needs(first_user), *_prestart.get(first_user.nodeid, ()))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -389,6 +406,16 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     for kind, last in _last_user.items():
         if last == item.nodeid and kind in _shared:
             stop(kind)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: its controller prints them
+        session.config.workeroutput["server_starts"] = START_TIMES
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # noqa: ANN001 (pytest-xdist's hook, on the controller)
+    START_TIMES.extend(tuple(start) for start in getattr(node, "workeroutput", {}).get("server_starts", []))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001

@@ -16,20 +16,10 @@ import pytest
 from recallfix.analysis.evaluate.require import load_checks, run_checks
 from recallfix.analysis.schema import AnalysisResult
 from recallfix.patches import Patch
-from recallfix.patches.cli import main as recallfix_main
 
-# A few minutes on 2 idle cores; the limit allows for a machine shared with other work.
+# The run (real_model.real_run, shared with test_compare_vllm.py) takes a minute or two on 2 idle cores; the limit
+# allows for a machine shared with other work.
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(2400)]
-MAX_FACTS = 300
-
-
-@pytest.fixture(scope="module")
-def real_run(real_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    out = tmp_path_factory.mktemp("real-analysis") / "run"
-    code = recallfix_main(["analyze", "--model", str(real_model_dir), "--out", str(out), "--max-facts", str(MAX_FACTS),
-                           "--n-boot", "100", "--no-progress", "--require",
-                           "gains.nll_change<0,component.L29H0.lowers_share>=0.5"])
-    return out, code
 
 
 def test_headline_describes_both_levels(real_run: tuple[Path, int]) -> None:

@@ -6,7 +6,7 @@ The upstreams:
 * `recallfix serve` (server_fixtures' shared `serve-lora` server): PATCH_GAINS as a LoRA adapter, served as NAME and
   NAME:patched behind an API key;
 * vLLM's own API server, started here once, on the base model with two LoRA modules: RUN_PATCHED, the gains
-  `recallfix analyze` learned on a subset of the shipped facts (this module runs the analysis), and LEARNED,
+  `recallfix analyze` learned on a subset of the shipped facts (the session's run, real_model.real_run), and LEARNED,
   PATCH_GAINS exported with `recallfix patch export --format lora` (the front's NAME:patched).
 
 Then:
@@ -36,8 +36,9 @@ rank and greedy generation must be equal unless the fact's deciding gap is below
 gave the same log-probabilities to the last bit on all 56 facts of the test split.)
 
 All tests here need `serve-lora` (module mark): they run as one block of server_fixtures' serve-lora group, so
-this module's analysis run and its vLLM server are made once. RECALLFIX_TEST_COMPARE_RUN=RUN reuses an analysis
-run made with the same model (to iterate without the analysis' minutes).
+this module's vLLM server is started once (the analysis run is the session's, shared with test_analysis_real.py).
+RECALLFIX_TEST_COMPARE_RUN=RUN reuses an analysis run made with the same model (to iterate without the analysis'
+minutes).
 """
 
 from __future__ import annotations
@@ -78,9 +79,8 @@ pytestmark = [pytest.mark.real_model, pytest.mark.servers("serve-lora")]
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCHED = f"{NAME}:patched"  # recallfix serve's patched variant (PATCH_GAINS)
-RUN_PATCHED = f"{NAME}:run"  # on vLLM's server: the gains of this module's analysis run
+RUN_PATCHED = f"{NAME}:run"  # on vLLM's server: the gains of the session's analysis run
 LEARNED = f"{NAME}:learned"  # on vLLM's server: PATCH_GAINS, the adapter of recallfix serve's NAME:patched
-MAX_FACTS = 300
 # Facts of the two-upstream and lm-eval tests: the first of the run's test split. Each is asked of recallfix
 # serve's LoRA engine, whose patched variant runs about 30x slower than its base on CPU, and whose shadow
 # scoring (--shadow-rate 1.0) asks the other variant too: the whole split (56) took 7.5 min there on a busy
@@ -95,12 +95,11 @@ TWIN_TOL = 1e-5  # per-fact log-probabilities, recallfix serve against vLLM's se
 
 
 @pytest.fixture(scope="module")
-def run(real_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(request: pytest.FixtureRequest) -> Path:
+    """The session's analysis run of the real model (real_model.real_run, shared with test_analysis_real.py)."""
     if os.environ.get("RECALLFIX_TEST_COMPARE_RUN"):
         return Path(os.environ["RECALLFIX_TEST_COMPARE_RUN"])
-    out = tmp_path_factory.mktemp("compare-analysis") / "run"
-    code = recallfix_main(["analyze", "--model", str(real_model_dir), "--out", str(out), "--max-facts", str(MAX_FACTS),
-                           "--n-boot", "200", "--method", "gains", "--no-progress"])
+    out, code = request.getfixturevalue("real_run")
     assert code == 0
     return out
 

@@ -177,7 +177,7 @@ def test_an_upstream_killed_mid_stream_ends_each_stream_cleanly_then_serving_res
         for thread in waiting:
             thread.start()
         # all four generating at once, so the kill cuts each of them
-        assert wait_for(lambda: running(child) >= 4, timeout=120), "the requests did not all reach vLLM"
+        assert wait_for(lambda: running(child) >= 4, timeout=120, interval=0.05), "the requests did not all reach vLLM"
         os.killpg(child.pid, signal.SIGKILL)  # the API server and its engine processes, unasked
         rests = [list(lines) for lines in streams]
     for rest in rests:

@@ -17,7 +17,7 @@ from real_model import REAL_PATCH, REAL_PROMPTS
 from tiny import PROMPTS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recallfix.patches import apply_patch, make_patch
+from recallfix.patches import Patch, apply_patch, make_patch
 from recallfix.patches.export import export_lora, export_merged
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
@@ -64,14 +64,23 @@ def top_first_step(results: list[dict]) -> list[dict[str, float]]:
     return [r["steps"][0]["top"] for r in results]
 
 
-def test_one_engine_serves_llama_base_and_lora_adapter(tiny_dirs, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def llama_served(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Patch]:
+    """One vLLM engine on the tiny llama serving its base and a LoRA adapter (heads and a neuron): (what it
+    served, the patch). Also the base reference of the bias test below (one engine start for both)."""
+    base_dir = tiny_dirs["llama"]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    patch = make_patch(model, {"L1H0": 0.3, "L1H3": 1.8, "L1N5": 2.5})
+    out = tmp_path_factory.mktemp("vllm-llama")
+    adapter = export_lora(base_dir, patch, out / "adapter")
+    return run_vllm(base_dir, out / "out.json", loras={"patched": adapter}), patch
+
+
+def test_one_engine_serves_llama_base_and_lora_adapter(tiny_dirs, llama_served) -> None:
     base_dir = tiny_dirs["llama"]
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    patch = make_patch(model, {"L1H0": 0.3, "L1H3": 1.8, "L1N5": 2.5})
-    adapter = export_lora(base_dir, patch, tmp_path / "adapter")
-
-    results = run_vllm(base_dir, tmp_path / "out.json", loras={"patched": adapter})
+    results, patch = llama_served
     assert_matches_hf(results["base"], model, tokenizer)
     with apply_patch(model, patch):
         assert_matches_hf(results["patched"], model, tokenizer)
@@ -90,7 +99,7 @@ def test_vllm_serves_a_gpt2_merged_export(tiny_dirs, tmp_path) -> None:
         assert_matches_hf(results["base"], model, tokenizer)
 
 
-def test_vllm_serves_a_llama_merged_export_with_a_bias_edit(tiny_dirs, tmp_path) -> None:
+def test_vllm_serves_a_llama_merged_export_with_a_bias_edit(tiny_dirs, llama_served, tmp_path) -> None:
     """The paper's fix on Llama: the bias only loads through `mlp_bias`, which vLLM must honour too."""
     base_dir = tiny_dirs["llama"]
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -102,8 +111,8 @@ def test_vllm_serves_a_llama_merged_export_with_a_bias_edit(tiny_dirs, tmp_path)
     results = run_vllm(merged, tmp_path / "out.json")
     with apply_patch(model, patch):
         assert_matches_hf(results["base"], model, tokenizer)
-    base = run_vllm(base_dir, tmp_path / "base.json")
-    assert top_first_step(base["base"]) != top_first_step(results["base"]), "the bias had no effect in vLLM"
+    base = llama_served[0]["base"]  # the same engine options and prompts, on the unpatched checkpoint
+    assert top_first_step(base) != top_first_step(results["base"]), "the bias had no effect in vLLM"
 
 
 @pytest.mark.real_model
