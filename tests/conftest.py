@@ -29,6 +29,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "faults: failure injection (killed servers and writers, refused patches, "
                                        "full or read-only disks): `pytest -m faults`")
+    config.addinivalue_line("markers", "vllm: runs vLLM (an engine or a server); `make check` leaves these out")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -34,6 +34,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"real_model: uses the real {REAL_MODEL} checkpoint (`make model` gets it)")
 
 
+REAL_FIXTURES = {"real_model_dir", "real_gguf", "real_run"}
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """A test that asks for the real model's fixtures is a real_model test, marked or not."""
+    if REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.real_model)
+
+
 def _obtain(what: str, get):  # noqa: ANN001, ANN202
     try:
         return get()
@@ -83,8 +92,12 @@ def made_once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path],
 def real_run(real_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     """`recallfix analyze` of the real model (both methods, --require checks): (its run directory, its exit
     status). Made once per session: test_analysis_real.py reads its findings, test_compare_vllm.py serves its
-    patch and compares the served numbers with its evaluation."""
+    patch and compares the served numbers with its evaluation. RECALLFIX_TEST_REAL_RUN=RUN takes a run made
+    before by the same command (to iterate on those tests without the analysis' minutes)."""
     from recallfix.patches.cli import main as recallfix_main
+
+    if os.environ.get("RECALLFIX_TEST_REAL_RUN"):
+        return Path(os.environ["RECALLFIX_TEST_REAL_RUN"]), 0
 
     def make(root: Path) -> None:
         code = recallfix_main(["analyze", "--model", str(real_model_dir), "--out", str(root / "run"),

@@ -1,18 +1,21 @@
 """Live servers for the server tests, on SmolLM2-135M-Instruct (real weights), and helpers to talk to them.
 
-Four kinds of server, each a subprocess on a free loopback port, each started at most once per session:
+Four kinds of server, on free loopback ports, each started at most once per session:
 
     serve-lora     `recallfix serve --patch-mode lora` with the learned gains (one vLLM server, LoRA)
     serve-merged   `recallfix serve` (auto) with the learned gains and the paper's bias edit: auto picks
                    merged, as LoRA cannot carry a bias (two vLLM servers)
-    vllm-base      vLLM's own OpenAI server on the base checkpoint: the reference the front is compared with
-    vllm-merged    vLLM's own OpenAI server on the merged checkpoint of serve-merged's patch
+    vllm-base      vLLM's own OpenAI server on the base checkpoint, started on its own: the reference the
+                   front is compared with
+    vllm-merged    the vLLM server serve-merged runs for its patched variant (vLLM's own OpenAI server on
+                   the merged checkpoint), asked directly, past the front
 
 A test names the kinds it needs with `@pytest.mark.servers(...)` and gets them from the `servers` fixture
 (or `shared(...)` in a module fixture). Tests are ordered so that each kind serves one run of tests
 (the LoRA server's first, the merged server's swap last), the next group's servers start while a group runs,
 and each kind stops after the last test that needs it: a 2-core, 24 GiB machine never holds more than four
-vLLM engines, and no vLLM server starts twice.
+vLLM engines, and no vLLM server starts twice. Under pytest-xdist (`make test`) all these tests run on one
+worker, first, and every other test on the other worker meanwhile.
 """
 
 from __future__ import annotations
@@ -120,16 +123,6 @@ def patch_file(name: str) -> Path:
         patch = make_patch(hf_model()[0], gains, biases=biases, command="tests")
         _made[name] = patch.save(scratch_dir("patches") / f"{name}.json")
     return _made[name]
-
-
-def merged_dir(name: str) -> Path:
-    from recallfix.patches import Patch
-    from recallfix.patches.export import export_merged
-
-    out = scratch_dir("merged") / name
-    if not out.exists():
-        export_merged(smollm2_dir(), Patch.load(patch_file(name)), out)
-    return out
 
 
 def scratch_dir(name: str) -> Path:
@@ -260,17 +253,40 @@ def serve_process(kind: str) -> Process:
     return Process(args, CACHE / "server-tests" / f"{kind}.log")
 
 
+class Upstream(Process):
+    """A vLLM server that a `recallfix serve` front started for one of its variants, asked directly: its port and
+    API key read from its command line. The front owns it: `stop` leaves it alone."""
+
+    @classmethod
+    def of(cls, front: Process, served_name: str) -> Upstream:
+        import psutil
+
+        for child in psutil.Process(front.proc.pid).children():
+            argv = child.cmdline()
+            if "--served-model-name" in argv and argv[argv.index("--served-model-name") + 1] == served_name:
+                return cls([], front.log_path, port=int(argv[argv.index("--port") + 1]),
+                           key=argv[argv.index("--api-key") + 1])
+        raise RuntimeError(f"{front.url} runs no vLLM server for {served_name!r}")
+
+    def wait(self, path: str = "/health", timeout: float = START_TIMEOUT_S) -> Process:
+        assert httpx.get(self.url + path, headers=self.headers(), timeout=30).status_code == 200
+        return self
+
+    def stop(self, timeout: float = 60) -> int | None:
+        return None
+
+
 def _make(kind: str) -> Process:
     if kind == "vllm-base":
         return vllm_server(smollm2_dir(), NAME, kind)
-    if kind == "vllm-merged":
-        return vllm_server(merged_dir("fix"), f"{NAME}:patched", kind)
     if kind in ("serve-lora", "serve-merged"):
         return serve_process(kind)
     raise ValueError(f"unknown server kind {kind!r}: one of {', '.join(KINDS)}")
 
 
 KINDS = ("serve-lora", "vllm-base", "vllm-merged", "serve-merged")
+# Kinds that are a vLLM server of a front's, not a process of their own: (that front's kind, the served name).
+UPSTREAMS = {"vllm-merged": ("serve-merged", f"{NAME}:patched")}
 PATCH_OF = {"serve-lora": "learned", "serve-merged": "fix"}  # the patch each `recallfix serve` starts with
 _stopped: set[str] = set()
 _failed: dict[str, str] = {}  # kind -> why it did not start (later tests fail at once, pointing at the first)
@@ -279,17 +295,20 @@ _failed: dict[str, str] = {}  # kind -> why it did not start (later tests fail a
 def shared(*kinds: str) -> list[Process]:
     """The session's servers of these kinds, started on first use: the ones asked for at once start
     together, then each is waited for. A kind whose last test has run is stopped and never started again."""
-    for kind in kinds:
+    wanted = with_fronts(kinds)
+    for kind in wanted:
         if kind in _failed:
             raise RuntimeError(f"the {kind} server did not start ({_failed[kind]}): see the first test that needed it")
         if kind in _stopped:
             raise RuntimeError(f"the {kind} server was stopped after what was thought its last test; a test "
                                "that needs it must say so with @pytest.mark.servers")
-        if kind not in _shared:
+        if kind not in _shared and kind not in UPSTREAMS:
             _shared[kind] = _make(kind).start()
             _started_at[kind] = time.monotonic()
-    for kind in kinds:
+    for kind in wanted:
         try:
+            if kind in UPSTREAMS and kind not in _shared:  # its front is ready (waited for before it)
+                _shared[kind] = Upstream.of(_shared[UPSTREAMS[kind][0]], UPSTREAMS[kind][1])
             _shared[kind].wait("/ready" if kind.startswith("serve") else "/health")
         except (RuntimeError, TimeoutError) as err:
             _failed[kind] = f"{type(err).__name__}, log {_shared[kind].log_path}"
@@ -313,28 +332,33 @@ def stop(kind: str) -> None:
 
 
 # -- pytest: which servers a test needs, the order that serves them, and when each stops -------------------
+def with_fronts(kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """`kinds`, each front that owns one of them (UPSTREAMS) before it."""
+    return tuple(dict.fromkeys(k for kind in kinds for k in ((UPSTREAMS[kind][0], kind) if kind in UPSTREAMS
+                                                             else (kind,))))
+
+
 def needs(item: pytest.Item) -> tuple[str, ...]:
-    """The server kinds an item's `servers` marks name (module, class and parameter marks included)."""
+    """The server kinds an item's `servers` marks name (module, class and parameter marks included), with the
+    fronts that run them."""
     kinds: list[str] = []
     for mark in item.iter_markers("servers"):
         kinds += [k for k in mark.args if k not in kinds]
-    return tuple(kinds)
+    return with_fronts(tuple(kinds))
 
 
-def rank(item: pytest.Item) -> tuple[int, bool]:
-    """Tests with no server first (in their order), then: the LoRA server's; the vLLM servers' alone (the
-    router); the merged server's beside them (the comparisons); the merged server's alone. Within a group,
-    the tests that swap a server's patch come last."""
+def rank(item: pytest.Item, long_modules: set[str]) -> tuple[int, ...]:
+    """The live-server tests first: the LoRA server's, then the merged server's beside vLLM's own servers, then
+    the merged server's alone. Within a group the tests that need the session's analysis run of the real model
+    come after the others (under pytest-xdist the other worker makes it meanwhile), and the tests that swap a
+    server's patch last. Then every other test, module by module, the modules that run vLLM or the real model
+    (`long_modules`: the long ones, for the other worker to start with) first."""
     kinds = set(needs(item))
     if not kinds:
-        group = 0
-    elif "serve-lora" in kinds:
-        group = 1
-    elif "serve-merged" not in kinds:
-        group = 2
-    else:
-        group = 3 if kinds & {"vllm-base", "vllm-merged"} else 4
-    return group, item.get_closest_marker("swaps_patch") is not None
+        return 1, item.module.__name__ not in long_modules
+    group = 1 if "serve-lora" in kinds else 2 if kinds & {"vllm-base", "vllm-merged"} else 3
+    return (0, group, "real_run" in getattr(item, "fixturenames", ()),
+            item.get_closest_marker("swaps_patch") is not None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -345,13 +369,19 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_itemcollected(item: pytest.Item) -> None:
     """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): every test that needs a live server is in
     one group, run on one worker in the order below (each server starts once); every other module is a group of
-    its own (its module fixtures made once), run on the other worker meanwhile."""
+    its own (its module fixtures made once), run on the other worker meanwhile. A live server runs vLLM on the
+    real model: its tests are `vllm` and `real_model` tests too (`make check` leaves both out)."""
+    if needs(item):
+        item.add_marker(pytest.mark.vllm)
+        item.add_marker(pytest.mark.real_model)
     item.add_marker(pytest.mark.xdist_group("servers" if needs(item) else item.nodeid.split("::")[0]))
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=rank)  # stable: each group keeps its order
+    long_modules = {item.module.__name__ for item in items
+                    if item.get_closest_marker("vllm") or item.get_closest_marker("real_model")}
+    items.sort(key=lambda item: rank(item, long_modules))  # stable: each group keeps its order
     for item in items:
         if needs(item):  # the first test of a group waits for its servers to start: their timeout on top
             item.add_marker(pytest.mark.timeout(START_TIMEOUT_S + TEST_TIMEOUT_S))
@@ -359,7 +389,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 _last_user: dict[str, str] = {}
 _prestart: dict[str, tuple[str, ...]] = {}  # nodeid -> kinds to start (not wait for) before it runs
-ENGINES = {"serve-lora": 1, "vllm-base": 1, "vllm-merged": 1, "serve-merged": 2}  # vLLM engines of each kind
+ENGINES = {"serve-lora": 1, "vllm-base": 1, "vllm-merged": 0, "serve-merged": 2}  # vLLM engines of each kind
 MAX_ENGINES = 4  # at most this many engines up at once (memory of a 24 GiB machine)
 
 
@@ -395,7 +425,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for kind in _prestart.get(item.nodeid, ()):
-        if kind not in _shared and kind not in _stopped and kind not in _failed:
+        if kind not in _shared and kind not in _stopped and kind not in _failed and kind not in UPSTREAMS:
             _shared[kind] = _make(kind).start()
             _started_at[kind] = time.monotonic()
             _ahead.add(kind)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from server_fixtures import smollm2_dir
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -31,6 +32,7 @@ def test_gpu_bench_says_not_run_without_a_gpu() -> None:
     assert "Not run: no CUDA GPU on this machine" in out
 
 
+@pytest.mark.real_model  # its prompts are tokenised by the real model's tokenizer
 def test_gpu_bench_runs_its_comparisons_on_a_small_model_on_the_cpu() -> None:
     smollm2_dir()  # its tokenizer tokenises the prompts
     out = bench("bench_gpu.py", "--device", "cpu", "--dims", "tiny", "--max-facts", "40", "--rounds", "2")

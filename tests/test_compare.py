@@ -7,11 +7,11 @@ import json
 import math
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import recallfix
 
 from recallfix.analysis import calibration as cal
 from recallfix.analysis.compare.client import (
@@ -139,8 +139,7 @@ def test_max_facts_keeps_whole_subjects_drawn_by_the_seed() -> None:
 
 
 def _compare(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "recallfix.patches.cli", "compare", *args], capture_output=True,
-                          text=True, timeout=120)
+    return recallfix("compare", *args)
 
 
 def _free_port() -> int:

@@ -36,9 +36,8 @@ rank and greedy generation must be equal unless the fact's deciding gap is below
 gave the same log-probabilities to the last bit on all 56 facts of the test split.)
 
 All tests here need `serve-lora` (module mark): they run as one block of server_fixtures' serve-lora group, so
-this module's vLLM server is started once (the analysis run is the session's, shared with test_analysis_real.py).
-RECALLFIX_TEST_COMPARE_RUN=RUN reuses an analysis run made with the same model (to iterate without the analysis'
-minutes).
+this module's vLLM server is started once (the analysis run is the session's, shared with test_analysis_real.py;
+RECALLFIX_TEST_REAL_RUN=RUN reuses one, see real_model.py).
 """
 
 from __future__ import annotations
@@ -95,11 +94,9 @@ TWIN_TOL = 1e-5  # per-fact log-probabilities, recallfix serve against vLLM's se
 
 
 @pytest.fixture(scope="module")
-def run(request: pytest.FixtureRequest) -> Path:
+def run(real_run: tuple[Path, int]) -> Path:
     """The session's analysis run of the real model (real_model.real_run, shared with test_analysis_real.py)."""
-    if os.environ.get("RECALLFIX_TEST_COMPARE_RUN"):
-        return Path(os.environ["RECALLFIX_TEST_COMPARE_RUN"])
-    out, code = request.getfixturevalue("real_run")
+    out, code = real_run
     assert code == 0
     return out
 

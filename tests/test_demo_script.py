@@ -19,7 +19,7 @@ import pytest
 
 from recallfix.patches.cli import main as recallfix_main
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.vllm]
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM = "vllm.entrypoints.openai.api_server"

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import recallfix
 from peft import PeftModel
 from safetensors import safe_open
 from tiny import ARCHITECTURES, PROMPTS
@@ -132,11 +131,6 @@ def test_pickle_only_checkpoint_is_refused(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="safetensors only"):
         safetensors_index(tmp_path)
-
-
-def recallfix(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recallfix.patches.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
 
 
 def test_cli_new_inspect_export_and_apply_check(tiny_dirs, tmp_path) -> None:

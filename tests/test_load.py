@@ -36,7 +36,7 @@ RSS_GROWTH_BOUND = 4 * 2**20
 @pytest.fixture(scope="module")
 def front() -> Process:
     base, merged = shared("vllm-base", "vllm-merged")
-    process = router(base, patched_url=merged.url, extra=(
+    process = router(base, patched_url=merged.url, upstream_key=merged.key, extra=(
         "--max-concurrency", str(LIMIT), "--feedback-capacity", str(FEEDBACK_CAPACITY), "--shadow-rate", "1.0",
         "--ab-split", "0.5", "--probe-interval", "2")).wait()
     yield process

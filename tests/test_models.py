@@ -10,10 +10,10 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
+import cli_runner
 import gguf
 import numpy as np
 import pytest
@@ -38,10 +38,7 @@ NO_NETWORK = {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:
 
 
 def recallfix(*args: str | Path, cache: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "recallfix.patches.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "RECALLFIX_CACHE": str(cache), **(env or {})},
-    )
+    return cli_runner.recallfix(*args, env={"RECALLFIX_CACHE": str(cache), **(env or {})})
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:

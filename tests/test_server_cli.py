@@ -6,12 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from server_fixtures import ROOT, patch_file, smollm2_dir
 
 from recallfix.patches import Patch
 from recallfix.server.cli import CPU_LORA_REASON, make_plan
 from recallfix.server.config import ServeConfig
 from recallfix.server.vllm_args import engine_args, parse, upstream_command, vllm_parser
+
+pytestmark = pytest.mark.real_model  # SmolLM2-135M's checkpoint and patches, refused or planned before any start
 
 
 def recallfix(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

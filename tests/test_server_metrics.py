@@ -1,7 +1,8 @@
 """/metrics of `recallfix serve`: it passes promtool (finding nothing vLLM's own /metrics does not), its
 counts match the traffic sent, shadow scoring measures the confidence shift that vLLM's own servers of
-base and merged-patched give for the same prompts, feedback fills the reliability series, and the vLLM
-servers' own `vllm:*` series come along with a `variant` label.
+base and merged-patched give for the same prompts (asked directly: vLLM's server of the base checkpoint, and the
+one the front runs for its patched variant), feedback fills the reliability series, and the vLLM servers' own
+`vllm:*` series come along with a `variant` label.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.servers("serve-merged", "vllm-base", "vllm-merged")
 
 @pytest.fixture
 def trio(servers: dict[str, Process]) -> tuple[Process, Process, Process]:
-    """`recallfix serve` (merged), and vLLM's own servers of its base and merged-patched checkpoints."""
+    """`recallfix serve` (merged), and vLLM's own servers of its base and merged-patched checkpoints (the latter
+    the front's own upstream, asked directly)."""
     return servers["serve-merged"], servers["vllm-base"], servers["vllm-merged"]
 
 

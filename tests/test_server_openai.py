@@ -1,6 +1,8 @@
 """A battery of common `openai`-client calls works through `recallfix serve` exactly as against vLLM's own
 server: for NAME and NAME:patched, each reply (and each streamed event) has the shape of the reply vLLM's
-server gives to the same call when started directly on the same checkpoint, and greedy text is the same.
+server gives to the same call, and greedy text is the same. NAME's reference is vLLM's server started on its own
+on the base checkpoint (`recallfix serve` is a drop-in for it); NAME:patched's is the vLLM server the front runs
+for that variant, asked directly (the front passes its replies through unchanged).
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ def texts(reply: Any) -> dict[int, list[str]]:
 
 @pytest.fixture
 def peers(servers: dict[str, Process]) -> dict[str, Process]:
-    """`recallfix serve` (merged), and vLLM's own server of each name's checkpoint."""
+    """`recallfix serve` (merged), and vLLM's own server of each name: started on its own (NAME), the front's own
+    upstream (NAME:patched)."""
     return {"serve": servers["serve-merged"], NAME: servers["vllm-base"], f"{NAME}:patched": servers["vllm-merged"]}
 
 

@@ -1,7 +1,7 @@
-"""`recallfix router` in front of two vLLM servers started separately (base, and the merged patched
-checkpoint): the three names, vLLM's replies unchanged, errors in OpenAI's shape (401, 404, 429 with
-Retry-After, 503 while an upstream is down), idle connections kept open longer than clients keep theirs, and SIGTERM
-draining a stream in flight.
+"""`recallfix router` in front of two vLLM servers that run elsewhere (vLLM's own server of the base checkpoint, and
+the one serve-merged runs for its merged patched checkpoint): the three names, vLLM's replies unchanged, errors in
+OpenAI's shape (401, 404, 429 with Retry-After, 503 while an upstream is down), idle connections kept open longer
+than clients keep theirs, and SIGTERM draining a stream in flight.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from server_fixtures import API_KEY, CACHE, NAME, Process, free_port, shared, ss
 pytestmark = pytest.mark.servers("vllm-base", "vllm-merged")
 
 
-def router(base: Process, *, patched_url: str, extra: tuple[str, ...] = ()) -> Process:
+def router(base: Process, *, patched_url: str, upstream_key: str | None = None, extra: tuple[str, ...] = ()) -> Process:
+    """`recallfix router` before `base` and `patched_url`, with the key the upstreams want (`--upstream-api-key`:
+    the patched one is a recallfix serve's own vLLM server, which answers its front's key only)."""
+    key = ["--upstream-api-key", upstream_key] if upstream_key else []
     args = ["-m", "recallfix.server", "router", "--served-model-name", NAME, "--base-url", base.url,
-            "--patched-url", patched_url, "--api-key", API_KEY, "--probe-interval", "0.5", *extra]
+            "--patched-url", patched_url, *key, "--api-key", API_KEY, "--probe-interval", "0.5", *extra]
     return Process(args, CACHE / "server-tests" / f"router-{free_port()}.log").start()
 
 
@@ -32,7 +35,7 @@ def upstreams() -> tuple[Process, Process]:
 @pytest.fixture(scope="module")
 def front(upstreams) -> Process:  # noqa: ANN001
     base, merged = upstreams
-    process = router(base, patched_url=merged.url, extra=("--max-concurrency", "1")).wait()
+    process = router(base, patched_url=merged.url, upstream_key=merged.key, extra=("--max-concurrency", "1")).wait()
     yield process
     process.stop()
 
@@ -116,7 +119,7 @@ def test_a_down_upstream_is_503_and_the_other_variant_serves(upstreams) -> None:
 def test_sigterm_drains_a_stream_in_flight(upstreams) -> None:  # noqa: ANN001
     base, merged = upstreams
     # --drain-timeout: the stream must finish however slowly a shared machine generates it
-    draining = router(base, patched_url=merged.url, extra=("--drain-timeout", "600")).wait()
+    draining = router(base, patched_url=merged.url, upstream_key=merged.key, extra=("--drain-timeout", "600")).wait()
     body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 16, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", draining.url + "/v1/completions", json=body, headers=draining.headers(),
                       timeout=300) as response:

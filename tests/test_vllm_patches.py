@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from recallfix.patches import Patch, apply_patch, make_patch
 from recallfix.patches.export import export_lora, export_merged
 
+pytestmark = pytest.mark.vllm
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 TOLERANCE = 1e-3
 REAL_TOLERANCE = 1e-3  # see the real-model test
