@@ -13,8 +13,8 @@ Four kinds of server, on free loopback ports, each started at most once per sess
 A test names the kinds it needs with `@pytest.mark.servers(...)` and gets them from the `servers` fixture
 (or `shared(...)` in a module fixture). Tests are ordered so that each kind serves one run of tests
 (the LoRA server's first, the merged server's swap last), the next group's servers start while a group runs,
-and each kind stops after the last test that needs it: a 2-core, 24 GiB machine never holds more than four
-vLLM engines, and no vLLM server starts twice. Under pytest-xdist (`make test`) all these tests run on one
+and each kind stops after the last test that needs it: a 2-core, 24 GiB machine never holds more of them than
+fits (MAX_MEMORY_GIB), and no vLLM server starts twice. Under pytest-xdist (`make test`) all these tests run on one
 worker, first, and every other test on the other worker meanwhile.
 """
 
@@ -159,12 +159,14 @@ class Process:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Process:
-        # One OpenMP thread per vLLM engine (the front passes its environment to its servers): up to four engines
-        # share two cores here, and an engine's threads wait at each barrier for a peer that is not scheduled.
-        # With vLLM's default (a thread per core) generation fell to 0.1 tokens/s on a busy machine; with one
-        # thread it ran at 7 tokens/s under the same load.
+        # The front passes its environment to its vLLM servers. One OpenMP thread per vLLM engine: up to four
+        # engines share two cores here, and an engine's threads wait at each barrier for a peer that is not
+        # scheduled (with vLLM's default, a thread per core, generation fell to 0.1 tokens/s on a busy machine; with
+        # one thread it ran at 7 tokens/s under the same load). The model in the engine-core process (vLLM's "uni"
+        # executor, as demo/demo.py runs it): no worker process of its own, whose engine core waits for it spinning
+        # on a core, and one process fewer per engine (0.7 GiB each).
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1",
-               "OMP_NUM_THREADS": "1", **self.env}
+               "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **self.env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen([sys.executable, *self.args, "--port", str(self.port)], stdout=log,
@@ -389,8 +391,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 _last_user: dict[str, str] = {}
 _prestart: dict[str, tuple[str, ...]] = {}  # nodeid -> kinds to start (not wait for) before it runs
-ENGINES = {"serve-lora": 1, "vllm-base": 1, "vllm-merged": 0, "serve-merged": 2}  # vLLM engines of each kind
-MAX_ENGINES = 4  # at most this many engines up at once (memory of a 24 GiB machine)
+# Memory each kind holds (GiB, its processes' RSS with the uni executor, rounded up): serve-lora sizes its KV cache
+# from the free memory (up to 4 GiB), the others have SMALL_KV.
+MEMORY_GIB = {"serve-lora": 7, "vllm-base": 3, "vllm-merged": 0, "serve-merged": 6}
+# What the live servers may hold at once on a 24 GiB machine beside the test processes: under pytest-xdist the other
+# worker runs vLLM engines and analyses of its own meanwhile, so a group's servers start only when it begins.
+MAX_MEMORY_GIB = 10 if os.environ.get("PYTEST_XDIST_WORKER") else 16
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -414,7 +420,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             continue
         live = {kind for kind in first if first[kind] <= i <= last[kind]}
         new = next((set(needs(later)) - live for later in items[i + 1:] if set(needs(later)) - live), set())
-        if new and sum(ENGINES[k] for k in live | new) <= MAX_ENGINES:
+        if new and sum(MEMORY_GIB[k] for k in live | new) <= MAX_MEMORY_GIB:
             _prestart[item.nodeid] = tuple(k for k in KINDS if k in new)
     # The first group's servers start as its first test begins, before that test's own fixtures (the analysis
     # run of test_compare_vllm.py), which then run beside the start.

@@ -32,7 +32,8 @@ def run_vllm(model: Path, out: Path, loras: dict[str, Path] | None = None, promp
         cmd += ["--lora", f"{name}={path}"]
     for prompt in prompts:
         cmd += ["--prompt", prompt]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the model in the engine core: no worker process spinning beside it
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return json.loads(out.read_text())
