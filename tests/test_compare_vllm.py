@@ -362,9 +362,14 @@ def _one_line_error(done: subprocess.CompletedProcess[str]) -> str:
 
 
 def prompt_tokens(server: Process) -> float:
-    """The prompt tokens vLLM has read (its own counter; the front passes vLLM's series on)."""
-    return Metrics.parse(httpx.get(server.url + "/metrics", headers=server.headers(), timeout=60).text).value(
-        "vllm:prompt_tokens_total")
+    """The prompt tokens vLLM has read (its own counter; the front passes vLLM's series on), once the front has no
+    shadow scoring of earlier requests pending (it would read prompts of its own meanwhile)."""
+    def scrape() -> Metrics:
+        return Metrics.parse(httpx.get(server.url + "/metrics", headers=server.headers(), timeout=60).text)
+
+    settled = wait_for(lambda: (m := scrape()).value("recallfix_shadow_pending") == 0 and m, timeout=300)
+    assert settled, "shadow scorings still pending after 300 s"
+    return settled.value("vllm:prompt_tokens_total")
 
 
 @pytest.mark.parametrize("upstream", ["vllm", "front"])
