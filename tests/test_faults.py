@@ -309,7 +309,7 @@ def kill_held(process: subprocess.Popen, marker: Path, timeout: float = 900) -> 
     deadline = time.monotonic() + timeout
     try:
         while not marker.exists():
-            assert process.poll() is None, f"ended before it reached its commit: {process.communicate()}"
+            assert process.poll() is None, f"ended before it reached the point to hold at: {process.communicate()}"
             assert time.monotonic() < deadline, "never reached its commit"
             time.sleep(0.05)
     finally:
