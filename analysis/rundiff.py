@@ -61,7 +61,7 @@ def diff(a: Any, b: Any, rel_tol: float = 0.0, where: str = "") -> list[str]:
     return [] if type(a) is type(b) and a == b else [f"{where}: {a!r} != {b!r}"]
 
 
-def compare_runs(run_a: Path, run_b: Path, *, rel_tol: float = 0.0, paths: bool = False) -> list[str]:
+def diff_runs(run_a: Path, run_b: Path, *, rel_tol: float = 0.0, paths: bool = False) -> list[str]:
     """Differences between the analysis.json and patch.json of two runs ('file: path: a != b')."""
     out = []
     for name in ("analysis.json", "patch.json"):
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in (args.run_a, args.run_b):
         if not (run / "analysis.json").is_file():
             p.error(f"{run}: no analysis.json")
-    found = compare_runs(args.run_a, args.run_b, rel_tol=args.rel_tol, paths=args.paths)
+    found = diff_runs(args.run_a, args.run_b, rel_tol=args.rel_tol, paths=args.paths)
     for line in found:
         print(line)
     print(f"{len(found)} difference(s) between {args.run_a} and {args.run_b}"

@@ -422,8 +422,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         new = next((set(needs(later)) - live for later in items[i + 1:] if set(needs(later)) - live), set())
         if new and sum(MEMORY_GIB[k] for k in live | new) <= MAX_MEMORY_GIB:
             _prestart[item.nodeid] = tuple(k for k in KINDS if k in new)
-    # The first group's servers start as its first test begins, before that test's own fixtures (the analysis
-    # run of test_compare_vllm.py), which then run beside the start.
+    # The first group's servers start as its first test begins, before that test's own fixtures, which then run
+    # beside the start.
     first_user = next((item for item in items if needs(item)), None)
     if first_user is not None:
         _prestart[first_user.nodeid] = (*needs(first_user), *_prestart.get(first_user.nodeid, ()))

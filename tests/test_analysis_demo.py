@@ -1,6 +1,6 @@
 """The analysis on the trained demo model (tiny size): the suppression is found and the patch undoes it.
 
-The demo model's criteria are the shipped check sets `analysis/checks/demo.json` (default size, what
+The demo model's criteria are the shipped check sets `analysis/evaluate/checks/demo.json` (default size, what
 `recallfix demo --model demo` checks) and `demo-tiny.json` (this tiny size: 2 layers, width 64, a few hundred
 training steps; it knows far fewer facts, so the thresholds are looser). This test runs with
 `--require demo-tiny` and asserts every check passes, plus what the check language does not say.

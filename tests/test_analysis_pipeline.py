@@ -14,8 +14,8 @@ from tiny import ARCHITECTURES
 
 from recallfix.analysis.config import FitConfig
 from recallfix.analysis.pipeline import AnalysisConfig, AnalysisError, run_analysis
-from recallfix.analysis.rundiff import compare_runs
-from recallfix.analysis.rundiff import main as compare_runs_main
+from recallfix.analysis.rundiff import diff_runs
+from recallfix.analysis.rundiff import main as rundiff_main
 from recallfix.analysis.schema import SCHEMA_PATH, AnalysisResult, json_schema
 from recallfix.patches import Patch, apply_patch
 from recallfix.patches.cli import main as recallfix_main
@@ -210,8 +210,8 @@ def test_same_seed_same_patch_other_seed_other_split(tiny_dirs: dict[str, Path],
     assert d0["evaluation"] == d1["evaluation"] and d0["patch"]["history"] == d1["patch"]["history"]
     assert d0["data"]["facts_sha256"] != d2["data"]["facts_sha256"]  # another seed splits differently
     # every number of both files, apart from times and the command line
-    assert compare_runs(tmp_path / "run0", tmp_path / "run1") == []
-    assert "analysis.json: data.seed: 0 != 1" in compare_runs(tmp_path / "run0", tmp_path / "run2")
+    assert diff_runs(tmp_path / "run0", tmp_path / "run1") == []
+    assert "analysis.json: data.seed: 0 != 1" in diff_runs(tmp_path / "run0", tmp_path / "run2")
 
 
 def test_cli_options_are_the_config_fields_with_its_defaults() -> None:
@@ -229,7 +229,7 @@ def test_cli_options_are_the_config_fields_with_its_defaults() -> None:
         parser.parse_args(["analyze", "--model", "m", "--out", "o", "--mlp", "half"])
 
 
-def test_compare_runs_lists_every_difference_but_times_and_paths(tmp_path: Path) -> None:
+def test_rundiff_lists_every_difference_but_times_and_paths(tmp_path: Path) -> None:
     doc = {"created": "2026-01-01T00:00:00+00:00", "runtime_s": {"total": 1.5}, "command": "recallfix analyze",
            "tool_version": "0.1.0", "model": {"path": "/a/model", "num_layers": 2},
            "data": {"facts_path": "/a/facts", "unknown_path": None, "seed": 0},
@@ -250,19 +250,19 @@ def test_compare_runs_lists_every_difference_but_times_and_paths(tmp_path: Path)
     other["model"]["path"], other["data"]["facts_path"] = "/b/model", "/b/facts"
     other_patch = json.loads(json.dumps(patch))
     other_patch["provenance"].update(created="2027-01-01T00:00:00+00:00", command="y", tool_version="9")
-    assert compare_runs(a, write("b", other, other_patch)) == []
-    assert compare_runs(a, tmp_path / "b", paths=True) == ["analysis.json: model.path: '/a/model' != '/b/model'",
+    assert diff_runs(a, write("b", other, other_patch)) == []
+    assert diff_runs(a, tmp_path / "b", paths=True) == ["analysis.json: model.path: '/a/model' != '/b/model'",
                                                            "analysis.json: data.facts_path: '/a/facts' != '/b/facts'"]
     other["evaluation"]["nll"][1] = 0.5 + 1e-15
     other["evaluation"]["n"] = 3.0  # 3 != 3.0 in the file
     other_patch["edits"][0]["gain"] = 0.25
-    found = compare_runs(a, write("c", other, other_patch))
+    found = diff_runs(a, write("c", other, other_patch))
     assert found == ["analysis.json: evaluation.nll[1]: 0.5 != 0.500000000000001",
                      "analysis.json: evaluation.n: 3 != 3.0",
                      "patch.json: edits[0].gain: 0.5 != 0.25"]
-    assert compare_runs(a, tmp_path / "c", rel_tol=1e-12) == found[1:]
-    assert compare_runs_main([str(a), str(tmp_path / "b")]) == 0
-    assert compare_runs_main([str(a), str(tmp_path / "c")]) == 1
+    assert diff_runs(a, tmp_path / "c", rel_tol=1e-12) == found[1:]
+    assert rundiff_main([str(a), str(tmp_path / "b")]) == 0
+    assert rundiff_main([str(a), str(tmp_path / "c")]) == 1
 
 
 # -- errors -----------------------------------------------------------------------------------------
