@@ -377,8 +377,10 @@ def test_an_unknown_model_fails_fast_with_one_line(upstreams: tuple[Process, Pro
                                                    tmp_path: Path) -> None:
     server = upstreams[0] if upstream == "vllm" else upstreams[1]
     key = ["--api-key", API_KEY] if upstream == "front" else []
+    asked = server.post("/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 1})
+    assert asked.status_code == 200, asked.text
     before = requests_done(server)
-    assert before > 0, "no count of vLLM's finished requests (the earlier tests here asked it many)"
+    assert before >= 1, "no count of vLLM's finished requests"
     line = _one_line_error(_compare("--base-url", server.url, "--models", NAME, "no-such-model", "--run", str(run),
                                     "--split", "test", "--out", str(tmp_path / "out"), *key, timeout=300))
     # It stopped at its check, before asking the split's facts: both models are checked at once, and the known one's
