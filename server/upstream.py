@@ -49,7 +49,9 @@ class Upstream:
         try:
             response = await client.get(self.url + "/health", headers=self.headers(), timeout=timeout)
             self.up = response.status_code == 200
-        except httpx.HTTPError:
+        except (httpx.HTTPError, OSError, AttributeError):
+            # AttributeError: a server killed while the connection is being made can leave httpcore a stream whose
+            # socket is gone (anyio's getpeername on None), seen under load in tests/test_faults.py; it is down.
             self.up = False
         return self.up
 

@@ -72,9 +72,17 @@ def one_error_line(done: subprocess.CompletedProcess, *needles: str) -> str:
 
 # -- the servers -----------------------------------------------------------------------------------------
 def vllm_child(front: Process) -> psutil.Process:
-    (child,) = [p for p in psutil.Process(front.proc.pid).children() if "vllm.entrypoints.openai.api_server"
-                in " ".join(p.cmdline())]
+    (child,) = [p for p in psutil.Process(front.proc.pid).children()
+                if "vllm.entrypoints.openai.api_server" in command_line(p)]
     return child
+
+
+def command_line(process: psutil.Process) -> str:
+    """Its command line; empty for a process that has exited (a zombie its parent has not reaped yet, or gone)."""
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):
+        return ""
 
 
 def option(process: psutil.Process, name: str) -> str:
@@ -209,7 +217,7 @@ def test_sigterm_drains_requests_in_flight_exits_0_and_leaves_no_process(fronts)
     serve, router = fronts
     router.stop()  # it holds connections to the child; the drain is serve's
     descendants = psutil.Process(serve.proc.pid).children(recursive=True)
-    assert any("vllm" in " ".join(p.cmdline()) for p in descendants), descendants
+    assert any("vllm" in command_line(p) for p in descendants), descendants
     child = vllm_child(serve)
     with contextlib.ExitStack() as stack:
         # Both requests are long (a fast machine generated 200 tokens between two polls and two of 1,000 tokens
