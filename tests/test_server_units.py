@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 
+import httpx
 import pytest
 
 from recallfix.patches.options import from_args
@@ -23,6 +25,7 @@ from recallfix.server.observe import (
 )
 from recallfix.server.patching import PatchRefused, vllm_lora_rank
 from recallfix.server.routing import Router, UnknownModel, user_bucket
+from recallfix.server.upstream import Upstream
 from recallfix.server.vllm_args import DoesNotFit, GiB, cpu_kv_cache_gib
 
 
@@ -228,3 +231,19 @@ def test_a_refusal_first_in_an_earlier_assistant_message_is_found_before_vllm_fa
     assert unreadable_input_part("/v1/responses", {"input": [user, text]}) is None
     assert unreadable_input_part("/v1/responses", {"input": "a prompt"}) is None
     assert unreadable_input_part("/v1/chat/completions", {"input": [refusal]}) is None
+
+
+@pytest.mark.parametrize("failure", [httpx.ConnectError("refused"), ConnectionResetError("reset"),
+                                     AttributeError("'NoneType' object has no attribute 'getpeername'")])
+def test_a_probe_that_breaks_in_any_way_reads_as_down(failure: Exception) -> None:
+    """The last one is how httpcore fails when the server dies as the connection is made (seen under load): a
+    probe must say "down", not raise into the stream it follows."""
+    def broken(request: httpx.Request) -> httpx.Response:
+        raise failure
+
+    async def probe() -> tuple[bool, bool]:
+        upstream = Upstream(role="base", url="http://127.0.0.1:9", up=True)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(broken)) as client:
+            return await upstream.probe(client), upstream.up
+
+    assert asyncio.run(probe()) == (False, False)
