@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from server_fixtures import ROOT, patch_file, smollm2_dir
+from server_fixtures import ROOT, SMALL_KV, patch_file, smollm2_dir
 
 from recallfix.patches import Patch
 from recallfix.server.cli import CPU_LORA_REASON, make_plan
@@ -60,12 +60,13 @@ def test_lora_mode_refuses_a_bias_patch_before_anything_starts(tmp_path) -> None
 
 
 def test_auto_mode_says_why_it_serves_merged(tmp_path) -> None:  # noqa: ANN001
-    """auto: merged where LoRA cannot carry the patch (the reason named), else by the platform (CPU here)."""
+    """auto: merged where LoRA cannot carry the patch (the reason named), else by the platform (CPU here). The KV
+    cache is stated (SMALL_KV) so that the plan does not depend on the memory other tests' servers leave free."""
     model = smollm2_dir()
     for name, reason in (("bias", "LoRA cannot serve this patch: L29MLP adds a bias to the MLP output"),
                          ("learned", CPU_LORA_REASON)):
         config = ServeConfig(patch=patch_file(name), patch_mode="auto", cache_dir=tmp_path)
-        plan = make_plan(model, "smol", [], parse(model, []), config, Patch.load(patch_file(name)))
+        plan = make_plan(model, "smol", SMALL_KV, parse(model, SMALL_KV), config, Patch.load(patch_file(name)))
         assert plan.mode == "merged" and plan.reason.startswith(reason), plan.reason
 
 
@@ -90,7 +91,7 @@ def test_lora_mode_on_cpu_warns_that_vllm_mixes_the_adapter_into_base_requests(t
     model = smollm2_dir()
     config = ServeConfig(patch=patch_file("learned"), patch_mode="lora", cache_dir=tmp_path)
     with caplog.at_level("WARNING", logger="recallfix.server.cli"):
-        plan = make_plan(model, "smol", [], parse(model, []), config, Patch.load(patch_file("learned")))
+        plan = make_plan(model, "smol", SMALL_KV, parse(model, SMALL_KV), config, Patch.load(patch_file("learned")))
     from recallfix.server import vllm_args
 
     assert plan.mode == "lora"
