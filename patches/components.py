@@ -10,6 +10,13 @@ This is the one place that knows architectures. Everything else speaks one vocab
 A head's output is `W_O[:, h*d:(h+1)*d] @ z_h` (z_h: the head's attention-weighted values), so
 scaling those columns scales exactly that head's write to the residual stream. GPT-2 stores its
 projections as Conv1D with the weight transposed, so there the head is a block of rows.
+
+Gemma 3 puts an RMSNorm after the attention output projection and after the MLP output projection,
+before the residual add ("sandwich" norms, `ArchSpec.post_attn_norm` / `post_mlp_norm`): a head's or a
+neuron's write reaches the stream only through that norm, which the decomposition freezes at its
+forward-pass scale. Scaling the projection's weights is still the exact edit of a gain; the norm then
+renormalises the projection's output, so a gain on a whole MLP (or one gain on every head of a layer)
+there changes almost nothing (only through the norm's epsilon).
 """
 
 from __future__ import annotations
@@ -46,6 +53,14 @@ class ArchSpec:
     # block) a bias. None: no such switch, so a bias edit cannot be merged there.
     mlp_bias_switch: str | None = None
     mlp_bias_modules: tuple[str, ...] = ()
+    # Norms between a projection and the residual add, relative to a block (Gemma 3's sandwich norms); None: the
+    # projection's output is added to the stream as it is.
+    post_attn_norm: str | None = None
+    post_mlp_norm: str | None = None
+    # Every norm multiplies by (norm_weight_offset + weight): Gemma's RMSNorm stores its weight minus 1.
+    norm_weight_offset: float = 0.0
+    # The config attribute of a final logit soft-cap (logits = cap * tanh(logits / cap)), where the family has one.
+    logit_softcap: str | None = None
 
 
 _LLAMA_LIKE = ArchSpec("model.layers", "self_attn.o_proj", "mlp.down_proj", "model.norm", "linear", "rmsnorm", True)
@@ -69,6 +84,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # vLLM runs GPT-NeoX through its generic Transformers backend; LoRA there is unverified.
     "gpt_neox": ArchSpec("gpt_neox.layers",      "attention.dense",    "mlp.dense_4h_to_h",
                          "gpt_neox.final_layer_norm",        "linear", "layernorm", False),
+    # Gemma3ForCausalLM (vLLM's gemma3.py: SupportsLoRA). No mlp_bias switch, and a bias would sit before
+    # post_feedforward_layernorm anyway (`bias_edit_refusal`).
+    "gemma3_text": ArchSpec("model.layers",      "self_attn.o_proj",   "mlp.down_proj",
+                            "model.norm",                    "linear", "rmsnorm",   True,
+                            post_attn_norm="post_attention_layernorm", post_mlp_norm="post_feedforward_layernorm",
+                            norm_weight_offset=1.0, logit_softcap="final_logit_softcapping"),
 }
 # fmt: on
 
@@ -184,6 +205,7 @@ class ComponentMap:
 
     def __init__(self, model: nn.Module) -> None:
         self._model: nn.Module | None = model
+        self.config = model.config
         self.architecture, self.spec = spec_for(model.config)
         self.shape = ModelShape.from_config(model.config)
 
@@ -191,6 +213,7 @@ class ComponentMap:
     def from_config(cls, config: object) -> ComponentMap:
         self = cls.__new__(cls)
         self._model = None
+        self.config = config
         self.architecture, self.spec = spec_for(config)
         self.shape = ModelShape.from_config(config)
         return self
@@ -215,8 +238,40 @@ class ComponentMap:
         """The module a component writes through: attention output for heads, MLP output otherwise."""
         return self.attn_out(component.layer) if component.kind == "head" else self.mlp_out(component.layer)
 
+    def post_attn_norm(self, layer: int) -> nn.Module | None:
+        """The norm between the attention output projection and the residual add, or None (most families)."""
+        return None if self.spec.post_attn_norm is None else self.block(layer).get_submodule(self.spec.post_attn_norm)
+
+    def post_mlp_norm(self, layer: int) -> nn.Module | None:
+        """The norm between the MLP output projection and the residual add, or None (most families)."""
+        return None if self.spec.post_mlp_norm is None else self.block(layer).get_submodule(self.spec.post_mlp_norm)
+
+    def post_norm(self, component: Component) -> nn.Module | None:
+        """The norm a component's projection writes through before the residual add, or None."""
+        return self.post_attn_norm(component.layer) if component.kind == "head" else self.post_mlp_norm(component.layer)
+
     def final_norm(self) -> nn.Module:
         return self.model.get_submodule(self.spec.final_norm)
+
+    def norm_gain(self, norm: nn.Module) -> torch.Tensor:
+        """What a norm multiplies the normalised vector by, elementwise (float32): its weight, plus 1 on Gemma."""
+        gain = norm.weight.float()
+        return gain + self.spec.norm_weight_offset if self.spec.norm_weight_offset else gain
+
+    def logit_softcap(self) -> float | None:
+        """The final logit soft-cap of this model (logits = cap * tanh(logits / cap)), or None."""
+        value = getattr(self.config, self.spec.logit_softcap, None) if self.spec.logit_softcap else None
+        return float(value) if value else None
+
+    def readout_refusal(self) -> str | None:
+        """Why the logits are not a sum of per-component terms (so no exact decomposition, logit lens or
+        attribution), or None. Patches are weight edits and are unaffected."""
+        cap = self.logit_softcap()
+        if cap is not None:
+            return (f"{self.architecture} with final logit soft-capping ({self.spec.logit_softcap}={cap:g}): the "
+                    "logits are cap * tanh(W_U x / cap), not linear in the components, so the decomposition, the "
+                    "logit lens and the attribution are not exact")
+        return None
 
     def unembed(self) -> nn.Module:
         return self.model.get_output_embeddings()
@@ -260,6 +315,17 @@ class ComponentMap:
         """Index into the projection's weight that selects the component's input features."""
         cols = self.input_slice(component)
         return (cols, slice(None)) if self.spec.layout == "conv1d" else (slice(None), cols)
+
+    def bias_edit_refusal(self) -> str | None:
+        """Why no way of applying a patch (in memory, merged, LoRA) can add a vector to an MLP's write, or None.
+
+        A bias edit adds its vector to the MLP output projection's output; where a norm follows that projection
+        before the residual add, the vector is renormalised with the rest instead of being added to the stream."""
+        if self.spec.post_mlp_norm is not None:
+            return (f"{self.architecture} normalises the MLP's output ({self.spec.post_mlp_norm}) before adding it to "
+                    "the residual stream, so a bias on the MLP output projection is not a vector added to the stream "
+                    "and no weight edit carries it exactly")
+        return None
 
     def mlp_bias_refusal(self) -> str | None:
         """Why a merged checkpoint cannot carry a bias on an MLP output projection that has none, or None."""

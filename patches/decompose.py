@@ -10,7 +10,14 @@ so the logits split the same way, plus one constant term (norm bias and unembedd
     logits = sum_c  norm_lin(c) @ W_U.T  +  (b_norm @ W_U.T + b_U)
 
 `norm_lin` centres c (LayerNorm only), divides by the frozen scale and multiplies by the norm
-weight. The parts add up to the model's own logits to float rounding.
+weight (Gemma: 1 + weight). The parts add up to the model's own logits to float rounding.
+
+Where a norm sits between a projection and the residual add (Gemma 3's post-attention and
+post-feedforward RMSNorms, `ComponentMap.post_attn_norm` / `post_mlp_norm`), the block writes
+norm(a) for the projection's output a = sum of its components' outputs. That norm's scale is frozen
+the same way, per prompt at the position (`Decomposition.attn_scale`, `mlp_scale`), so each head's
+and neuron's write a_c / scale * gain is still linear and the writes add up to what the block wrote.
+A model whose logits are soft-capped is refused (`ComponentMap.readout_refusal`): tanh is not linear.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .components import Component, ComponentMap
+from .components import Component, ComponentMap, UnsupportedModelError
 from .hooks import FINAL_NORM_IN, capture
 
 
@@ -46,6 +53,10 @@ class Decomposition:
     final_block_in: torch.Tensor | None = None  # [batch, d_model], the stream entering the final block
     # [batch, layers, heads, seq]: each head's attention from the position to every key (`attentions=True`)
     attention: torch.Tensor | None = None
+    # layer -> [batch]: the divisor of the norm after the attention / MLP output projection, frozen at the forward
+    # pass's value (`rms_scale` of the projection's output); empty where the family has no such norm.
+    attn_scale: dict[int, torch.Tensor] = field(default_factory=dict)
+    mlp_scale: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def index(self, name: str) -> int:
         return self.names.index(name)
@@ -70,12 +81,28 @@ def _norm_eps(norm: nn.Module) -> float:
     raise ValueError(f"cannot find the epsilon of {type(norm).__name__}")
 
 
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """An RMSNorm's divisor of x [..., d]: sqrt(mean(x^2) + eps), in float32. [...]"""
+    return torch.sqrt(x.float().pow(2).mean(dim=-1) + eps)
+
+
 def frozen_norm_scale(cmap: ComponentMap, x: torch.Tensor) -> torch.Tensor:
     """The divisor the final norm applies to x: std (LayerNorm) or RMS (RMSNorm)."""
     eps = _norm_eps(cmap.final_norm())
     if cmap.spec.norm == "layernorm":
         return torch.sqrt(x.var(dim=-1, unbiased=False) + eps)
-    return torch.sqrt(x.pow(2).mean(dim=-1) + eps)
+    return rms_scale(x, eps)
+
+
+def through_frozen_norm(parts: torch.Tensor, scale: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """Parts of an RMSNorm's input through the norm with its scale frozen: parts / scale * gain, linear in the
+    parts, so they add up to the norm's output. parts [batch, ..., d]; scale [batch]; gain [d]."""
+    return parts / scale.view((-1,) + (1,) * (parts.dim() - 1)) * gain
+
+
+def final_norm_gain(cmap: ComponentMap) -> torch.Tensor:
+    """What the final norm multiplies the normalised stream by (float32, [d_model])."""
+    return cmap.norm_gain(cmap.final_norm())
 
 
 def norm_linear(cmap: ComponentMap, contributions: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -85,8 +112,7 @@ def norm_linear(cmap: ComponentMap, contributions: torch.Tensor, scale: torch.Te
     """
     if cmap.spec.norm == "layernorm":
         contributions = contributions - contributions.mean(dim=-1, keepdim=True)
-    shape = (-1,) + (1,) * (contributions.dim() - 1)
-    return contributions / scale.view(shape) * cmap.final_norm().weight.float()
+    return through_frozen_norm(contributions, scale, final_norm_gain(cmap))
 
 
 def constant_logits(cmap: ComponentMap) -> torch.Tensor:
@@ -103,7 +129,7 @@ def constant_logits(cmap: ComponentMap) -> torch.Tensor:
 
 def readout(cmap: ComponentMap, scale: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Directions r such that a write c adds c @ r[b, k] to the logit of token_ids[b, k]. [batch, k, d]"""
-    rows = cmap.unembed().weight.float()[token_ids] * cmap.final_norm().weight.float()
+    rows = cmap.unembed().weight.float()[token_ids] * final_norm_gain(cmap)
     if cmap.spec.norm == "layernorm":
         rows = rows - rows.mean(dim=-1, keepdim=True)
     return rows / scale.view(-1, *([1] * (rows.dim() - 1)))
@@ -124,7 +150,7 @@ def _mean_unembedding_row(weight: torch.Tensor) -> torch.Tensor:
 
 def mean_readout(cmap: ComponentMap, scale: torch.Tensor) -> torch.Tensor:
     """The readout of the mean logit over the vocabulary. [batch, d]"""
-    mean_row = (_mean_unembedding_row(cmap.unembed().weight) * cmap.final_norm().weight.float())
+    mean_row = _mean_unembedding_row(cmap.unembed().weight) * final_norm_gain(cmap)
     if cmap.spec.norm == "layernorm":
         mean_row = mean_row - mean_row.mean()
     return mean_row.unsqueeze(0) / scale.unsqueeze(1)
@@ -145,6 +171,8 @@ def decompose(
     must run an attention implementation that returns the weights (eager).
     """
     cmap = cmap or ComponentMap(model)
+    if (reason := cmap.readout_refusal()) is not None:
+        raise UnsupportedModelError(reason)
     shape = cmap.shape
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     pos = last_positions(attention_mask, input_ids).to(input_ids.device)
@@ -156,8 +184,11 @@ def decompose(
 
     final_in = f"blocks.{shape.num_layers - 1}.hook_resid_pre"
     points = ["blocks.0.hook_resid_pre", final_in, FINAL_NORM_IN]
+    sandwich = cmap.spec.post_attn_norm is not None
     for layer in range(shape.num_layers):
         points += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"]
+        if sandwich:  # the post-attention norm's input, for its frozen scale
+            points.append(f"blocks.{layer}.hook_attn_out")
     # Only the positions' logits are needed: unembed those columns alone (transformers' logits_to_keep).
     kwargs: dict[str, object] = {"output_attentions": True} if attentions else {}
     columns = pos
@@ -168,19 +199,30 @@ def decompose(
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
     names, layers, parts = ["embed"], [-1], [captured["blocks.0.hook_resid_pre"]]
+    attn_scale, mlp_scale = {}, {}
     d = shape.head_dim
     for layer in range(shape.num_layers):
         proj = cmap.attn_out(layer)
         w_o = cmap.output_weight(proj).float()  # [d_model, heads * d]
         z = captured[f"blocks.{layer}.attn.hook_z"].view(-1, shape.num_heads, d)
         heads = torch.einsum("bhd,mhd->bhm", z, w_o.view(w_o.shape[0], shape.num_heads, d))
+        attn_bias = None if getattr(proj, "bias", None) is None else proj.bias.float().expand_as(parts[0])
+        if (norm := cmap.post_attn_norm(layer)) is not None:
+            attn_scale[layer] = rms_scale(captured[f"blocks.{layer}.hook_attn_out"], _norm_eps(norm))
+            heads = through_frozen_norm(heads, attn_scale[layer], cmap.norm_gain(norm))
+            if attn_bias is not None:
+                attn_bias = through_frozen_norm(attn_bias, attn_scale[layer], cmap.norm_gain(norm))
         names += cmap.heads(layer)
         parts += list(heads.unbind(dim=1))
-        if getattr(proj, "bias", None) is not None:
+        if attn_bias is not None:
             names.append(f"L{layer}attn_bias")
-            parts.append(proj.bias.float().expand_as(parts[0]))
+            parts.append(attn_bias)
+        mlp = captured[f"blocks.{layer}.hook_mlp_out"]
+        if (norm := cmap.post_mlp_norm(layer)) is not None:
+            mlp_scale[layer] = rms_scale(mlp, _norm_eps(norm))
+            mlp = through_frozen_norm(mlp, mlp_scale[layer], cmap.norm_gain(norm))
         names.append(str(Component(layer, "mlp")))
-        parts.append(captured[f"blocks.{layer}.hook_mlp_out"])
+        parts.append(mlp)
         layers += [layer] * (len(names) - len(layers))
 
     final = captured[FINAL_NORM_IN]
@@ -201,7 +243,25 @@ def decompose(
         z={layer: captured[f"blocks.{layer}.attn.hook_z"] for layer in range(shape.num_layers)},
         final_block_in=captured[final_in],
         attention=attention,
+        attn_scale=attn_scale,
+        mlp_scale=mlp_scale,
     )
+
+
+def through_post_mlp_norm(cmap: ComponentMap, layer: int, acts: torch.Tensor, direction: torch.Tensor,
+                          mlp_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neuron n's write read along a direction is acts[:, n] * (W_out[:, n] · direction). Where a norm follows
+    the MLP output projection, frozen at scale s with gain g, it is (acts[:, n] / s) * (W_out[:, n] · (g ⊙
+    direction)): returns those acts and direction (unchanged without such a norm).
+
+    acts [batch, d_mlp]; direction [batch, d_model]; mlp_scale [batch] (`Decomposition.mlp_scale[layer]`)."""
+    norm = cmap.post_mlp_norm(layer)
+    if norm is None:
+        return acts, direction
+    if mlp_scale is None:
+        raise ValueError(f"layer {layer}'s MLP writes through {type(norm).__name__} ({cmap.architecture}): its "
+                         "frozen scale (Decomposition.mlp_scale) is needed")
+    return acts / mlp_scale.unsqueeze(-1), direction * cmap.norm_gain(norm)
 
 
 def component_logits(dec: Decomposition, cmap: ComponentMap) -> torch.Tensor:
@@ -227,9 +287,11 @@ def neuron_attribution(
 ) -> torch.Tensor:
     """Each neuron of layer's MLP: its push on token_ids[b] against the mean logit. [batch, d_mlp]
 
-    Neuron n writes act_n * W_out[:, n]; its logit effect is that write read out through the frozen
-    norm. The MLP's bias is not a neuron's, so neurons sum to the MLP's output minus its bias.
+    Neuron n writes act_n * W_out[:, n] (through the frozen post-MLP norm where there is one,
+    `through_post_mlp_norm`); its logit effect is that write read out through the frozen final norm. The MLP's bias
+    is not a neuron's, so neurons sum to the MLP's output minus its bias.
     """
     direction = readout(cmap, dec.norm_scale, token_ids.view(-1, 1))[:, 0] - mean_readout(cmap, dec.norm_scale)
+    acts, direction = through_post_mlp_norm(cmap, layer, dec.neuron_acts[layer], direction, dec.mlp_scale.get(layer))
     w_out = cmap.output_weight(cmap.mlp_out(layer)).float()  # [d_model, d_mlp]
-    return dec.neuron_acts[layer] * (direction @ w_out)
+    return acts * (direction @ w_out)

@@ -8,8 +8,9 @@ peak memory is one shard, not the model.
 A bias edit merges into the MLP output projection's bias. Where that projection has none, the
 architecture's config switch (`ArchSpec.mlp_bias_switch`, Llama's `mlp_bias`) is turned on and every
 bias it implies is written (zeros, plus the edit); an architecture without a switch is refused
-(`merged_refusal`). LoRA cannot carry a bias change at all (`lora_refusal`). `export_refusals` says
-both for a model before anything is written.
+(`merged_refusal`), and so is one that normalises the MLP's output before the residual add (Gemma 3,
+`ComponentMap.bias_edit_refusal`: no way of applying the patch carries it there). LoRA cannot carry a
+bias change at all (`lora_refusal`). `export_refusals` says both for a model before anything is written.
 
 LoRA: for a projection y = W x, a gain g on input features S is W' = W + W[:, S] (g - 1) E_S, where
 E_S selects S. That is a LoRA update B A with A = E_S (one-hot rows) and B = W[:, S] (g - 1),
@@ -51,10 +52,11 @@ class MergedUnsupportedError(PatchError):
 def merged_refusal(cmap: ComponentMap, patch: Patch, has_tensor: HasTensor) -> str | None:
     """Why a merged checkpoint cannot carry this patch, or None when it can."""
     for c in patch.biases:
-        if not has_tensor(f"{cmap.module_name(c)}.bias"):
+        reason = cmap.bias_edit_refusal()
+        if reason is None and not has_tensor(f"{cmap.module_name(c)}.bias"):
             reason = cmap.mlp_bias_refusal()
-            if reason:
-                return f"{c} adds a bias, but {reason}"
+        if reason:
+            return f"{c} adds a bias, but {reason}"
     return None
 
 

@@ -3,9 +3,14 @@
     blocks.{l}.hook_resid_pre   input of block l: the residual stream entering it         [batch, pos, d_model]
     blocks.{l}.attn.hook_z      input of block l's attention output projection: the heads' z side by side
                                 (head h is features h*d_head .. (h+1)*d_head-1)           [batch, pos, heads*d_head]
+    blocks.{l}.hook_attn_out    output of that projection: the heads' outputs summed, bias included  [batch, pos, d]
     blocks.{l}.mlp.hook_post    input of block l's MLP output projection: the neuron activations  [batch, pos, d_mlp]
-    blocks.{l}.hook_mlp_out     output of that projection: the MLP's write, bias included  [batch, pos, d_model]
+    blocks.{l}.hook_mlp_out     output of that projection: the MLP's output, bias included  [batch, pos, d_model]
     ln_final.hook_in            input of the final norm: the stream after the last block   [batch, pos, d_model]
+
+hook_attn_out and hook_mlp_out are what the block adds to the stream, except where a norm follows the projection
+(Gemma 3's post-attention and post-feedforward norms): there they are that norm's input, so that a hook on them
+acts where a patch edits the weights. (TransformerLens puts its hook_attn_out and hook_mlp_out after those norms.)
 
 Activations come as the module sees them (OPT's MLP flattens batch and position). A hook function
 gets the activation and returns a replacement, or None to leave it unchanged (TransformerLens'
@@ -29,7 +34,7 @@ from .components import ComponentMap
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 FINAL_NORM_IN = "ln_final.hook_in"
-_BLOCK_POINT = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|attn\.hook_z|mlp\.hook_post|hook_mlp_out)$")
+_BLOCK_POINT = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|attn\.hook_z|hook_attn_out|mlp\.hook_post|hook_mlp_out)$")
 
 
 def hook_point(cmap: ComponentMap, name: str) -> tuple[nn.Module, bool]:
@@ -39,12 +44,13 @@ def hook_point(cmap: ComponentMap, name: str) -> tuple[nn.Module, bool]:
     match = _BLOCK_POINT.match(name)
     if match is None:
         raise ValueError(f"unknown hook point {name!r}: expected blocks.{{l}}.hook_resid_pre, blocks.{{l}}.attn.hook_z,"
-                         f" blocks.{{l}}.mlp.hook_post, blocks.{{l}}.hook_mlp_out or {FINAL_NORM_IN}")
+                         f" blocks.{{l}}.hook_attn_out, blocks.{{l}}.mlp.hook_post, blocks.{{l}}.hook_mlp_out or "
+                         f"{FINAL_NORM_IN}")
     layer, point = int(match[1]), match[2]
     if point == "hook_resid_pre":
         return cmap.block(layer), False
-    if point == "attn.hook_z":
-        return cmap.attn_out(layer), False
+    if point in ("attn.hook_z", "hook_attn_out"):
+        return cmap.attn_out(layer), point == "hook_attn_out"
     return cmap.mlp_out(layer), point == "hook_mlp_out"
 
 

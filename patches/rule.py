@@ -4,7 +4,8 @@ A component's gain multiplies the weight entries that read the component's input
 of W_O, a neuron's column of W_out, all of W_out for a whole MLP) and the projection's bias only when
 the component is the whole MLP (a bias belongs to no single head or neuron). A bias edit adds its
 vector to the MLP output projection's bias; a projection without one (Llama) gets a zero bias first,
-which is why a bias edit fingerprints the projection's weight (its bias may not exist yet). Every way
+which is why a bias edit fingerprints the projection's weight (its bias may not exist yet); where a norm
+follows the projection (Gemma 3) a bias edit is refused. Every way
 of applying a patch (in memory, merged checkpoint, LoRA) goes through `tensor_edits`, so they agree
 by construction.
 """
@@ -48,6 +49,8 @@ def tensor_edits(cmap: ComponentMap, edits: PatchEdits, has_tensor: HasTensor) -
         component = cmap.validate(edit.component)
         module = cmap.module_name(component)
         if isinstance(edit, BiasEdit):
+            if (reason := cmap.bias_edit_refusal()) is not None:  # in memory, merged and LoRA alike
+                raise ValueError(f"edits.{i}: {component} adds a bias, but {reason}")
             if len(edit.bias) != cmap.shape.hidden_size:
                 raise ValueError(f"edits.{i}.bias: {len(edit.bias)} values, but the model's hidden_size is "
                                  f"{cmap.shape.hidden_size}")

@@ -29,13 +29,17 @@ def test_final_block_parts_add_up_and_match_the_forward_pass(arch: str) -> None:
     # the stream after attention plus the MLP's write is what enters the final norm
     assert torch.allclose(c.final_resid_mid + c.final_mlp_out, c.x_final, atol=1e-4)
     seen: dict[str, torch.Tensor] = {}
+    # What the block adds to the stream: the projection's output, or the norm's after it (Gemma 3's sandwich norms)
+    attn_write = cmap.post_attn_norm(final) or cmap.attn_out(final)
+    mlp_write = cmap.post_mlp_norm(final) or cmap.mlp_out(final)
     handles = [
         cmap.block(final).register_forward_pre_hook(
             lambda _m, args, kwargs: seen.__setitem__("x_in", args[0] if args else kwargs["hidden_states"]),
             with_kwargs=True),
-        cmap.attn_out(final).register_forward_hook(lambda _m, _a, out: seen.__setitem__("attn", out)),
+        attn_write.register_forward_hook(lambda _m, _a, out: seen.__setitem__("attn", out)),
+        cmap.attn_out(final).register_forward_hook(lambda _m, _a, out: seen.__setitem__("attn_proj", out)),
         cmap.attn_out(final).register_forward_pre_hook(lambda _m, args: seen.__setitem__("z", args[0])),
-        cmap.mlp_out(final).register_forward_hook(lambda _m, _a, out: seen.__setitem__("mlp", out)),
+        mlp_write.register_forward_hook(lambda _m, _a, out: seen.__setitem__("mlp", out)),
     ]
     runs = []
     try:
@@ -51,10 +55,16 @@ def test_final_block_parts_add_up_and_match_the_forward_pass(arch: str) -> None:
         mid = run["x_in"][0, last] + run["attn"].reshape(len(ids[i]), -1)[last]
         assert torch.allclose(c.final_resid_mid[i], mid.float(), atol=1e-4)
         assert torch.allclose(c.final_mlp_out[i], run["mlp"].reshape(len(ids[i]), -1)[last].float(), atol=1e-4)
-        # head k's write: its slice of z through its columns of the output projection
+        # head k's write: its slice of z through its columns of the output projection (and through the norm after
+        # it, its scale frozen at the projection's output: sqrt(mean(a^2) + eps), with its gain 1 + weight)
         z = run["z"].reshape(len(ids[i]), -1)[last].float().view(h, -1)
         w_o = cmap.output_weight(cmap.attn_out(final)).float().view(d, h, -1)
-        assert torch.allclose(c.final_head_writes[i], torch.einsum("hk,mhk->hm", z, w_o), atol=1e-4)
+        expected = torch.einsum("hk,mhk->hm", z, w_o)
+        if (norm := cmap.post_attn_norm(final)) is not None:
+            a = run["attn_proj"].reshape(len(ids[i]), -1)[last].float()
+            expected = expected / torch.sqrt(a.pow(2).mean() + norm.eps) * (1 + norm.weight.float())
+            assert torch.allclose(expected.sum(0), run["attn"].reshape(len(ids[i]), -1)[last].float(), atol=1e-4)
+        assert torch.allclose(c.final_head_writes[i], expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
@@ -123,6 +133,6 @@ def test_heads_read_through_their_z_give_the_full_ablation_effect(arch: str) -> 
     writes = torch.stack([dec.resid[:, dec.index(n)] for n in names], dim=1)
     reference = ablation_effect(cmap, dec.final_resid, writes, answers)
     fast = ablation_effect_heads(cmap, dec.final_resid, writes, names, final, dec.z[final],
-                                 head_readout(cmap, final), answers)
+                                 head_readout(cmap, final), answers, dec.attn_scale.get(final))
     assert fast.shape == reference.shape and reference.abs().max() > 1e-4
     assert torch.allclose(fast, reference, atol=1e-4, rtol=1e-3)

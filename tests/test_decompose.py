@@ -80,3 +80,23 @@ def test_mean_readout_follows_a_changed_unembedding() -> None:
     after = mean_readout(cmap, scale)
     expected = cmap.unembed().weight.float().mean(dim=0) * cmap.final_norm().weight.float()
     assert torch.allclose(after, expected.unsqueeze(0)) and not torch.allclose(after, before)
+
+
+def test_soft_capped_logits_are_refused_and_patches_still_apply() -> None:
+    """A final logit soft-cap (cap * tanh(logits / cap)) is not linear: the decomposition refuses it by name,
+    while a patch, a weight edit, still applies."""
+    import transformers
+    from tiny import build_tokenizer, tiny_config
+
+    from recallfix.patches import UnsupportedModelError, apply_patch, make_patch
+
+    config = tiny_config("gemma3_text", len(build_tokenizer()))
+    config.final_logit_softcapping = 30.0
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with pytest.raises(UnsupportedModelError, match=r"final logit soft-capping \(final_logit_softcapping=30\)"):
+        decompose(model, ids)
+    with torch.no_grad():
+        base = model(ids).logits
+        with apply_patch(model, make_patch(model, {"L1H0": 0.5})):
+            assert not torch.allclose(model(ids).logits, base)

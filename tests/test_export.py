@@ -13,7 +13,15 @@ from safetensors import safe_open
 from tiny import ARCHITECTURES, PROMPTS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recallfix.patches import Component, FingerprintMismatchError, Patch, apply_patch, check_patch_against, make_patch
+from recallfix.patches import (
+    Component,
+    FingerprintMismatchError,
+    Patch,
+    PatchError,
+    apply_patch,
+    check_patch_against,
+    make_patch,
+)
 from recallfix.patches.export import (
     LoraUnsupportedError,
     MergedUnsupportedError,
@@ -21,8 +29,9 @@ from recallfix.patches.export import (
     export_merged,
     export_refusals,
 )
+from recallfix.patches.patch import BiasEdit
 
-LORA_ARCHS = ["opt", "llama", "mistral", "qwen2", "qwen3"]
+LORA_ARCHS = ["opt", "llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 BIAS_MERGED = ["gpt2", "opt", "llama", "gpt_neox"]  # MLP output bias, or (Llama) the mlp_bias switch
 BIAS_REFUSED = ["mistral", "qwen2", "qwen3"]  # no bias and no switch: transformers and vLLM would drop it
 EDITS = {"L1H0": 0.5, "L1H1": 1.5, "L1N3": 1.7, "L0N5": 0.2}
@@ -241,3 +250,34 @@ def test_bias_edit_is_refused_where_a_merged_checkpoint_cannot_carry_it(arch: st
     assert refusals["merged"].startswith(reason) and "LoRA cannot carry bias changes" in refusals["lora"]
     with apply_patch(model, patch):  # in memory it still applies
         assert "model.layers.1.mlp.down_proj.bias" in dict(model.named_parameters())
+
+
+def test_gemma3_refuses_bias_edits_everywhere(tiny_dirs, tmp_path) -> None:
+    """Gemma 3 normalises the MLP's output (post_feedforward_layernorm) before the residual add: a bias on
+    down_proj would be renormalised with the rest, not added to the stream. Making, applying in memory and
+    exporting such a patch are all refused with that reason; gains still apply."""
+    base_dir = tiny_dirs["gemma3_text"]
+    model = load(base_dir)
+    reason = ("L1MLP adds a bias, but gemma3_text normalises the MLP's output (post_feedforward_layernorm) before "
+              "adding it to the residual stream")
+    with pytest.raises(ValueError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        bias_patch(model)
+    gains = make_patch(model, {"L1H0": 0.5})
+    bias = [0.1] * model.config.hidden_size
+    forged = Patch(schema_version=2, model=gains.model, edits=[*gains.edits, BiasEdit(component="L1MLP", bias=bias)],
+                   provenance=gains.provenance)  # as a patch made elsewhere would come
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    for target in (model, base_dir):
+        with pytest.raises(PatchError, match="L1MLP adds a bias, but gemma3_text normalises"):
+            check_patch_against(target, forged)
+    with pytest.raises(PatchError, match="L1MLP adds a bias, but gemma3_text normalises"):
+        apply_patch(model, forged)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "a refused patch changes nothing"
+    for export in (export_merged, export_lora):
+        with pytest.raises(PatchError, match="L1MLP adds a bias, but gemma3_text normalises"):
+            export(base_dir, forged, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [], "a refused export writes nothing"
+    refusals = export_refusals(base_dir, forged)
+    assert refusals["merged"].startswith(reason) and "no weight edit carries it exactly" in refusals["merged"]
+    assert "LoRA cannot carry bias changes" in refusals["lora"]
+    assert export_refusals(model, gains) == {"merged": None, "lora": None}

@@ -12,7 +12,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-ARCHITECTURES = ["gpt2", "opt", "llama", "mistral", "qwen2", "qwen3", "gpt_neox"]
+ARCHITECTURES = ["gpt2", "opt", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gemma3_text"]
 
 CORPUS = [
     "The capital of France is Paris.",
@@ -64,6 +64,12 @@ def tiny_config(arch: str, vocab_size: int) -> transformers.PretrainedConfig:
         return transformers.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                           intermediate_size=128, max_position_embeddings=256,
                                           tie_word_embeddings=False, **common)
+    if arch == "gemma3_text":
+        # Gemma 3's own shape: tied embeddings, q/k norms, a sliding-window layer (window 4, shorter than the
+        # prompts) before a global one; no logit soft-cap (Gemma 3 has none).
+        return transformers.Gemma3TextConfig(head_dim=32, query_pre_attn_scalar=32, sliding_window=4,
+                                             layer_types=["sliding_attention", "full_attention"],
+                                             **{**llama_like, "tie_word_embeddings": True})
     raise ValueError(arch)
 
 

@@ -9,6 +9,9 @@ i.e. how much c raises the answer's logit against the mean logit. A component "p
 down" on a prompt when DLA_c < 0. Neuron n of the final MLP writes act_n · W_out[:, n], so its DLA
 is act_n · (W_out[:, n] · (r_a - r_mean)); the neurons sum to the MLP's DLA minus its bias's.
 
+On Gemma 3 a head's or neuron's write passes a norm before the residual add; its scale is frozen too
+(`recallfix.patches.decompose`), so the writes, their DLA and their effects are those through it.
+
 DLA freezes the final norm, so it misses one way a last layer lowers p(answer): writing a large
 vector that raises the norm's scale and shrinks every logit already in the stream (a temperature).
 Across the final block the change of the answer's logit against the mean is exactly
@@ -32,7 +35,14 @@ from dataclasses import dataclass
 import torch
 
 from recallfix.patches.components import Component, ComponentMap
-from recallfix.patches.decompose import constant_logits, frozen_norm_scale, mean_readout, norm_linear, readout
+from recallfix.patches.decompose import (
+    constant_logits,
+    frozen_norm_scale,
+    mean_readout,
+    norm_linear,
+    readout,
+    through_post_mlp_norm,
+)
 
 from .gemm import matmul_t
 from .lens import lens_answer
@@ -51,23 +61,34 @@ def ablation_effect(cmap: ComponentMap, x_out: torch.Tensor, writes: torch.Tenso
 
 def head_readout(cmap: ComponentMap, layer: int) -> torch.Tensor:
     """Every head's z straight to unscaled logits: row h*d_head + i is W_U P(W_O[:, h*d_head + i]), where
-    P(v) = w_norm ⊙ v (LayerNorm: v centred first) is the final norm without its scale. [heads * d_head, vocab]"""
+    P(v) = w_norm ⊙ v (LayerNorm: v centred first) is the final norm without its scale. [heads * d_head, vocab]
+
+    Where a norm follows the attention output projection (Gemma 3), the columns are taken through its gain g
+    (g ⊙ W_O[:, i]); its frozen scale, which differs per prompt, divides z instead (`ablation_effect_heads`)."""
     w_o = cmap.output_weight(cmap.attn_out(layer)).float()  # [d_model, heads * d_head]
+    if (norm := cmap.post_attn_norm(layer)) is not None:
+        w_o = w_o * cmap.norm_gain(norm).unsqueeze(-1)
     columns = norm_linear(cmap, w_o.T, torch.ones(w_o.shape[1], device=w_o.device))
     return matmul_t(columns, cmap.unembed().weight)
 
 
 def ablation_effect_heads(cmap: ComponentMap, x_out: torch.Tensor, writes: torch.Tensor, names: list[str],
                           layer: int, z: torch.Tensor, heads_readout: torch.Tensor,
-                          answer_ids: torch.Tensor) -> torch.Tensor:
+                          answer_ids: torch.Tensor, attn_scale: torch.Tensor | None = None) -> torch.Tensor:
     """`ablation_effect` of the writes [batch, C, d] named `names` (of block `layer`: heads, attention bias, MLP),
     with the heads' logits read from their z [batch, heads * d_head] through `head_readout(cmap, layer)` instead
-    of one full readout per head.
+    of one full readout per head. attn_scale [batch]: the frozen scale of the norm after the attention output
+    projection (`Decomposition.attn_scale[layer]`), needed where there is one.
 
     P (the norm without its scale) is linear, so with U(v) = W_U P(v) the logits after removing a write c are
     (U(x) - U(c)) / s(x - c) + const; a head's U(c) is its z through its rows of `head_readout`: the heads of a
     prompt together cost one readout instead of one each. [batch, C]"""
     batch, d_head = x_out.shape[0], cmap.shape.head_dim
+    if (norm := cmap.post_attn_norm(layer)) is not None:
+        if attn_scale is None:
+            raise ValueError(f"layer {layer}'s attention writes through {type(norm).__name__} ({cmap.architecture}): "
+                             "its frozen scale (Decomposition.attn_scale) is needed")
+        z = z.float() / attn_scale.unsqueeze(-1)
     weight = cmap.unembed().weight
     unit = torch.ones(batch, device=x_out.device)
     u_x = matmul_t(norm_linear(cmap, x_out, unit), weight)
@@ -106,11 +127,15 @@ def logprob_gradient(cmap: ComponentMap, x_out: torch.Tensor, answer_ids: torch.
     return grad
 
 
-def neuron_logprob_attribution(cmap: ComponentMap, grad: torch.Tensor, acts: torch.Tensor,
-                               layer: int) -> torch.Tensor:
-    """First-order effect of each neuron's write on log p(answer): act_n (W_out[:, n] · grad). [batch, d_mlp]"""
+def neuron_logprob_attribution(cmap: ComponentMap, grad: torch.Tensor, acts: torch.Tensor, layer: int,
+                               mlp_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """First-order effect of each neuron's write on log p(answer): act_n (W_out[:, n] · grad). [batch, d_mlp]
+
+    mlp_scale [batch]: the frozen scale of the norm after the MLP output projection (`Decomposition.mlp_scale
+    [layer]`), needed where there is one: the write is then (act_n / s) (g ⊙ W_out[:, n])."""
+    acts, grad = through_post_mlp_norm(cmap, layer, acts.float(), grad, mlp_scale)
     w_out = cmap.output_weight(cmap.mlp_out(layer))
-    return acts.float() * (grad.to(w_out.dtype) @ w_out).float()
+    return acts * (grad.to(w_out.dtype) @ w_out).float()
 
 
 def rescale_term(cmap: ComponentMap, x_in: torch.Tensor, x_out: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:

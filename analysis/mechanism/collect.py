@@ -198,12 +198,13 @@ def collect(
         if heads_readout is None:
             heads_readout = head_readout(cmap, final)
         batch_effect = ablation_effect_heads(cmap, dec.final_resid, writes, final_names, final, dec.z[final],
-                                             heads_readout, answers).cpu()
+                                             heads_readout, answers, dec.attn_scale.get(final)).cpu()
         if final_effect is None:
             final_effect = torch.zeros(n, len(final_names))
         final_effect[rows] = batch_effect
         grad = logprob_gradient(cmap, dec.final_resid, answers)
-        neuron_effect[rows] = neuron_logprob_attribution(cmap, grad, dec.neuron_acts[final], final).cpu()
+        neuron_effect[rows] = neuron_logprob_attribution(cmap, grad, dec.neuron_acts[final], final,
+                                                         dec.mlp_scale.get(final)).cpu()
         rescale[rows] = rescale_term(cmap, residuals[:, final], dec.final_resid, answers).cpu()
         if not deep:
             continue
