@@ -103,9 +103,10 @@ def test_ablation_effect_is_log_p_without_the_write_and_gradient_matches_it(tiny
     tiny_effect = ablation_effect(cmap, dec.final_resid, small[:, None], a)[:, 0]
     assert torch.allclose(tiny_effect, (grad * small).sum(-1), atol=1e-5)
     final = cmap.shape.num_layers - 1
-    neurons = neuron_logprob_attribution(cmap, grad, dec.neuron_acts[final], final)
-    w_out = cmap.output_weight(cmap.mlp_out(final)).float()
-    assert torch.allclose(neurons.sum(-1), (grad * (dec.neuron_acts[final] @ w_out.T)).sum(-1), atol=1e-4)
+    neurons = neuron_logprob_attribution(cmap, grad, dec.neuron_acts[final], final, dec.mlp_scale.get(final))
+    bias = cmap.mlp_out(final).bias  # the MLP's, no neuron's
+    by_neurons = write - (0.0 if bias is None else bias.float())  # Gemma 3: through the frozen post-MLP norm
+    assert torch.allclose(neurons.sum(-1), (grad * by_neurons).sum(-1), atol=1e-4)
 
 
 def test_replaying_the_final_block_is_the_full_forward(tiny: tuple) -> None:
@@ -231,8 +232,9 @@ def test_evaluation_replay_equals_the_patched_forward_pass(tiny: tuple) -> None:
     model, tokenizer, cmap, answers = tiny
     final = cmap.shape.num_layers - 1
     torch.manual_seed(0)
+    bias = {f"L{final}MLP": 0.1 * torch.randn(cmap.shape.hidden_size)}
     patch = make_patch(model, {f"L{final}H0": 0.3, f"L{final}H1": 1.4},
-                       biases={f"L{final}MLP": 0.1 * torch.randn(cmap.shape.hidden_size)})
+                       biases=bias if cmap.bias_edit_refusal() is None else None)  # Gemma 3 refuses bias edits
     ids = encode(tokenizer, PROMPTS)
     batch = next(batches(ids, len(ids), pad_id(tokenizer), "cpu"))
     last = capture_final_block_inputs(model, cmap, batch)
