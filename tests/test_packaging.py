@@ -34,6 +34,13 @@ def test_wheel_contains_every_module_and_data_file(tmp_path) -> None:
         if "__pycache__" not in path.parts
     }
     assert expected - shipped == set()
+    # The vendored LRE relations ship whole: every file, byte for byte, with the licence the MIT terms require.
+    lre = ROOT / "analysis" / "data" / "lre"
+    files = sorted(lre.iterdir())
+    assert {"LICENSE", "README.md"} <= {f.name for f in files} and len([f for f in files if f.suffix == ".json"]) == 18
+    with zipfile.ZipFile(wheel) as z:
+        for f in files:
+            assert z.read(f"recallfix/analysis/data/lre/{f.name}") == f.read_bytes(), f.name
     entry_points = next(n for n in shipped if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "recallfix = recallfix.patches.cli:main" in text
