@@ -16,6 +16,7 @@ from pathlib import Path
 from recallfix.patches.options import add_options, from_args
 
 from .config import AnalysisConfig
+from .data.sets import DEFAULT_FACTS, FACTS_HELP
 from .schema import AnalysisResult
 
 DEFAULT_DEMO_MODEL = Path(".cache/demo-model")
@@ -51,8 +52,7 @@ def add_analyze_cli(subcommands: argparse._SubParsersAction) -> None:
                     "RUN/report.md with plots.",
     )
     p.add_argument("--model", required=True, help="model directory or Hugging Face hub name")
-    p.add_argument("--facts", type=Path, default=None,
-                   help="facts file (.jsonl or relation .json) or folder (default: the shipped facts set)")
+    p.add_argument("--facts", default=None, metavar="NAME|PATH", help=f"{FACTS_HELP} (default: {DEFAULT_FACTS})")
     p.add_argument("--unknown", type=Path, default=None,
                    help="prompts about unknown subjects (.jsonl); default: MODEL/unknown_facts.jsonl if present")
     p.add_argument("--neutral", type=Path, default=None,
@@ -104,10 +104,9 @@ def _command() -> str:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .data.facts import shipped_facts_dir
     from .pipeline import run_analysis
 
-    facts = args.facts or shipped_facts_dir()
+    facts = args.facts or DEFAULT_FACTS  # a set's name is resolved (and recorded) as such: `data.sets`
     result = run_analysis(args.model, facts, args.out, unknown=args.unknown, neutral=args.neutral,
                           config=from_args(AnalysisConfig, args), command=_command(), force=args.force)
     return _summary(result, args.out, logged=args.progress)

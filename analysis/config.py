@@ -34,14 +34,24 @@ class FitConfig:
     seed: int = 0
 
 
+RELATIONS_HELP = "only the facts of these relations: comma-separated names as the facts carry them (their 'name')"
+TEMPLATES_HELP = "the prompts of relation files: their prompt_templates (default) or zero-shot prompt_templates_zs (zs)"
+
+
 @dataclass(frozen=True)
 class AnalysisConfig:
     seed: int = _opt(0, "splits, fit and bootstrap seed")
     batch_size: int = _opt(32, "prompts per forward pass")
     device: str = _opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
     dtype: str = _opt("auto", f"auto (float32 on CPU, bfloat16 on GPU), {', '.join(DTYPES)}")
-    max_facts: int | None = _opt(None, "use at most N fact prompts (whole subjects, chosen by the seed)",
-                                 metavar="N")
+    max_facts: int | None = _opt(None, "use at most N fact prompts (whole subjects, chosen by the seed; by relation: "
+                                       "at least one subject of each relation)", metavar="N")
+    # The choices are data.facts.TEMPLATE_KEYS and data.splits.SPLIT_BY (this module imports no folder).
+    relations: tuple[str, ...] | None = _opt(None, RELATIONS_HELP, metavar="NAMES")
+    templates: str = _opt("default", TEMPLATES_HELP, choices=("default", "zs"))
+    split_by: str = _opt("subject", "what stays together in one split: subject (the prompts of a fact never cross "
+                                    "splits) or relation (whole relations: the test split holds relations the fit "
+                                    "and the dev split never saw; needs 3 relations)", choices=("subject", "relation"))
     n_boot: int = _opt(1000, "bootstrap resamples for the intervals")
     mlp: str = _opt("whole", "how the final MLP enters the patch", choices=("whole", "neurons", "none"))
     max_neurons: int = _opt(32, "with --mlp neurons: at most N neurons", metavar="N")
@@ -91,6 +101,10 @@ class CompareConfig:
                                  metavar="N")
     max_retries: int = _opt(6, "retries of a request answered 429 or 503, backing off exponentially from 0.5 s")
     timeout: float = _opt(600.0, "seconds to wait for one answer", metavar="S")
+    relations: tuple[str, ...] | None = _opt(AnalysisConfig.relations, RELATIONS_HELP + " (with --run: the run's)",
+                                             metavar="NAMES")
+    templates: str = _opt(AnalysisConfig.templates, TEMPLATES_HELP + " (with --run: the run's)",
+                          choices=("default", "zs"))
     n_boot: int = _opt(AnalysisConfig.n_boot, "bootstrap resamples (of subjects) for the intervals")
     seed: int = _opt(AnalysisConfig.seed, "bootstrap seed (and which subjects --max-facts keeps)")
     progress: bool = _opt(True, "progress bar (drawn only on a terminal)")

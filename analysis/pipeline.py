@@ -50,6 +50,7 @@ from recallfix.patches.registry.models import resolve_model
 from .config import AnalysisConfig
 from .data.facts import FactsFormatError, dataset_sha256
 from .data.inputs import AnalysisError, Loaded, load_inputs
+from .data.sets import resolve_facts
 from .evaluate.evaluation import evaluate, patch_metrics
 from .evaluate.passes import capture_inputs, run_model, split_nll
 from .evaluate.require import finding_values, load_checks, run_checks
@@ -60,7 +61,7 @@ from .mechanism.attribution import select_suppressors, summarize, top_neurons
 from .mechanism.collect import Collected, collect
 from .mechanism.summaries import describe, neuron_names
 from .progress import log
-from .schema import SCHEMA_VERSION, AnalysisResult, DataInfo, LogitLens, ModelInfo
+from .schema import SCHEMA_VERSION, AnalysisResult, DataInfo, FactsCleaning, LogitLens, ModelInfo
 
 
 def choose_components(s: Loaded, c: Collected, config: AnalysisConfig) -> tuple[list[str], str]:
@@ -103,14 +104,19 @@ def model_info(s: Loaded, model: str | Path) -> ModelInfo:
 
 
 def data_info(s: Loaded, facts: str | Path, facts_sha: str, splits: dict[str, int], lens: LogitLens,
-              seed: int) -> DataInfo:
+              config: AnalysisConfig) -> DataInfo:
     return DataInfo(facts_path=str(facts), facts_sha256=facts_sha, n_facts=len(s.known.facts),
                     n_dropped=s.known.dropped, splits=splits,
                     relations={r: curve.n for r, curve in lens.by_relation.items()},
                     unknown_path=str(s.unknown_path) if s.unknown_path else None,
                     unknown_source=s.unknown_source, n_unknown=len(s.unknown.facts) if s.unknown else 0,
                     neutral_source=s.neutral_source,
-                    n_neutral_fit=len(s.neutral_fit), n_neutral_eval=len(s.neutral_eval), seed=seed)
+                    n_neutral_fit=len(s.neutral_fit), n_neutral_eval=len(s.neutral_eval), seed=config.seed,
+                    templates=config.templates, split_by=config.split_by,
+                    selected_relations=list(config.relations) if config.relations else None,
+                    split_relations={split: sorted({f.relation or "(none)" for f in s.known.facts if f.split == split})
+                                     for split in splits},
+                    cleaning=[FactsCleaning(**c.as_dict()) for c in s.cleaning])
 
 
 def inputs_key(model: str | Path, facts: str | Path, unknown: str | Path | None, neutral: str | Path | None,
@@ -122,7 +128,7 @@ def inputs_key(model: str | Path, facts: str | Path, unknown: str | Path | None,
     for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
         stat = path.stat()
         h.update(f"model {path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
-    for label, given in (("facts", facts), ("unknown", unknown), ("neutral", neutral)):
+    for label, given in (("facts", resolve_facts(facts)), ("unknown", unknown), ("neutral", neutral)):
         root = Path(given) if given is not None else None
         files = sorted(root.rglob("*")) if root is not None and root.is_dir() else [root] if root else []
         for path in (f for f in files if f is not None and f.is_file()):
@@ -224,7 +230,7 @@ def run_analysis(
     result = AnalysisResult(
         schema_version=SCHEMA_VERSION, tool_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command, inputs_key=key,
-        model=model_info(s, model), data=data_info(s, facts, facts_sha, splits, described.logit_lens, config.seed),
+        model=model_info(s, model), data=data_info(s, facts, facts_sha, splits, described.logit_lens, config),
         logit_lens=described.logit_lens, final_layer=described.final_layer, mechanisms=described.mechanisms,
         findings=described.findings, patch=patch_info, intercept=intercept_info, evaluation=evaluation,
         values=values, checks=run_checks(checks, values), runtime_s={}, files={},

@@ -38,8 +38,21 @@ class ModelInfo(Strict):
     device: str
 
 
+class FactsCleaning(Strict):
+    """What the facts reader changed in one file (`data.clean`): values repaired and samples dropped, counted."""
+
+    file: str
+    samples: int = Field(description="samples read (a relation file's samples, a JSONL file's records)")
+    kept: int = Field(description="samples left after the drops")
+    whitespace: int = Field(description="values stripped of surrounding whitespace")
+    escapes: int = Field(description="values whose literal \\uXXXX escapes were decoded")
+    duplicates: int = Field(description="exact duplicate samples dropped")
+    ambiguous: int = Field(description="samples dropped whose question (a subject; in JSONL, a prompt) has several "
+                                       "answers")
+
+
 class DataInfo(Strict):
-    facts_path: str
+    facts_path: str = Field(description="the facts file or folder, or the name of a packaged set (shipped, lre)")
     facts_sha256: str = Field(description="sha256 of the facts used, splits included (as in the patch)")
     n_facts: int
     n_dropped: int = Field(description="facts dropped because no answer token could be found")
@@ -52,6 +65,14 @@ class DataInfo(Strict):
     n_neutral_fit: int
     n_neutral_eval: int
     seed: int
+    # Defaults: what a run made before these settings existed did.
+    templates: str = Field("default", description="the templates of relation files: default or zs (zero-shot)")
+    selected_relations: list[str] | None = Field(None, description="--relations: only these were read (null: all)")
+    split_by: str = Field("subject", description="what stays together in one split: subject or relation")
+    split_relations: dict[str, list[str]] = Field(default_factory=dict,
+                                                  description="split -> the relations with prompts in it")
+    cleaning: list[FactsCleaning] = Field(default_factory=list,
+                                          description="what the reader changed, per facts file that needed it")
 
 
 # -- 1. logit lens ----------------------------------------------------------------------------------
@@ -272,7 +293,7 @@ class MethodInfo(Strict):
 class RelationEvaluation(Strict):
     n: int
     n_groups: int
-    models: dict[str, Metrics] = Field(description="model -> accuracy, mean_p_answer, ece_equal_width")
+    models: dict[str, Metrics] = Field(description="model -> accuracy, mean_p_answer, ece_equal_width, nll")
     differences: dict[str, Metrics] = Field(description="<method>_minus_base (paired)")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from recallfix.analysis.data.facts import (
     dataset_sha256,
     load_facts,
     load_shipped_facts,
+    read_facts,
     save_facts_jsonl,
     shipped_facts_dir,
 )
@@ -168,9 +170,9 @@ JSONL_ERRORS = [
     ('{"prompt": "a", "answer": 3}\n', [":1:", "'answer'", "int"]),
     ('{"prompt": ["a"], "answer": "b"}\n', [":1:", "'prompt'", "list"]),
     ('{"prompt": "a", "answer": "b", "subject": 7}\n', [":1:", "'subject'", "int"]),
+    ('{"prompt": "a", "answer": "b", "subject": " \\t "}\n', [":1:", "'subject'", "non-empty"]),
+    ('{"prompt": "a", "answer": "x\\\\ud800"}\n', [":1:", "'answer'", "escape"]),
     ('\n\n{"prompt": "a", "answer": "b", "split": "validation"}\n', [":3:", "'split'", "validation"]),
-    ('{"prompt": "a ", "answer": "b"}\n', [":1:", "'prompt'", "whitespace"]),
-    ('{"prompt": "a", "answer": " b"}\n', [":1:", "'answer'", "whitespace"]),
     ('["a", "b"]\n', [":1:", "JSON object"]),
     ("\n\n", ["empty"]),
 ]
@@ -192,7 +194,7 @@ RELATION_ERRORS = [
     ('{\n "name": "x",\n "samples": [,]\n}', [":3:", "invalid JSON"]),
     (_rel(prompt_templates=["The capital of {} is", "Capital:"]), ["prompt_templates[1]", "'{}'"]),
     (_rel(prompt_templates=["{} and {} is"]), ["prompt_templates[0]", "exactly one"]),
-    (_rel(prompt_templates=["The capital of {} is "]), ["prompt_templates[0]", "whitespace"]),
+    (_rel(prompt_templates=["   "]), ["prompt_templates[0]", "non-empty"]),
     (_rel(prompt_templates=[]), ["'prompt_templates'"]),
     (_rel(name=""), ["'name'", "non-empty"]),
     (_rel(samples=[]), ["'samples'", "non-empty"]),
@@ -201,6 +203,7 @@ RELATION_ERRORS = [
         ["samples[1]", "'object'"],
     ),
     (_rel(samples=[{"subject": 5, "object": "Paris"}]), ["samples[0]", "'subject'", "int"]),
+    (_rel(samples=[{"subject": "France", "object": " "}]), ["samples[0]", "'object'", "non-empty"]),
     (_rel(samples=[{"subject": "France", "object": "Paris", "split": "val"}]), ["samples[0]", "'split'"]),
     (_rel(samples=["France"]), ["samples[0]", "JSON object"]),
     ("[1, 2]", ["relation object"]),
@@ -217,6 +220,31 @@ def test_relation_errors_name_file_path_field(tmp_path: Path, content: str, frag
     assert msg.startswith(f"{p}"), msg
     for frag in fragments:
         assert frag in msg, (frag, msg)
+
+
+# Surrounding whitespace used to be refused (the cases above once listed these three as errors); the reader now
+# strips it, counts it and says so in one warning line per file (`data.clean`).
+STRIPPED = [  # file name, content, the facts read, samples in the file
+    ("facts.jsonl", '{"prompt": "a ", "answer": "b"}\n', [Fact("a", "b")], 1),
+    ("facts.jsonl", '{"prompt": "a", "answer": " b"}\n', [Fact("a", "b")], 1),
+    ("rel.json", _rel(prompt_templates=["The capital of {} is "]),
+     [Fact("The capital of France is", "Paris", "France", "country capital", None, "The capital of {} is"),
+      Fact("The capital of Japan is", "Tokyo", "Japan", "country capital", None, "The capital of {} is")], 2),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "expected", "samples"), STRIPPED)
+def test_surrounding_whitespace_is_stripped_counted_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                               name: str, content: str, expected: list[Fact],
+                                                               samples: int) -> None:
+    p = _write(tmp_path / name, content)
+    with caplog.at_level(logging.WARNING, logger="recallfix.analysis.data.facts"):
+        read = read_facts(p)
+    assert read.facts == expected
+    (cleaning,) = read.cleaning
+    assert (cleaning.file, cleaning.whitespace, cleaning.duplicates, cleaning.ambiguous) == (name, 1, 0, 0)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{p}: normalised: 1 value(s) stripped of surrounding whitespace ({samples} of {samples} samples kept)"]
 
 
 def test_error_in_folder_names_the_bad_file(tmp_path: Path) -> None:

@@ -18,8 +18,10 @@ and answer_logprob (log-likelihood of the whole answer). Per model and per relat
 intervals (subjects resampled, the same resamples for both models), B - A paired, and McNemar's exact test on
 accuracy and exact match.
 
-Facts: a facts file or folder (`facts.load_facts`), the shipped set by default; with `--run RUN` the facts that
-analysis run used (its facts, seed and size, checked against its sha256), and with `--split` one of its splits.
+Facts: a named set (`shipped`, the default, or `lre`: `data.sets`) or a facts file or folder (`facts.read_facts`),
+`--relations` and `--templates` choosing among them as analyze's do; with `--run RUN` the facts that analysis run
+used (its facts, relations, templates, split, seed and size, checked against its sha256), and with `--split` one
+of its splits.
 Writes DIR/{report.md, results.json (`schema`), per_fact.jsonl, reliability.png} and prints a table.
 """
 
@@ -47,8 +49,9 @@ from recallfix.patches.options import add_options, from_args
 
 from .. import calibration as cal
 from ..config import CompareConfig
-from ..data.facts import SPLITS, Fact, assign_splits, dataset_sha256, load_facts, shipped_facts_dir
-from ..data.inputs import subject_group, subsample
+from ..data.facts import SPLITS, Fact, dataset_sha256, load_facts
+from ..data.inputs import select_known, subject_group, subsample
+from ..data.sets import DEFAULT_FACTS, FACTS_HELP, resolve_facts
 from ..records import Dist
 from ..schema import AnalysisResult
 from .client import CompareError, Endpoint, FactScore
@@ -86,39 +89,50 @@ DEFINITIONS = {
 @dataclass
 class Selection:
     facts: list[Fact]
-    path: Path
+    path: str
     run: Path | None
     split: str | None
 
 
-def run_facts(run: Path, facts: Path | None) -> tuple[list[Fact], Path]:
-    """The facts an analysis run used, in its order and with its splits: its facts file (or `facts`), split with
-    its seed and cut to its size like `inputs.load_inputs` does, checked against the sha256 it recorded."""
+def run_facts(run: Path, facts: str | Path | None, relations: Sequence[str] | None = None,
+              templates: str | None = None) -> tuple[list[Fact], str]:
+    """The facts an analysis run used, in its order and with its splits: its facts (or `facts`, e.g. the same file
+    moved) read, selected, split and cut to its size as `inputs.select_known` did for the run, checked against the
+    sha256 it recorded. `relations` and `templates`, when given, must be the run's."""
     try:
         data = AnalysisResult.model_validate_json((run / "analysis.json").read_text(encoding="utf-8")).data
     except OSError as err:
         raise CompareError(f"{run}: not an analysis run ({err.strerror}: analysis.json)") from None
     except ValueError as err:
         raise CompareError(f"{run / 'analysis.json'}: not a recallfix analysis ({str(err).splitlines()[0]})") from None
-    path = facts or Path(data.facts_path)
-    chosen = subsample(assign_splits(load_facts(path), seed=data.seed), data.n_facts + data.n_dropped, data.seed)
+    for option, given, used in (("--relations", sorted(relations) if relations else None,
+                                 sorted(data.selected_relations) if data.selected_relations else None),
+                                ("--templates", templates, data.templates)):
+        if given is not None and given != used:
+            shown = [",".join(v) if isinstance(v, list) else v or "(all)" for v in (used, given)]
+            raise CompareError(f"{run}: analysed with {option} {shown[0]}, not {shown[1]} (leave {option} out to "
+                               "use the run's)")
+    spec = facts or data.facts_path
+    chosen = select_known(spec, templates=data.templates, relations=data.selected_relations, split_by=data.split_by,
+                          seed=data.seed, max_facts=data.n_facts + data.n_dropped).facts
     # With facts dropped for want of an answer token (the run's tokenizer decides which) the sha256 cannot be
     # recomputed here; compare counts such facts as unplaced itself.
     if data.n_dropped == 0 and dataset_sha256(chosen) != data.facts_sha256:
-        raise CompareError(f"{path}: not the facts {run} analysed (their sha256 differs from analysis.json's)")
-    return chosen, path
+        raise CompareError(f"{spec}: not the facts {run} analysed (their sha256 differs from analysis.json's)")
+    return chosen, str(spec)
 
 
-def select_facts(facts: Path | None, run: Path | None, split: str | None, max_facts: int | None = None,
-                 seed: int = 0) -> Selection:
-    """The facts to compare on (see the module doc), at most `max_facts` of them (whole subjects, seeded)."""
+def select_facts(facts: str | Path | None, run: Path | None, split: str | None, max_facts: int | None = None,
+                 seed: int = 0, relations: Sequence[str] | None = None, templates: str | None = None) -> Selection:
+    """The facts to compare on (see the module doc), at most `max_facts` of them (whole subjects, seeded).
+    `templates` None: the run's, else the default ones."""
     if split is not None and run is None:
         raise CompareError("--split needs --run RUN: the analysis run whose split to use")
     if run is not None:
-        chosen, path = run_facts(run, facts)
+        chosen, path = run_facts(run, facts, relations, templates)
     else:
-        path = facts or shipped_facts_dir()
-        chosen = load_facts(path)
+        path = str(facts) if facts is not None else DEFAULT_FACTS
+        chosen = load_facts(resolve_facts(facts), templates=templates or "default", relations=relations)
     if split is not None:
         chosen = [f for f in chosen if f.split == split]
         if not chosen:
@@ -274,7 +288,7 @@ def per_fact_lines(facts: Sequence[Fact], scores: dict[str, list[FactScore]]) ->
     return "\n".join(lines) + "\n"
 
 
-def run_compare(base_url: str, models: Sequence[str], out: Path, *, facts: Path | None = None,
+def run_compare(base_url: str, models: Sequence[str], out: Path, *, facts: str | Path | None = None,
                 base_url_b: str | None = None, api_key: str | None = None, run: Path | None = None,
                 split: str | None = None, config: CompareConfig | None = None, command: str = "",
                 force: bool = False) -> CompareResult:
@@ -286,7 +300,9 @@ def run_compare(base_url: str, models: Sequence[str], out: Path, *, facts: Path 
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists (pass --force to replace it)")
     started = time.perf_counter()
-    selection = select_facts(facts, run, split, config.max_facts, config.seed)
+    # The default templates stand for "not given", so that a --run's own are used.
+    templates = config.templates if config.templates != CompareConfig.templates else None
+    selection = select_facts(facts, run, split, config.max_facts, config.seed, config.relations, templates)
     urls = dict(zip(MODELS, (base_url, base_url_b or base_url), strict=True))
     scores, endpoints = asyncio.run(ask(urls, dict(zip(MODELS, models, strict=True)), api_key, selection.facts,
                                         config))
@@ -312,9 +328,8 @@ def add_cli(subcommands: argparse._SubParsersAction) -> None:
     p.add_argument("--models", required=True, nargs=2, metavar=("A", "B"), help="the two model names to compare")
     p.add_argument("--base-url-b", default=None, help="model B's server, when it is another one")
     p.add_argument("--api-key", default=None, help="bearer token for the server(s)")
-    p.add_argument("--facts", type=Path, default=None,
-                   help="facts file (.jsonl or relation .json) or folder (default: the --run's facts, or the "
-                        "shipped set)")
+    p.add_argument("--facts", default=None, metavar="NAME|PATH",
+                   help=f"{FACTS_HELP} (default: the --run's facts, or shipped)")
     p.add_argument("--run", type=Path, default=None, help="an analysis run (RUN of `recallfix analyze`): its facts")
     p.add_argument("--split", choices=SPLITS, default=None, help="with --run: only this split of its facts")
     p.add_argument("--out", required=True, type=Path, help="directory to write")

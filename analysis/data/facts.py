@@ -1,4 +1,4 @@
-"""Factual-recall prompts: the shipped facts set, its loader, splits and answer tokens.
+"""Factual-recall prompts: the shipped facts set, its loader, splits (`splits`) and answer tokens.
 
 The analysis asks a causal LM to complete prompts such as "The capital of France is" and looks at how
 the final layer treats the correct answer's first token.  Everything that decides *which* prompts and
@@ -9,49 +9,65 @@ Two on-disk formats are read:
 
 * JSONL, one fact per line: ``{"prompt": ..., "answer": ..., "subject"?, "relation"?, "split"?}``;
 * the relation JSON format of Hernandez et al., "Linearity of Relation Decoding in Transformer LMs":
-  ``{"name": ..., "prompt_templates": ["... {} ..."], "samples": [{"subject": ..., "object": ...}]}``,
-  one relation per file, each sample x template becoming one :class:`Fact`.
+  ``{"name": ..., "prompt_templates": ["... {} ..."], "prompt_templates_zs"?: [...], "samples": [{"subject": ...,
+  "object": ...}]}``, one relation per file, each sample x template becoming one :class:`Fact`.
 
-Prompts end right before the answer; the answer follows after one space.
+What the reader repairs or drops in unclean data, and how it counts that, is `clean`'s policy. Prompts end right
+before the answer; the answer follows after one space.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+import logging
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .clean import Cleaning, drop_ambiguous, drop_duplicates, normalise_text
+from .splits import SPLIT_BY, SPLITS, SplitError, assign_splits  # re-exported: the facts' public API
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keeps this module importable without transformers
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "SPLITS",
+    "SPLIT_BY",
+    "TEMPLATE_KEYS",
     "AnswerTokenError",
     "Fact",
     "FactsFormatError",
+    "FactsRead",
+    "FactsSelectionError",
+    "SplitError",
     "answer_token_id",
     "answer_token_ids",
     "assign_splits",
     "dataset_sha256",
     "load_facts",
     "load_shipped_facts",
+    "read_facts",
     "save_facts_jsonl",
     "shipped_facts_dir",
 ]
 
-SPLITS: tuple[str, ...] = ("train", "dev", "test")
-"""Allowed values of :attr:`Fact.split`, in the order :func:`assign_splits` fills them."""
+TEMPLATE_KEYS: dict[str, str] = {"default": "prompt_templates", "zs": "prompt_templates_zs"}
+"""Which templates of a relation file make its prompts (`read_facts`'s ``templates``)."""
 
 _FACT_SUFFIXES = (".json", ".jsonl")
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class FactsFormatError(ValueError):
     """A facts file is malformed; the message names the file, the line or JSON path, and the field."""
+
+
+class FactsSelectionError(ValueError):
+    """The facts asked for are not there (a relation name, a kind of templates); the message lists what is."""
 
 
 class AnswerTokenError(ValueError):
@@ -89,34 +105,74 @@ def load_shipped_facts() -> list[Fact]:
     return load_facts(shipped_facts_dir())
 
 
-def load_facts(path: str | Path) -> list[Fact]:
-    """Read facts from a JSONL file, a relation JSON file, or a folder of such files.
+@dataclass
+class FactsRead:
+    """The facts read, and what the reader changed in each file that needed it (`clean`)."""
+
+    facts: list[Fact]
+    cleaning: list[Cleaning]
+
+
+@dataclass
+class _Part:
+    facts: list[Fact]
+    cleaning: Cleaning
+
+
+def read_facts(path: str | Path, *, templates: str = "default",
+               relations: Sequence[str] | None = None) -> FactsRead:
+    """Read facts from a JSONL file, a relation JSON file, or a folder of such files, normalised (`clean`).
 
     Folders are read non-recursively, ``*.json`` and ``*.jsonl`` only, sorted by file name so that the
-    resulting order (and thus :func:`dataset_sha256`) does not depend on the file system.
-    Raises :class:`FactsFormatError` naming the file, line/JSON path and field on any bad input.
+    resulting order (and thus :func:`dataset_sha256`) does not depend on the file system. ``templates``: which
+    templates of a relation file make its prompts (``default``: ``prompt_templates``; ``zs``: the zero-shot
+    ``prompt_templates_zs``). ``relations``: only the facts of these relations (by name, as the facts carry it).
+    Every file the reader changed is logged as one warning line and listed in `FactsRead.cleaning`.
+    Raises :class:`FactsFormatError` naming the file, line/JSON path and field on bad input, and
+    :class:`FactsSelectionError` for a relation the facts do not have.
     """
+    if templates not in TEMPLATE_KEYS:
+        raise FactsSelectionError(f"templates must be one of {', '.join(TEMPLATE_KEYS)}, got {templates!r}")
     p = Path(path)
     if not p.exists():
         raise FactsFormatError(f"{p}: no such file or directory")
+    files = [p]
     if p.is_dir():
-        files = sorted(
-            (c for c in p.iterdir() if c.is_file() and c.suffix in _FACT_SUFFIXES), key=lambda c: c.name
-        )
+        files = sorted((c for c in p.iterdir() if c.is_file() and c.suffix in _FACT_SUFFIXES), key=lambda c: c.name)
         if not files:
             raise FactsFormatError(f"{p}: folder contains no .json or .jsonl facts files")
-        facts: list[Fact] = []
-        for f in files:
-            facts.extend(_load_file(f))
-        return facts
-    return _load_file(p)
+    wanted = set(relations) if relations else None
+    seen: set[str] = set()
+    parts = {f: _load_file(f, templates, wanted, seen) for f in files}
+    if wanted is not None and wanted - seen:
+        missing = ", ".join(repr(r) for r in relations or () if r not in seen)
+        raise FactsSelectionError(f"{p}: no relation named {missing}; its relations: "
+                                  + (", ".join(repr(r) for r in sorted(seen)) or "none (no fact names one)"))
+    facts = [f for part in parts.values() if part for f in part.facts]
+    if not facts:
+        raise FactsFormatError(f"{p}: no facts left after normalisation")
+    cleaning = []
+    for f, part in parts.items():
+        if part and part.cleaning.changed:
+            log.warning(part.cleaning.line(str(f)))
+            cleaning.append(part.cleaning)
+    return FactsRead(facts, cleaning)
 
 
-def _load_file(p: Path) -> list[Fact]:
+def load_facts(path: str | Path, *, templates: str = "default", relations: Sequence[str] | None = None) -> list[Fact]:
+    """The facts of :func:`read_facts` (the same arguments), without its record of the changes."""
+    return read_facts(path, templates=templates, relations=relations).facts
+
+
+def _load_file(p: Path, templates: str, wanted: set[str] | None, seen: set[str]) -> _Part | None:
+    """One file's facts (None: its relation is not wanted); the relation names found are added to `seen`."""
     if p.suffix == ".jsonl":
-        return _load_jsonl(p)
+        if templates != "default":
+            raise FactsFormatError(f"{p}: a JSONL file has no zero-shot templates (--templates {templates} reads "
+                                   f"'{TEMPLATE_KEYS[templates]}' of relation JSON files)")
+        return _load_jsonl(p, wanted, seen)
     if p.suffix == ".json":
-        return _load_relation_json(p)
+        return _load_relation_json(p, TEMPLATE_KEYS[templates], wanted, seen)
     raise FactsFormatError(f"{p}: unsupported file type {p.suffix!r} (expected .json or .jsonl)")
 
 
@@ -129,8 +185,8 @@ def _read_text(p: Path) -> str:
         raise FactsFormatError(f"{p}: cannot read file ({e.strerror})") from e
 
 
-def _check_text(value: Any, where: str, field: str, *, required: bool, kind: str) -> str | None:
-    """Validate one string field; ``kind`` is 'prompt', 'answer' or 'label' (what may surround it)."""
+def _check_text(value: Any, where: str, field: str, tally: Cleaning, *, required: bool) -> str | None:
+    """One string field, normalised (`clean.normalise_text`, counted in `tally`); what cannot be is refused."""
     if value is None:
         if required:
             raise FactsFormatError(f"{where}: missing required field '{field}'")
@@ -139,15 +195,12 @@ def _check_text(value: Any, where: str, field: str, *, required: bool, kind: str
         raise FactsFormatError(
             f"{where}: field '{field}' must be a non-empty string, got {type(value).__name__}"
         )
-    if not value.strip():
+    text = normalise_text(value, tally)
+    if text is None:
+        raise FactsFormatError(f"{where}: field '{field}' holds a \\u escape that is not a character: {value!r}")
+    if not text:
         raise FactsFormatError(f"{where}: field '{field}' must be a non-empty string")
-    if kind == "prompt" and value != value.rstrip():
-        raise FactsFormatError(
-            f"{where}: field '{field}' must not end with whitespace (the answer is appended after one space)"
-        )
-    if kind == "answer" and value != value.strip():
-        raise FactsFormatError(f"{where}: field '{field}' must not start or end with whitespace")
-    return value
+    return text
 
 
 def _check_split(value: Any, where: str, field: str = "split") -> str | None:
@@ -170,83 +223,92 @@ def _json_object(text: str, where: str, what: str, *, file: Path | None = None) 
     return value
 
 
-def _load_jsonl(p: Path) -> list[Fact]:
+def _drop(rows: list[T], tally: Cleaning, question: Callable[[T], Hashable], answer: Callable[[T], Hashable],
+          where: Path) -> list[T]:
+    """The rows left after dropping duplicates and ambiguous questions, counted in `tally`."""
+    tally.samples = len(rows)
+    rows, tally.duplicates = drop_duplicates(rows, key=lambda r: r)
+    rows, tally.ambiguous = drop_ambiguous(rows, question, answer)
+    tally.kept = len(rows)
+    if not rows:
+        raise FactsFormatError(f"{where}: no sample left after normalisation ({tally.summary()})")
+    return rows
+
+
+def _load_jsonl(p: Path, wanted: set[str] | None, seen: set[str]) -> _Part:
     facts: list[Fact] = []
+    tally = Cleaning(p.name)
     for lineno, line in enumerate(_read_text(p).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{p}:{lineno}"
         rec = _json_object(line, where, "record must be a JSON object")
-        prompt = _check_text(rec.get("prompt"), where, "prompt", required=True, kind="prompt")
-        answer = _check_text(rec.get("answer"), where, "answer", required=True, kind="answer")
-        assert prompt is not None and answer is not None  # required=True guarantees it
-        facts.append(
-            Fact(
-                prompt=prompt,
-                answer=answer,
-                subject=_check_text(rec.get("subject"), where, "subject", required=False, kind="label"),
-                relation=_check_text(rec.get("relation"), where, "relation", required=False, kind="label"),
-                split=_check_split(rec.get("split"), where),
-                template=_check_text(rec.get("template"), where, "template", required=False, kind="label"),
-            )
-        )
-    if not facts:
+        mine = Cleaning(p.name)  # counted into the file's tally only when the record is kept
+        fields = {name: _check_text(rec.get(name), where, name, mine, required=name in ("prompt", "answer"))
+                  for name in ("prompt", "answer", "subject", "relation", "template")}
+        split = _check_split(rec.get("split"), where)
+        if fields["relation"] is not None:
+            seen.add(fields["relation"])
+        if wanted is not None and fields["relation"] not in wanted:
+            continue
+        tally.whitespace, tally.escapes = tally.whitespace + mine.whitespace, tally.escapes + mine.escapes
+        facts.append(Fact(split=split, **fields))  # type: ignore[arg-type]  # prompt, answer: required above
+    if not facts and wanted is None:
         raise FactsFormatError(f"{p}: empty file, no facts")
-    return facts
+    if not facts:
+        return _Part([], tally)
+    return _Part(_drop(facts, tally, lambda f: f.prompt, lambda f: f.answer, p), tally)
 
 
-def _check_template(t: Any, where: str) -> str:
-    if not isinstance(t, str) or not t.strip():
+def _check_template(t: Any, where: str, tally: Cleaning) -> str:
+    if not isinstance(t, str):
         raise FactsFormatError(f"{where}: must be a non-empty string")
-    if t.count("{}") != 1 or "{" in t.replace("{}", "") or "}" in t.replace("{}", ""):
+    text = normalise_text(t, tally)
+    if not text:
+        raise FactsFormatError(f"{where}: must be a non-empty string")
+    if text.count("{}") != 1 or "{" in text.replace("{}", "") or "}" in text.replace("{}", ""):
         raise FactsFormatError(
             f"{where}: template must contain exactly one '{{}}' and no other braces: {t!r}"
         )
-    if t != t.rstrip():
-        raise FactsFormatError(
-            f"{where}: template must not end with whitespace (the answer is appended after one space)"
-        )
-    return t
+    return text
 
 
-def _load_relation_json(p: Path) -> list[Fact]:
+def _load_relation_json(p: Path, key: str, wanted: set[str] | None, seen: set[str]) -> _Part | None:
     text = _read_text(p)
     if not text.strip():
         raise FactsFormatError(f"{p}: empty file, no facts")
     doc = _json_object(text, str(p), "top level must be a relation object", file=p)
-    name = _check_text(doc.get("name"), str(p), "name", required=True, kind="label")
+    tally = Cleaning(p.name)
+    name = _check_text(doc.get("name"), str(p), "name", tally, required=True)
     assert name is not None
+    seen.add(name)
+    if wanted is not None and name not in wanted:
+        return None
 
-    templates = doc.get("prompt_templates")
+    templates = doc.get(key)
+    if templates is None and key != TEMPLATE_KEYS["default"]:
+        raise FactsFormatError(f"{p}: no field '{key}': this relation has no zero-shot templates")
     if not isinstance(templates, list) or not templates:
-        raise FactsFormatError(f"{p}: field 'prompt_templates' must be a non-empty list of strings")
-    templates = [_check_template(t, f"{p}: prompt_templates[{i}]") for i, t in enumerate(templates)]
+        raise FactsFormatError(f"{p}: field '{key}' must be a non-empty list of strings")
+    templates = [_check_template(t, f"{p}: {key}[{i}]", tally) for i, t in enumerate(templates)]
 
     samples = doc.get("samples")
     if not isinstance(samples, list) or not samples:
         raise FactsFormatError(f"{p}: field 'samples' must be a non-empty list")
 
-    facts: list[Fact] = []
+    rows: list[tuple[str, str, str | None]] = []
     for i, s in enumerate(samples):
         where = f"{p}: samples[{i}]"
         if not isinstance(s, dict):
             raise FactsFormatError(f"{where}: sample must be a JSON object, got {type(s).__name__}")
-        subject = _check_text(s.get("subject"), where, "subject", required=True, kind="label")
-        obj = _check_text(s.get("object"), where, "object", required=True, kind="answer")
-        split = _check_split(s.get("split"), where)
+        subject = _check_text(s.get("subject"), where, "subject", tally, required=True)
+        obj = _check_text(s.get("object"), where, "object", tally, required=True)
         assert subject is not None and obj is not None
-        for t in templates:
-            facts.append(
-                Fact(
-                    prompt=t.format(subject),
-                    answer=obj,
-                    subject=subject,
-                    relation=name,
-                    split=split,
-                    template=t,
-                )
-            )
-    return facts
+        rows.append((subject, obj, _check_split(s.get("split"), where)))
+    rows = _drop(rows, tally, lambda r: r[0], lambda r: r[1], p)
+    facts = [Fact(prompt=t.format(subject), answer=obj, subject=subject, relation=name, split=split, template=t)
+             for subject, obj, split in rows for t in templates]
+    return _Part(facts, tally)
 
 
 def save_facts_jsonl(facts: Iterable[Fact], path: str | Path) -> None:
@@ -258,78 +320,8 @@ def save_facts_jsonl(facts: Iterable[Fact], path: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Splits and provenance
+# Provenance (the splits: `splits`)
 # --------------------------------------------------------------------------------------------------
-
-
-def _stable_unit(seed: int, key: str) -> str:
-    """A platform- and process-independent sort key (``hash()`` is salted per process)."""
-    return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()
-
-
-def _group_key(f: Fact) -> str:
-    """Prompts asking for the same fact share a key; facts without a subject stand alone."""
-    if f.subject is not None:
-        return json.dumps(["s", f.relation, f.subject], ensure_ascii=False)
-    return json.dumps(["p", f.relation, f.prompt, f.answer], ensure_ascii=False)
-
-
-def _quota(n: int, fractions: Sequence[float]) -> list[int]:
-    """Split ``n`` items by ``fractions`` with largest remainders, so counts sum to exactly ``n``."""
-    raw = [n * fr for fr in fractions]
-    counts = [math.floor(r) for r in raw]
-    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))
-    for i in order[: n - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def assign_splits(
-    facts: Sequence[Fact], *, seed: int = 0, fractions: Sequence[float] = (0.6, 0.2, 0.2)
-) -> list[Fact]:
-    """Give every fact a train/dev/test split, deterministically and without leakage.
-
-    All prompts of one (relation, subject) land in the same split, so a test fact is never seen during
-    training under another template.  Within each relation the groups are ordered by a SHA-256 of
-    (seed, group) and cut by ``fractions`` (largest remainder), so each relation is split in the given
-    proportions.  A ``split`` already present in the input is kept; the other prompts of that group follow
-    its (most common) explicit split.  The input order is preserved.
-    """
-    if len(fractions) != len(SPLITS):
-        raise ValueError(
-            f"fractions must have {len(SPLITS)} entries (train, dev, test), got {len(fractions)}"
-        )
-    if any(fr < 0 for fr in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-        raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
-
-    keys = [_group_key(f) for f in facts]
-    explicit: dict[str, Counter[str]] = defaultdict(Counter)
-    relation_of: dict[str, str | None] = {}
-    for f, k in zip(facts, keys, strict=True):
-        relation_of.setdefault(k, f.relation)
-        if f.split is not None:
-            explicit[k][f.split] += 1
-
-    group_split: dict[str, str] = {}
-    for k, counts in explicit.items():
-        group_split[k] = max(SPLITS, key=lambda s: (counts[s], -SPLITS.index(s)))
-
-    free_by_relation: dict[str | None, list[str]] = defaultdict(list)
-    for k, rel in relation_of.items():
-        if k not in group_split:
-            free_by_relation[rel].append(k)
-    for groups in free_by_relation.values():
-        groups.sort(key=lambda k: _stable_unit(seed, k))
-        start = 0
-        for split, count in zip(SPLITS, _quota(len(groups), fractions), strict=True):
-            for k in groups[start : start + count]:
-                group_split[k] = split
-            start += count
-
-    return [
-        f if f.split is not None else replace(f, split=group_split[k])
-        for f, k in zip(facts, keys, strict=True)
-    ]
 
 
 def dataset_sha256(facts: Iterable[Fact]) -> str:

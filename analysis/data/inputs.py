@@ -1,5 +1,6 @@
-"""The inputs of a run, loaded and tokenised: the model, the facts (split by subject, subsampled), the
-unknown-subject prompts and the neutral text (half for the fit's KL guard, half held out)."""
+"""The inputs of a run, loaded and tokenised: the model, the facts (read, selected, split by subject or relation,
+subsampled: `select_known`), the unknown-subject prompts and the neutral text (half for the fit's KL guard, half
+held out)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,21 @@ from recallfix.patches.registry.models import resolve_model
 from ..config import AnalysisConfig
 from . import neutral_text
 from .batching import encode, pad_id, subject_spans
-from .facts import AnswerTokenError, Fact, answer_token_id, answer_token_ids, assign_splits, load_facts
+from .clean import Cleaning
+from .facts import (
+    AnswerTokenError,
+    Fact,
+    FactsRead,
+    SplitError,
+    answer_token_id,
+    answer_token_ids,
+    assign_splits,
+    load_facts,
+    read_facts,
+)
 from .neutral_text import DEFAULT_NEUTRAL
 from .nonce import fresh, nonce_facts, nonce_word
+from .sets import resolve_facts
 
 UNKNOWN_FILE = "unknown_facts.jsonl"  # looked for next to the model when --unknown is not given
 NEUTRAL_FILE = "neutral.txt"
@@ -58,22 +71,47 @@ def subject_group(f: Fact) -> str:
     return json.dumps([f.relation, f.subject if f.subject is not None else f.prompt])
 
 
-def subsample(facts: Sequence[Fact], max_facts: int | None, seed: int) -> list[Fact]:
-    """Whole subjects in a seeded order until max_facts prompts (input order kept)."""
+def subsample(facts: Sequence[Fact], max_facts: int | None, seed: int, *, by: str = "subject") -> list[Fact]:
+    """Whole subjects in a seeded order until max_facts prompts (input order kept).
+
+    by="relation" (the facts split by relation): the first subject of every relation comes first, whatever
+    max_facts, so that no relation, and so no split, is left empty; then the rest in the same seeded order. Either
+    way the kept subjects are a prefix of one order, so a second call with the size the first one returned keeps
+    the same facts (how `recallfix compare --run` finds a run's facts)."""
     if max_facts is None or len(facts) <= max_facts:
         return list(facts)
     groups = sorted({subject_group(f) for f in facts},
                     key=lambda g: hashlib.sha256(f"{seed}\0{g}".encode()).hexdigest())
     size = {g: 0 for g in groups}
+    relation: dict[str, str | None] = {}
     for f in facts:
         size[subject_group(f)] += 1
+        relation[subject_group(f)] = f.relation
     keep, total = set(), 0
+    if by == "relation":
+        firsts: dict[str | None, str] = {}
+        for g in groups:
+            firsts.setdefault(relation[g], g)
+        keep, total = set(firsts.values()), sum(size[g] for g in firsts.values())
     for g in groups:
         if total >= max_facts:
             break
-        keep.add(g)
-        total += size[g]
+        if g not in keep:
+            keep.add(g)
+            total += size[g]
     return [f for f in facts if subject_group(f) in keep]
+
+
+def select_known(facts: str | Path | None, *, templates: str, relations: Sequence[str] | None, split_by: str,
+                 seed: int, max_facts: int | None) -> FactsRead:
+    """The facts of a run, in order, split and subsampled, and what the reader changed: what `load_inputs` uses
+    and `recallfix compare --run` recomputes from the settings analysis.json records."""
+    read = read_facts(resolve_facts(facts), templates=templates, relations=relations)
+    try:
+        split = assign_splits(read.facts, seed=seed, by=split_by)
+    except SplitError as err:
+        raise SplitError(f"{facts}: {err}") from None
+    return FactsRead(subsample(split, max_facts, seed, by=split_by), read.cleaning)
 
 
 @dataclass
@@ -167,20 +205,22 @@ class Loaded:
     neutral_fit: list[str]
     neutral_eval: list[str]
     neutral_source: str
+    cleaning: list[Cleaning]  # what the reader changed in the facts files
 
     @property
     def final(self) -> int:
         return self.cmap.shape.num_layers - 1
 
 
-def load_inputs(model: str | Path, facts: str | Path, unknown: str | Path | None, neutral: str | Path | None,
+def load_inputs(model: str | Path, facts: str | Path | None, unknown: str | Path | None, neutral: str | Path | None,
                 config: AnalysisConfig) -> Loaded:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    read = select_known(facts, templates=config.templates, relations=config.relations, split_by=config.split_by,
+                        seed=config.seed, max_facts=config.max_facts)  # before the model: bad facts fail fast
     model_dir = resolve_model(model)
     lm, tokenizer = load_causal_lm(model_dir, dtype=dtype, device=device)
-    known = prepare(tokenizer, subsample(assign_splits(load_facts(facts), seed=config.seed), config.max_facts,
-                                         config.seed), str(facts))
+    known = prepare(tokenizer, read.facts, str(facts))
     for split in ("train", "dev", "test"):
         if len(known.rows(split)) == 0:
             raise AnalysisError(f"{facts}: the {split} split is empty ({len(known.facts)} usable facts); "
@@ -202,5 +242,5 @@ def load_inputs(model: str | Path, facts: str | Path, unknown: str | Path | None
         model_dir=model_dir, lm=lm, tokenizer=tokenizer, cmap=ComponentMap(lm), device=torch.device(device),
         dtype=dtype, pad=pad_id(tokenizer), known=known, unknown=unknown,
         unknown_path=unknown_path, unknown_source=unknown_source, neutral_fit=neutral_fit, neutral_eval=neutral_eval,
-        neutral_source=neutral_source,
+        neutral_source=neutral_source, cleaning=read.cleaning,
     )

@@ -22,7 +22,7 @@ from ..records import Dist
 from ..schema import EstimateModel, Evaluation, MethodInfo, NeutralEvaluation, RelationEvaluation, SetEvaluation
 from .passes import Inputs, Runs, replay_dist
 
-RELATION_METRICS = ("accuracy", "mean_p_answer", "ece_equal_width")
+RELATION_METRICS = ("accuracy", "mean_p_answer", "ece_equal_width", "nll")  # nll: the transfer table's
 
 
 
@@ -52,7 +52,7 @@ def _few_metrics(o: cal.Columns) -> dict[str, float]:
 
 def relation_table(models: dict[str, Dist], methods: Sequence[str], facts_relations: Sequence[str],
                    groups: Sequence[str], n_boot: int, seed: int) -> dict[str, RelationEvaluation]:
-    """Per relation: accuracy, p(answer) and ECE of every model, and each method minus base, with paired
+    """Per relation: accuracy, p(answer), ECE and NLL of every model, and each method minus base, with paired
     cluster-bootstrap intervals over the relation's subjects."""
     out = {}
     cols = {name: cal.columns(d) for name, d in models.items()}

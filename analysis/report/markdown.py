@@ -82,16 +82,35 @@ def _setup(d: AnalysisResult) -> list[str]:
                   f"{m.head_dim}, d_model {m.hidden_size}, d_mlp {m.intermediate_size}, vocab {m.vocab_size})"],
         ["run on", f"{m.device}, {m.dtype}"],
         ["facts", f"`{data.facts_path}`: {data.n_facts} prompts ({data.n_dropped} dropped: no answer token); "
-                  f"splits {data.splits} by subject, seed {data.seed}; sha256 `{data.facts_sha256[:16]}…`"],
+                  f"splits {data.splits} by {data.split_by}, seed {data.seed}; templates: {data.templates}"
+                  + (f"; relations asked for: {', '.join(data.selected_relations)}" if data.selected_relations else "")
+                  + f"; sha256 `{data.facts_sha256[:16]}…`"],
         ["relations", ", ".join(f"{k} ({v})" for k, v in data.relations.items())],
+        *([["relations per split", "; ".join(f"{split}: {', '.join(names)}"
+                                             for split, names in data.split_relations.items())]]
+          if data.split_by == "relation" else []),
         ["unknown subjects", f"{data.unknown_source} ({data.n_unknown} prompts)"],
         ["neutral text", f"{data.neutral_source}: {data.n_neutral_fit} lines for the KL guard, "
                            f"{data.n_neutral_eval} held out for the NLL check"],
         ["runtime", ", ".join(f"{k} {v:.1f}s" for k, v in d.runtime_s.items())],
     ]))
+    out.append("\n" + _cleaning(d))
     out.append("\nAnswer token: the first token of \" answer\" after the prompt. \"Before the final block\" is the "
                "logit lens of the stream entering the last block (the model's own final norm and unembedding).\n")
     return out
+
+
+def _cleaning(d: AnalysisResult) -> str:
+    """The one line on what the facts reader repaired and dropped (`data.clean`'s policy)."""
+    data = d.data
+    if not data.cleaning:
+        return "Facts read as they are: no value repaired, no sample dropped."
+    kinds = {"whitespace": "value(s) stripped of surrounding whitespace",
+             "escapes": "value(s) with literal \\u escapes decoded", "duplicates": "exact duplicate(s) dropped",
+             "ambiguous": "sample(s) dropped for a question with several answers"}
+    files = [f"`{c.file}`: {', '.join(f'{getattr(c, k)} {words}' for k, words in kinds.items() if getattr(c, k))} "
+             f"({c.kept} of {c.samples} samples kept)" for c in data.cleaning]
+    return "Facts normalised on reading: " + "; ".join(files) + "."
 
 
 def _sample_note(n: int, n_facts: int) -> str:
@@ -289,6 +308,26 @@ def _relations(ev: Evaluation) -> str:
                      *(f"{m} − base" for m in models[1:])], rows)
 
 
+def _transfer(d: AnalysisResult, ev: Evaluation) -> str:
+    """Each test relation: its size, the base model's accuracy and NLL, and the chosen patch's change of both (every
+    candidate's when none is chosen), with whether the fit saw the relation at all."""
+    methods = [ev.chosen] if ev.chosen else [m.name for m in ev.methods]
+    fitted_on = set(d.data.split_relations.get("train", [])) | set(d.data.split_relations.get("dev", []))
+    rows = []
+    for relation, r in ev.by_relation.items():
+        changes = [estimate(r.differences[f"{m}_minus_base"][metric], "+.3f") for m in methods
+                   for metric in ("accuracy", "nll")]
+        rows.append([relation, ("yes" if relation in fitted_on else "**no**") if d.data.split_relations else "n/a",
+                     str(r.n), str(r.n_groups), estimate(r.models["base"]["accuracy"]),
+                     estimate(r.models["base"]["nll"]), *changes])
+    header = ["relation", "in train/dev", "prompts", "subjects", "base accuracy", "base NLL (nats)",
+              *(f"{LABELS[m]}: Δ {metric}" for m in methods for metric in ("accuracy", "NLL"))]
+    return (f"\n#### Transfer per relation (test split, split by {d.data.split_by})\n\n"
+            "Does the patch carry over to each relation? Split by relation, the test relations are ones the fit and "
+            "the dev split never saw (\"in train/dev: no\"). Changes are patched − base with paired 95% bootstrap "
+            "intervals over the relation's subjects.\n\n" + md_table(header, rows) + "\n")
+
+
 def _evaluation(d: AnalysisResult) -> list[str]:
     ev = d.evaluation
     if ev is None:
@@ -304,6 +343,7 @@ def _evaluation(d: AnalysisResult) -> list[str]:
     out += _servable(ev)
     out.append("\n" + _set_section("Held-out test split", ev.test, ev))
     out.append("\n#### Per relation (test split)\n\n" + _relations(ev))
+    out.append(_transfer(d, ev))
     if ev.unknown:
         out.append(f"\n{_set_section('Unknown subjects', ev.unknown, ev)}\n\n({d.data.unknown_source}; where "
                    "the answers are invented too, accuracy is ~0 by construction and the confidence is what counts.)")
