@@ -117,6 +117,34 @@ def test_vllm_serves_a_llama_merged_export_with_a_bias_edit(tiny_dirs, llama_ser
     assert top_first_step(base) != top_first_step(results["base"]), "the bias had no effect in vLLM"
 
 
+def test_vllm_serves_a_gemma3_merged_export_and_a_lora_adapter_on_it(tiny_dirs, tmp_path) -> None:
+    """Gemma 3 (sandwich norms, (1 + weight) RMSNorms, scaled embeddings, tied unembedding, a sliding-window layer
+    whose window, 4, is shorter than the prompts): one engine serves a merged patched checkpoint as its base, and a
+    LoRA adapter made against that checkpoint (a second patch on top), each as Hugging Face computes it with the
+    patches applied in memory. One engine start: about 40 s on 2 cores."""
+    base_dir = tiny_dirs["gemma3_text"]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    patch = make_patch(model, {"L0H1": 0.5, "L1H0": 0.3, "L1H3": 1.8, "L1N5": 2.5})
+    merged = export_merged(base_dir, patch, tmp_path / "merged")
+    on_top = make_patch(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), {"L1H2": 1.6, "L0N7": 0.2})
+    adapter = export_lora(merged, on_top, tmp_path / "adapter")
+
+    results = run_vllm(merged, tmp_path / "out.json", loras={"patched": adapter})
+    with apply_patch(model, patch):
+        worst = assert_matches_hf(results["base"], model, tokenizer)
+        with apply_patch(model, on_top):  # in memory, the patched weights are the merged ones, bit for bit
+            worst = max(worst, assert_matches_hf(results["patched"], model, tokenizer))
+    assert top_first_step(results["base"]) != top_first_step(results["patched"]), "adapter had no effect"
+    with torch.no_grad():  # the merged patch itself moves the numbers far beyond the tolerance
+        ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+        unpatched = torch.log_softmax(model(ids).logits[0, -1], dim=-1)
+        with apply_patch(model, patch):
+            patched = torch.log_softmax(model(ids).logits[0, -1], dim=-1)
+    assert (patched - unpatched).abs().max() > 100 * TOLERANCE
+    print(f"largest |logprob vLLM - HF| on the tiny Gemma 3: {worst:.2e}")
+
+
 @pytest.mark.real_model
 def test_vllm_serves_the_real_model_and_its_patch_as_hugging_face_does(real_model_dir, tmp_path) -> None:
     """SmolLM2-135M in float32: vLLM's CPU kernels sum in another order than PyTorch's (its own attention and
