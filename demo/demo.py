@@ -313,6 +313,21 @@ def show_calibration(calibration: Calibration, rated: Sequence[Rated]) -> None:
 # -- the story ----------------------------------------------------------------------------------------------
 
 
+def served_patch(run: Path) -> Path:
+    """RUN/patch.json, the recommended patch; where the analysis recommends none, the candidate with the lowest dev
+    NLL, so that the served A/B can still be shown (and said to be no recommendation)."""
+    if (run / "patch.json").exists():
+        return run / "patch.json"
+    evaluation = json.loads((run / "analysis.json").read_text())["evaluation"]
+    if evaluation is None:
+        raise SystemExit(f"{run}: no patch was fitted (see {run / 'report.md'}), so there is no A/B to serve")
+    best = min(evaluation["methods"], key=lambda m: m["dev_nll"])
+    say(f"   the analysis recommends no patch ({evaluation['choice']}); to show the served A/B anyway, the demo "
+        f"serves the candidate with the lowest dev NLL, {best['file']}: its numbers are measured, not a "
+        "recommendation")
+    return run / best["file"]
+
+
 @dataclass(frozen=True)
 class Timings:
     analysis: float
@@ -333,7 +348,7 @@ def demo(args: argparse.Namespace, children: Children) -> int:
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = run / "serve.log"
-    serve_args = [args.model, "--patch", str(run / "patch.json"), "--patch-mode", "merged",
+    serve_args = [args.model, "--patch", str(served_patch(run)), "--patch-mode", "merged",
                   "--served-model-name", args.name, "--port", str(port), "--shadow-rate", SHADOW_RATE,
                   "--ab-split", "0.5", *VLLM_OPTIONS]
     say(f"2. serving: recallfix serve {' '.join(serve_args)}  (log: {log})")

@@ -84,9 +84,11 @@ def validate_run(run: Path) -> dict:
     if doc["patch"] is not None:
         patch = Patch.load(run / doc["patch"]["file"])
         assert {e.component: e.gain for e in patch.edits} == pytest.approx(doc["patch"]["gains"])
-    if doc["evaluation"] is not None:  # the chosen method is patch.json
+    if doc["evaluation"] is not None and doc["evaluation"]["chosen"] is not None:  # the chosen method is patch.json
         chosen = next(m for m in doc["evaluation"]["methods"] if m["name"] == doc["evaluation"]["chosen"])
-        assert chosen["file"] == "patch.json"
+        assert chosen["file"] == "patch.json" and chosen["dev_nll_change"]["ci_high"] < 0
+    elif doc["evaluation"] is not None:  # no patch recommended: none is written as patch.json
+        assert not (run / "patch.json").exists() and "No patch is recommended" in text
     return doc
 
 
@@ -129,22 +131,32 @@ def test_pipeline_on_every_architecture(arch: str, tiny_dirs: dict[str, Path], i
     assert set(patch["gains"]) == {f"L{final}H0", f"L{final}MLP"}
     assert patch["verified"] and patch["max_verify_error"] < 1e-3
     assert all(0.0 <= g <= 2.0 for g in patch["gains"].values())
-    assert doc["intercept"]["component"] == f"L{final}MLP"
+    assert set(doc["suppress"]["gains"]) == set(patch["gains"])
+    assert all(0.0 <= g <= 1.0 for g in doc["suppress"]["gains"].values())  # suppressors scaled down only
+    # Gemma 3 normalises the MLP's output before the residual add: the intercept (a bias edit) is not applicable
+    intercept = ["intercept"] if arch != "gemma3_text" else []
+    assert doc["intercept"]["component"] == f"L{final}MLP" if intercept else doc["intercept"] is None
     ev = doc["evaluation"]
     assert ev["test"]["n"] == doc["data"]["splits"]["test"]
-    assert [m["name"] for m in ev["methods"]] == ["gains", "intercept"]
-    assert ev["chosen"] == min(ev["methods"], key=lambda m: m["dev_nll"])["name"] or "vLLM" in ev["choice"]
+    assert [m["name"] for m in ev["methods"]] == ["gains", "suppress", *intercept]
+    qualified = [m for m in ev["methods"] if m["dev_nll_change"]["ci_high"] < 0]
+    assert (ev["chosen"] is None) == (not qualified), ev["choice"]
     assert set(ev["by_relation"]) == {"capital", "symbol"}
     assert sum(r["n"] for r in ev["by_relation"].values()) == ev["test"]["n"]
-    for model in ("base", "gains", "intercept", "temperature"):
+    for model in ("base", "gains", "suppress", *intercept, "temperature"):
         assert set(ev["test"]["models"][model]) >= {"accuracy", "ece_equal_width", "ece_equal_mass", "brier", "nll",
                                                     "auroc", "mean_p_answer"}
     # temperature scaling never changes the top-1 token
     assert ev["test"]["models"]["temperature"]["accuracy"]["value"] == ev["test"]["models"]["base"]["accuracy"]["value"]
-    assert ev["neutral"]["gains"]["n_lines"] == ev["neutral"]["intercept"]["n_lines"] == 3
+    assert all(ev["neutral"][m]["n_lines"] == 3 for m in ("gains", *intercept))
     assert doc["checks"] == []  # none asked for: findings only, no PASS/FAIL
-    assert {"block.lowers_share", "patch.nll_change", "gains.unknown_confidence_change",
-            "intercept.neutral_nll_change", f"component.L{final}H0.mean_effect"} <= set(doc["values"])
+    assert {"block.lowers_share", "gains.unknown_confidence_change", "suppress.nll_change",
+            *(f"{m}.neutral_nll_change" for m in intercept), f"component.L{final}H0.mean_effect"} <= set(doc["values"])
+    assert ("patch.nll_change" in doc["values"]) == (ev["chosen"] is not None)
+    # every amplified component (gain > 1) is explained path by path; the suppress-only fit amplifies none
+    assert [r["name"] for r in ev["amplified"]["gains"]] == [n for n, g in patch["gains"].items() if g > 1]
+    assert ev["amplified"]["suppress"] == []
+    assert ("What the learned gains amplify" in (run / "report.md").read_text()) == bool(ev["amplified"]["gains"])
     assert result.patch is not None and result.patch.id == Patch.load(run / result.patch.file).id
 
 
@@ -170,8 +182,9 @@ def test_reported_patched_numbers_come_from_the_applied_patch(tiny_dirs: dict[st
     model, tok = load_causal_lm(tiny_dirs["gpt2"])
     facts = [f for f in assign_splits(load_facts(inputs["facts"]), seed=0) if f.split == "test"]
     probs = []
-    assert doc["evaluation"]["methods"][0]["file"] == "patch.json"
-    with apply_patch(model, Patch.load(tmp_path / "run" / "patch.json")), torch.no_grad():
+    file = doc["evaluation"]["methods"][0]["file"]  # patch.json, or patch.gains.json where none is recommended
+    assert file == ("patch.json" if doc["evaluation"]["chosen"] == "gains" else "patch.gains.json")
+    with apply_patch(model, Patch.load(tmp_path / "run" / file)), torch.no_grad():
         for f in facts:
             p = model(**tok(f.prompt, return_tensors="pt")).logits[0, -1].softmax(-1)
             probs.append(float(p[answer_token_id(tok, f.prompt, f.answer)]))
@@ -310,7 +323,9 @@ def test_cli_analyze_and_its_errors(tiny_dirs: dict[str, Path], inputs: dict[str
     doc = validate_run(out)
     assert doc["data"]["n_unknown"] == 3
     assert doc["command"].startswith("recallfix ")  # sys.argv: the pytest command line here
-    assert Patch.load(out / "patch.json").provenance.command == doc["command"]
+    for method in doc["evaluation"]["methods"]:
+        assert Patch.load(out / method["file"]).provenance.command == doc["command"]
+    assert ("patch.json" in printed) == (doc["evaluation"]["chosen"] is not None)
     code = recallfix_main(["analyze", "--model", str(tiny_dirs["opt"]), "--facts", str(tmp_path / "nope.jsonl"),
                            "--out", str(tmp_path / "run2"), "--no-progress"])
     assert code == 2

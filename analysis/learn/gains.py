@@ -8,7 +8,7 @@ inside the final block (`replay.capture_final_block_inputs`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -67,14 +67,22 @@ def verify_patch(model: nn.Module, cmap: ComponentMap, patch: Patch, gains: dict
     return float((hooked - applied).abs().max())
 
 
-def learn_patch(s: Loaded, c: Collected, selected: list[str], rule: str, config: AnalysisConfig, command: str,
-                facts_sha: str, temperature: float) -> tuple[Patch, PatchInfo]:
-    """Step 5: fit the gains (train; early stopping on dev), check the patch. `temperature`: the baseline's T,
-    recorded beside the gains."""
+@dataclass
+class FitInputs:
+    """What every gain fit of a run learns from, captured once: the batches of train and dev prompts (facts and
+    made-up subjects) and of neutral positions, and which facts the model recalls before its final block."""
+
+    train: list[BlockInputs]
+    dev: list[BlockInputs]
+    neutral: list[BlockInputs]
+    recalled: torch.Tensor  # [facts] bool
+    made_up_train: list[Fact]
+    made_up_dev: list[Fact]
+
+
+def fit_inputs(s: Loaded, c: Collected, config: AnalysisConfig) -> FitInputs:
     known, cmap, dev = s.known, s.cmap, s.device
-    train_rows, dev_rows = known.rows("train"), known.rows("dev")
     recalled = c.before.rank <= config.recall_rank
-    fit_config = FitConfig(**{**asdict(config.fit), "seed": config.seed})
 
     def facts_in(rows: torch.Tensor) -> list[BlockInputs]:
         return fact_inputs(c, known.token_ids, rows, known.answers, recalled, config.batch_size, dev, s.dtype)
@@ -92,10 +100,26 @@ def learn_patch(s: Loaded, c: Collected, selected: list[str], rule: str, config:
 
     nonce_train, made_up_train = nonce_in("train", config.seed)
     nonce_dev, made_up_dev = nonce_in("dev", config.seed + 1)
-    train_in, dev_in = facts_in(train_rows) + nonce_train, facts_in(dev_rows) + nonce_dev
     neutral_in = captured_inputs(s.lm, cmap, encode(s.tokenizer, s.neutral_fit), s.pad, config.batch_size, dev,
                                  last_only=False)
-    fit = fit_gains(s.lm, cmap, selected, train_in, dev_in, neutral_in, fit_config, progress=config.progress)
+    return FitInputs(facts_in(known.rows("train")) + nonce_train, facts_in(known.rows("dev")) + nonce_dev,
+                     neutral_in, recalled, made_up_train, made_up_dev)
+
+
+def learn_patch(s: Loaded, c: Collected, inputs: FitInputs, selected: list[str], rule: str, config: AnalysisConfig,
+                command: str, facts_sha: str, temperature: float, *, max_gain: float | None = None
+                ) -> tuple[Patch, PatchInfo]:
+    """Step 5: fit the gains (train; early stopping on dev), check the patch. `temperature`: the baseline's T,
+    recorded beside the gains. `max_gain`: the fit's upper bound instead of `FitConfig.max_gain` (1: the
+    suppressors can only be scaled down)."""
+    known, cmap, dev = s.known, s.cmap, s.device
+    train_rows, dev_rows = known.rows("train"), known.rows("dev")
+    recalled = inputs.recalled
+    bound = {} if max_gain is None else {"max_gain": max_gain}
+    fit_config = FitConfig(**{**asdict(config.fit), "seed": config.seed, **bound})
+    made_up_train, made_up_dev = inputs.made_up_train, inputs.made_up_dev
+    fit = fit_gains(s.lm, cmap, selected, inputs.train, inputs.dev, inputs.neutral, fit_config,
+                    progress=config.progress)
     # 4 decimals: far below the fit's own noise, and the patch then does not depend on float summation order
     # (thread count, device), so the same seed gives the same patch file.
     gains = {name: round(g, GAIN_DECIMALS) for name, g in fit.gains.items()}
@@ -111,7 +135,8 @@ def learn_patch(s: Loaded, c: Collected, selected: list[str], rule: str, config:
     effects = torch.stack([c.final_effect[train_rows, c.final_names.index(n)] if n in c.final_names
                            else c.neuron_effect[train_rows, cmap.validate(n).index] for n in selected], dim=1)
     info = PatchInfo(
-        file="patch.json", id=patch.id, selection_rule=rule,
+        # the file is named once every candidate is fitted (`methods.file_names`)
+        file="", id=patch.id, selection_rule=rule,
         candidates=component_rows(selected, None, effects),
         gains=gains, fit_config=asdict(fit_config),
         n_train=int(len(train_rows)), n_train_recalled=int(recalled[train_rows].sum()),

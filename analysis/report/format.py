@@ -6,6 +6,10 @@ from collections.abc import Sequence
 
 from ..schema import CheckResult, EstimateModel
 
+# The models of an evaluation, as every table and plot names them.
+MODEL_LABELS = {"base": "base", "gains": "learned gains", "suppress": "suppress-only gains",
+                "intercept": "intercept removed (paper)", "temperature": "temperature-scaled"}
+
 
 def number(x: float | None, fmt: str = ".3f") -> str:
     return "n/a" if x is None else format(x, fmt)

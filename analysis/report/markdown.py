@@ -7,11 +7,18 @@ from pathlib import Path
 
 from recallfix.patches.io import atomic_write_text
 
-from ..schema import AnalysisResult, ComponentRow, EstimateModel, Evaluation, SetEvaluation, Suppression
+from ..schema import (
+    AmplifiedComponent,
+    AnalysisResult,
+    ComponentRow,
+    EstimateModel,
+    Evaluation,
+    PatchInfo,
+    SetEvaluation,
+    Suppression,
+)
 from .format import METRIC_LABELS, estimate, md_table, number, percent
-
-LABELS = {"base": "base", "gains": "learned gains", "intercept": "intercept removed (paper)",
-          "temperature": "temperature-scaled"}
+from .format import MODEL_LABELS as LABELS
 
 
 def _component_table(rows: Sequence[ComponentRow]) -> str:
@@ -208,12 +215,21 @@ def _findings(d: AnalysisResult) -> list[str]:
 
 
 def _patch(d: AnalysisResult) -> list[str]:
-    patch = d.patch
-    out = ["\n## 5. The patches\n", "### Learned gains\n"]
+    out = ["\n## 5. The patches\n",
+           f"Every candidate edits the final block (L{d.model.num_layers - 1}) only.\n"]
+    for title, patch in (("Learned gains", d.patch), ("Suppress-only gains: suppressors scaled down, gains in [0, 1]",
+                                                      d.suppress)):
+        out += _gain_fit(title, patch)
+    out.append(_image(d.files, "plot_fit", "fit"))
+    return out + _intercept(d)
+
+
+def _gain_fit(title: str, patch: PatchInfo | None) -> list[str]:
+    out = [f"### {title}\n"]
     if not patch:
         out.append("Not fitted: not asked for (--method), or no final-block component suppresses the answer on the "
                    "train split.\n")
-        return out + _intercept(d)
+        return out
     out.append(f"Selected on the train split: {patch.selection_rule}.\n")
     out.append(md_table(["component", "train mean Δ log p", "train Δ log p < 0", "learned gain"],
                         [[c.name, number(c.mean_effect), percent(c.share_effect_negative), number(patch.gains[c.name])]
@@ -248,8 +264,10 @@ def _patch(d: AnalysisResult) -> list[str]:
         f"The saved patch `{patch.file}` (id {patch.id}), applied with `apply_patch`, reproduces the fitted "
         f"logits to {patch.max_verify_error:.1e}; every number below is measured on the model with the patch "
         f"applied.\n")
-    out.append(_image(d.files, "plot_fit", "fit"))
-    return out + _intercept(d)
+    if patch.best_epoch == 0:
+        out.append("The fit kept epoch 0: no epoch beat the base model on dev, so these gains are all 1 (the base "
+                   "model).\n")
+    return out
 
 
 def _intercept(d: AnalysisResult) -> list[str]:
@@ -283,12 +301,47 @@ def _at_a_glance(ev: Evaluation) -> str:
                      *(f"{n.patched_nll:.4f}" for n in neutral), "(unchanged)",
                      *(f"{n.relative_change:+.2%} [{percent(n.relative_change_ci[0])}, "
                        f"{percent(n.relative_change_ci[1])}]" for n in neutral)])
-    dev = {m.name: m.dev_nll for m in ev.methods}
-    rows.append(["dev NLL (chooses patch.json)", f"{ev.base_dev_nll:.4f}", *(f"{dev[m]:.4f}" for m in methods), "",
-                 *(f"{dev[m] - ev.base_dev_nll:+.4f}" for m in methods)])
+    dev = {m.name: m for m in ev.methods}
+    rows.append(["dev NLL (chooses patch.json)", f"{ev.base_dev_nll:.4f}", *(f"{dev[m].dev_nll:.4f}" for m in methods),
+                 "", *(estimate(dev[m].dev_nll_change, "+.4f") for m in methods)])
     header = ["", *(LABELS[k] + (" (patch.json)" if k == ev.chosen else "") for k in models),
               *(f"{m} − base" for m in methods)]
     return md_table(header, rows)
+
+
+PATH_WORDS = {"direct": "its own write", "mlp": "the final MLP reading its write",
+              "rescale": "the final norm's rescale"}
+
+
+def _reading(r: AmplifiedComponent) -> str:
+    """The amplification in words, from the measured paths only."""
+    lifts = [p for p, e in r.paths.items() if e.ci_low is not None and e.ci_low > 0]
+    if r.total.ci_high is not None and r.total.ci_high < 0:
+        return "alone, it lowers p(answer): it helps only together with the other gains"
+    if lifts:
+        return "p(answer) rises through " + " and ".join(PATH_WORDS[p] for p in lifts)
+    return "alone, no path changes p(answer) beyond its interval"
+
+
+def _amplified(ev: Evaluation) -> list[str]:
+    """Where a fit amplified a component: what that does to the answer, path by path (`evaluate.amplified`)."""
+    out = []
+    for method, rows in ev.amplified.items():
+        if not rows:
+            continue
+        out.append(f"\n#### What the {LABELS[method]} amplify (gain > 1), test split\n\n"
+                   "Each component alone at its gain. Change of log p(answer) in total, and along each path alone: "
+                   "direct (its extra write, read through the final norm at its base scale), through the final MLP "
+                   "(which reads what a head wrote), and through the final norm's rescale (the norm divides the "
+                   "new stream by a new scale). After each, the change of the answer's logit along that path; the "
+                   "three sum to the real change.\n")
+        out.append(md_table(
+            ["component", "gain", "Δ log p(answer)", "direct", "via the final MLP", "via the norm's rescale",
+             "reading"],
+            [[r.name, f"{r.gain:.3f}", estimate(r.total, "+.4f"),
+              *(f"{estimate(r.paths[p], '+.4f')} (logit {number(r.answer_logit[p].value, '+.4f')})"
+                for p in ("direct", "mlp", "rescale")), _reading(r)] for r in rows]))
+    return out
 
 
 def _servable(ev: Evaluation) -> list[str]:
@@ -339,9 +392,11 @@ def _evaluation(d: AnalysisResult) -> list[str]:
                "can sit at the low end of its interval; the paired differences are the fair comparison. "
                f"Temperature baseline: T = {ev.temperature:.3f}, fitted (NLL) on the train split.\n")
     out.append("The comparison of every method is the table at the top of this report.\n")
-    out.append(f"**patch.json**: {ev.choice}.\n")
+    out.append(f"**patch.json**: {ev.choice}.\n" if ev.chosen else f"**No patch is recommended**: {ev.choice}. "
+               "The candidates are written beside the report; no patch.json.\n")
     out += _servable(ev)
     out.append("\n" + _set_section("Held-out test split", ev.test, ev))
+    out += _amplified(ev)
     out.append("\n#### Per relation (test split)\n\n" + _relations(ev))
     out.append(_transfer(d, ev))
     if ev.unknown:

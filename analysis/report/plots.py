@@ -12,10 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..schema import AnalysisResult, EstimateModel, ReliabilityBin  # noqa: E402
+from .format import MODEL_LABELS  # noqa: E402
 
 NEG, POS, GREY = "#c0392b", "#2471a3", "#7f8c8d"
-MODEL_LABELS = {"base": "base", "gains": "learned gains", "intercept": "intercept removed",
-                "temperature": "temperature-scaled"}
 
 
 def save_figure(fig: plt.Figure, path: Path) -> str:

@@ -1,0 +1,220 @@
+"""docs/results.md from the runs `make_results` made: every number read from their analysis.json, run.json and
+served.json files (typed: `AnalysisResult`, `RunRecord`, `ServedCheck`), nothing typed in by hand."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from recallfix.analysis.report.format import MODEL_LABELS, estimate, md_table, percent
+from recallfix.analysis.schema import AnalysisResult, EstimateModel, Evaluation
+from recallfix.patches.io import atomic_write_text
+from recallfix.patches.registry.models import load_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN = Path(__file__).with_name("plan.json")
+PAGE = ROOT / "docs" / "results.md"
+MEASURES = (("accuracy", "accuracy"), ("mean_p_answer", "mean p(answer)"), ("nll", "NLL"),
+            ("ece_equal_width", "ECE"), ("brier", "Brier"))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Protocol(Strict):
+    facts: str
+    split_by: str
+    title: str
+
+
+class ModelPlan(Strict):
+    max_facts: dict[str, int] = Field(default_factory=dict, description="protocol -> cap on the prompts")
+    served: str | None = Field(description="the protocol whose run is served and compared, or null")
+
+
+class Goal(Strict):
+    protocol: str
+    max_unknown_top1_rise: float
+    max_neutral_nll_rise: float
+
+
+class Plan(Strict):
+    about: str
+    analyze_options: list[str]
+    protocols: dict[str, Protocol]
+    models: dict[str, ModelPlan]
+    goal: Goal
+
+    @classmethod
+    def load(cls, path: Path) -> Plan:
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise SystemExit(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+class RunRecord(Strict):
+    model: str
+    protocol: str
+    run: str
+    wall_s: float
+    peak_gib: float
+
+
+class ServedCheck(Strict):
+    run_key: str = Field(description="the inputs key of the run it served: a newer run is served again")
+    model: str
+    run: str
+    method: str = Field(description="the candidate served as the patched variant")
+    n: int
+    wall_s: float
+    max_abs_difference: dict[str, float] = Field(description="'variant metric' -> |served - analysis|")
+
+
+def _goal(ev: Evaluation, goal: Goal) -> tuple[bool, str]:
+    """Whether the recommended patch meets the goal on this run's test split, and why (not)."""
+    if ev.chosen is None:
+        return False, f"no patch recommended ({ev.choice})"
+    diff = ev.test.differences[f"{ev.chosen}_minus_base"]
+    nll, acc = diff["nll"], diff["accuracy"]
+    misses = []
+    if nll.ci_high is None or nll.ci_high >= 0:
+        misses.append(f"NLL {estimate(nll, '+.3f')} does not lie below 0")
+    if acc.ci_high is not None and acc.ci_high < 0:
+        misses.append(f"accuracy {estimate(acc, '+.3f')} falls")
+    if ev.unknown is not None:
+        rise = ev.unknown.differences[f"{ev.chosen}_minus_base"]["mean_confidence"].value or 0.0
+        if rise > goal.max_unknown_top1_rise:
+            misses.append(f"unknown-subject top-1 rises by {rise:+.3f}")
+    neutral = ev.neutral[ev.chosen].relative_change
+    if neutral > goal.max_neutral_nll_rise:
+        misses.append(f"neutral-text NLL rises by {neutral:+.2%}")
+    return not misses, "; ".join(misses) or (f"{ev.chosen}: NLL {estimate(nll, '+.3f')}, accuracy "
+                                             f"{estimate(acc, '+.3f')}, neutral NLL {neutral:+.2%}")
+
+
+def _table(ev: Evaluation) -> str:
+    models = ["base", *(m.name for m in ev.methods), "temperature"]
+    rows = [[label, *(estimate(ev.test.models[k][metric]) for k in models),
+             *(estimate(ev.test.differences[f"{m.name}_minus_base"][metric], "+.3f") for m in ev.methods)]
+            for metric, label in MEASURES]
+    if ev.unknown is not None:
+        rows.append(["unknown subjects: top-1 probability",
+                     *(estimate(ev.unknown.models[k]["mean_confidence"]) for k in models),
+                     *(estimate(ev.unknown.differences[f"{m.name}_minus_base"]["mean_confidence"], "+.3f")
+                       for m in ev.methods)])
+    neutral = [ev.neutral[m.name] for m in ev.methods]
+    if neutral:
+        rows.append(["neutral text: NLL per token", f"{neutral[0].base_nll:.4f}",
+                     *(f"{n.patched_nll:.4f}" for n in neutral), "",
+                     *(f"{n.relative_change:+.2%} [{percent(n.relative_change_ci[0])}, "
+                       f"{percent(n.relative_change_ci[1])}]" for n in neutral)])
+    header = ["test split", *(MODEL_LABELS[k] + (" (recommended)" if k == ev.chosen else "") for k in models),
+              *(f"{m.name} − base" for m in ev.methods)]
+    return md_table(header, rows)
+
+
+def _relations(ev: Evaluation) -> str:
+    chosen = ev.chosen or min(ev.methods, key=lambda m: m.dev_nll).name
+    rows = []
+    for relation, r in ev.by_relation.items():
+        diff = r.differences[f"{chosen}_minus_base"]
+        rows.append([relation, str(r.n), *(estimate(r.models["base"][m]) for m in ("accuracy", "mean_p_answer")),
+                     *(estimate(diff[m], "+.3f") for m in diff)])
+    first = next(iter(ev.by_relation.values()), None)
+    metrics = list(first.differences[f"{chosen}_minus_base"]) if first else []
+    return md_table(["test relation", "prompts", "base accuracy", "base mean p(answer)",
+                     *(f"{chosen} − base: {m}" for m in metrics)], rows)
+
+
+def _section(plan: Plan, model: str, protocol: str, d: AnalysisResult, record: RunRecord) -> list[str]:
+    p, cap = plan.protocols[protocol], plan.models[model].max_facts.get(protocol)
+    out = [f"\n### {model}: {p.title}\n",
+           f"{d.data.n_facts} prompts ({', '.join(f'{k} {v}' for k, v in d.data.splits.items())})"
+           + (f", capped at {cap} (`--max-facts`, whole subjects)" if cap else "")
+           + f". Run: {record.wall_s / 60:.1f} min, peak {record.peak_gib:.1f} GiB.\n",
+           f"**Findings.** {d.findings.text}\n"]
+    ev = d.evaluation
+    if ev is None:
+        return [*out, "No candidate patch was fitted: no final-block component suppresses the answer.\n"]
+    out += [_table(ev) + "\n", f"**Recommended:** {ev.choice if ev.chosen else 'none. ' + ev.choice}.\n"]
+    for method, rows in ev.amplified.items():
+        if rows:
+            out.append(f"Amplified by {method}, each alone (change of log p(answer), test): " + "; ".join(
+                f"{r.name} ×{r.gain:.2f} {_est(r.total)} (direct {_est(r.paths['direct'])}, via the final MLP "
+                f"{_est(r.paths['mlp'])}, via the norm's rescale {_est(r.paths['rescale'])})" for r in rows) + ".\n")
+    if p.split_by == "relation":
+        out.append("Transfer to the unseen test relations:\n\n" + _relations(ev) + "\n")
+    return out
+
+
+def _machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def _commit() -> str:
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return head.stdout.strip() or "unknown"
+
+
+def _est(e: EstimateModel) -> str:
+    return estimate(e, "+.3f")
+
+
+def render(plan: Plan, root: Path, models: list[str], protocols: list[str]) -> Path:
+    entries = load_registry()
+    runs: dict[tuple[str, str], tuple[AnalysisResult, RunRecord]] = {}
+    for model in models:
+        for protocol in protocols:
+            run = root / model / protocol
+            if (run / "analysis.json").exists() and (run / "run.json").exists():
+                runs[model, protocol] = (AnalysisResult.model_validate_json((run / "analysis.json").read_text()),
+                                         RunRecord.model_validate_json((run / "run.json").read_text()))
+    total = sum(r.wall_s for _, r in runs.values())
+    out = ["# Results: does recallfix's patch improve factual recall?\n",
+           f"Every number on this page comes from `make results` (results/make_results.py, plan "
+           f"results/plan.json) at commit {_commit()}, on {_machine()}: {len(runs)} analysis runs, "
+           f"{total / 3600:.1f} h of run time in all (each run's own wall time; a cached run keeps the time it "
+           "took). Brackets: 95% cluster-bootstrap intervals over subjects.\n",
+           f"Goal, on `{plan.goal.protocol}` (held-out relations), for the patch recommended on dev: NLL lower "
+           f"with its interval below 0; accuracy not lower beyond its interval; unknown-subject top-1 probability "
+           f"up by at most {plan.goal.max_unknown_top1_rise}; neutral-text NLL up by at most "
+           f"{plan.goal.max_neutral_nll_rise:.0%}.\n",
+           "\n## Across the models\n"]
+    summary = []
+    for (model, protocol), (d, _) in runs.items():
+        ev = d.evaluation
+        suppressors = ", ".join(d.findings.suppressors) or "none"
+        met, why = _goal(ev, plan.goal) if ev is not None else (False, "no candidate fitted")
+        summary.append([model, protocol, f"{percent(d.findings.test.share_suppressed)}", suppressors,
+                        ev.chosen or "none" if ev else "none",
+                        _est(ev.test.differences[f"{ev.chosen}_minus_base"]["nll"]) if ev and ev.chosen else "",
+                        ("met" if met else "not met: " + why) if protocol == plan.goal.protocol else why])
+    out.append(md_table(["model", "protocol", "final block lowers p(answer) on (test)", "consistent suppressors",
+                         "recommended", "test NLL change", "goal"], summary) + "\n")
+    for model in models:
+        entry = entries.get(model)
+        out.append(f"\n## {model}\n\n{entry.description if entry else ''} (licence: "
+                   f"{entry.licence if entry else 'see the model card'}).\n")
+        for protocol in protocols:
+            if (model, protocol) in runs:
+                out += _section(plan, model, protocol, *runs[model, protocol])
+            else:
+                out.append(f"\n### {model}: {plan.protocols[protocol].title}\n\nNot run yet.\n")
+        served = root / model / "served.json"
+        if served.exists():
+            check = ServedCheck.model_validate_json(served.read_text())
+            worst = max(check.max_abs_difference.items(), key=lambda kv: kv[1])
+            out.append(f"\n**Served.** `recallfix serve` (vLLM, merged patch `{check.method}`) and `recallfix "
+                       f"compare` on the {check.n} test prompts of {Path(check.run).name}: the largest difference "
+                       f"from the analysis' own numbers is {worst[1]:.1e} ({worst[0]}).\n")
+    atomic_write_text(PAGE, "\n".join(out) + "\n")
+    return PAGE
