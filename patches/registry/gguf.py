@@ -40,13 +40,16 @@ class GGUFInfo:
     licence: str | None  # general.license
     quantization: str  # general.file_type, e.g. Q4_1
     tensor_types: dict[str, int]  # ggml type -> number of tensors stored in it
+    add_bos_token: bool | None = None  # tokenizer.ggml.add_bos_token: whether a text starts with the BOS token
 
 
 def supported_architectures() -> list[str]:
     """Model types that both transformers' GGUF loader and the component map know."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    return sorted(set(ARCHITECTURES) & set(GGUF_SUPPORTED_ARCHITECTURES))
+    # The loader lists llama.cpp's names ("gemma3"), the component map transformers' ("gemma3_text").
+    loadable = {_MODEL_TYPES.get(name, name) for name in GGUF_SUPPORTED_ARCHITECTURES}
+    return sorted(set(ARCHITECTURES) & loadable)
 
 
 def read_gguf(path: str | Path) -> GGUFInfo:
@@ -78,7 +81,7 @@ def read_gguf(path: str | Path) -> GGUFInfo:
         quantization = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else "unknown"
     except ValueError:
         quantization = f"file type {file_type}"
-    name, licence = field("general.name"), field("general.license")
+    name, licence, add_bos = field("general.name"), field("general.license"), field("tokenizer.ggml.add_bos_token")
     return GGUFInfo(
         path=path,
         architecture=architecture,
@@ -87,6 +90,7 @@ def read_gguf(path: str | Path) -> GGUFInfo:
         licence=licence if isinstance(licence, str) else None,
         quantization=quantization,
         tensor_types=dict(Counter(t.tensor_type.name for t in reader.tensors)),
+        add_bos_token=add_bos if isinstance(add_bos, bool) else None,
     )
 
 
@@ -151,9 +155,10 @@ def load_gguf(path: Path, *, progress: bool = False):  # noqa: ANN201 (-> (PreTr
     return model.eval(), tokenizer
 
 
-def convert_gguf(info: GGUFInfo, out: Path, *, progress: bool = False) -> None:
+def convert_gguf(info: GGUFInfo, out: Path, *, progress: bool = False) -> list[str]:
     """Write the model of a checked GGUF file (`read_gguf`, `check_supported`), dequantized to float32, as a
-    safetensors checkpoint with its tokenizer into `out`."""
+    safetensors checkpoint with its tokenizer into `out`. Returns what the checkpoint does otherwise than
+    transformers' own load of the file (for the model card); the weights never differ."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -163,10 +168,39 @@ def convert_gguf(info: GGUFInfo, out: Path, *, progress: bool = False) -> None:
     # The GGUF mark is what makes save_pretrained refuse; the weights are already plain float32.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    # The fresh model is built without storage and takes the loaded tensors themselves (assign): one float32 copy
+    # in memory, not two (Qwen2.5-Coder-1.5B's 1.78B parameters are 7.1 GB), and no random init thrown away.
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    fresh.tie_weights()  # assign gives each name its own Parameter: shared ones (tied embeddings) are tied again
     fresh.generation_config = loaded.generation_config
     del loaded
     with transformers_progress(progress):
         fresh.save_pretrained(out, safe_serialization=True)
+    changes = [bos_as_the_file_says(info, tokenizer)]
     tokenizer.save_pretrained(out)
+    return [change for change in changes if change]
+
+
+def bos_as_the_file_says(info: GGUFInfo, tokenizer) -> str | None:  # noqa: ANN001 (a transformers tokenizer)
+    """Make the tokenizer start each text with the BOS token where the file says so. transformers' GGUF tokenizer
+    ignores tokenizer.ggml.add_bos_token (5.19): Gemma 3's then adds none, and the model, which expects one, answers
+    "The Eiffel Tower is located in the city of" with " the" (p 0.39) instead of " Paris" (0.76)."""
+    bos = tokenizer.bos_token_id
+    if not info.add_bos_token or bos is None or tokenizer("a").input_ids[:1] == [bos]:
+        return None
+    tokenizer.add_bos_token = True  # rebuilds the tokenizers post-processor, which tokenizer.json then keeps
+    if tokenizer("a").input_ids[:1] != [bos]:
+        raise GGUFError(f"{info.path}: says tokenizer.ggml.add_bos_token, and its tokenizer cannot be made to add "
+                        f"{tokenizer.bos_token!r}")
+    log.info("%s: the tokenizer adds %s, as the file's tokenizer.ggml.add_bos_token says", info.path.name,
+             tokenizer.bos_token)
+    return (f"The tokenizer starts every text with `{tokenizer.bos_token}`, as the GGUF's tokenizer.ggml.add_bos_token "
+            f"says; transformers' own GGUF tokenizer ({_transformers_version()}) adds none.")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return f"transformers {transformers.__version__}"
