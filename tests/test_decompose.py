@@ -102,47 +102,56 @@ def test_soft_capped_logits_are_refused_and_patches_still_apply() -> None:
             assert not torch.allclose(model(ids).logits, base)
 
 
-GEMMA = "gemma3-270m"
-GEMMA_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "Tokyo is the capital of",
-                 "The Eiffel Tower is located in the city of"]
+# The real models of models.json checked here (their architecture) and the prompts: facts both know something of.
+REAL_DECOMPOSED = {"gemma3-270m": "gemma3_text", "qwen2.5-coder-0.5b": "qwen2"}
+REAL_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "Tokyo is the capital of",
+                "The Eiffel Tower is located in the city of"]
 
 
 @pytest.mark.real_model
-def test_gemma3_270m_components_sum_to_what_each_block_wrote() -> None:
-    """Gemma 3 270M (float32, from models.json): every block's heads and MLP, each through its post-attention or
-    post-feedforward norm frozen at the forward pass's scale, add up to what the block wrote to the stream, and all
-    components through the final (1 + weight) RMSNorm to the model's logits (no soft-cap on Gemma 3).
+@pytest.mark.parametrize("name", REAL_DECOMPOSED)
+def test_real_model_components_sum_to_what_each_block_wrote(name: str) -> None:
+    """A real model (float32, from models.json): every block's heads and MLP add up to what the block wrote to the
+    stream, and all components through the final norm to the model's logits (no soft-cap on either). Gemma 3 270M
+    writes each head and MLP through its post-attention or post-feedforward norm, frozen at the forward pass's scale,
+    and normalises with (1 + weight) RMSNorms; Qwen2.5-Coder-0.5B adds its writes as they are (its q, k and v biases
+    are inside the heads' writes).
 
-    Measured (left-padded batch of 4): the stream grows to 3.0e4 and a block writes up to 4.7e3; the largest |sum of a
-    block's writes - what it wrote| was 1.7e-3 (the last block; 8e-7 of its write, under 1e-7 of the stream: float32
-    rounding of the stream itself), and |component logits summed - logits| 1.6e-5 on logits up to 26. The bound,
+    Measured (left-padded batch of 4, the tokenizers as loaded: Gemma's with <bos>): on Gemma 3 the stream grows to
+    3.4e4 and a block writes up to 9.2e3; the largest |sum of a block's writes - what it wrote| was 2.2e-3, at most
+    3.5e-7 of the stream (float32 rounding of the stream itself; without <bos>, 1.7e-3 on 3.0e4); |component logits
+    summed - logits| 1.9e-5 on logits up to 26. On Qwen2.5-Coder the last position's stream stays under 63 and a
+    block writes up to 13: 4.1e-6 at most, 1.2e-7 of the stream; the logits 1.0e-5 on logits up to 22. The bound,
     1e-6 of the stream, is about ten float32 ulps."""
     from real_model import named_model_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = named_model_path(GEMMA)
+    path = named_model_path(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
-    batch = tokenizer(GEMMA_PROMPTS, return_tensors="pt", padding=True)
+    batch = tokenizer(REAL_PROMPTS, return_tensors="pt", padding=True)
     cmap = ComponentMap(model)
-    assert cmap.architecture == "gemma3_text" and cmap.readout_refusal() is None
+    assert cmap.architecture == REAL_DECOMPOSED[name] and cmap.readout_refusal() is None
     dec = decompose(model, batch.input_ids, batch.attention_mask, cmap)
     with torch.no_grad():
         out = model(**batch, output_hidden_states=True)
     # hidden_states[l]: the stream entering block l (0: the scaled embedding); the last is after the final norm
     streams = torch.stack([h[:, -1].float() for h in out.hidden_states[:-1]] + [dec.final_resid], dim=1)
     layers = torch.tensor(dec.layers)
-    worst = 0.0
+    worst, worst_ratio, largest_write = 0.0, 0.0, 0.0
     for layer in range(-1, cmap.shape.num_layers):
         before = streams[:, layer] if layer >= 0 else torch.zeros_like(streams[:, 0])
         wrote = streams[:, layer + 1] - before
         error = float((dec.resid[:, layers == layer].sum(dim=1) - wrote).abs().max())
         stream = max(float(before.abs().max()), float(streams[:, layer + 1].abs().max()))
         assert error <= 1e-6 * stream, (layer, error, stream)
-        worst = max(worst, error)
+        worst, worst_ratio = max(worst, error), max(worst_ratio, error / stream)
+        largest_write = max(largest_write, float(wrote.abs().max()))
     logits = out.logits[:, -1].float()
     with torch.no_grad():
         logit_error = float((component_logits(dec, cmap).sum(dim=1) - logits).abs().max())
     assert logit_error < 1e-3 and float((dec.logits - logits).abs().max()) < 1e-3
-    print(f"{GEMMA}: largest |a block's writes summed - what it wrote| {worst:.1e}, |logits| {logit_error:.1e}")
+    print(f"{name}: largest |a block's writes summed - what it wrote| {worst:.1e} (at most {worst_ratio:.1e} of the "
+          f"stream, which reaches {float(streams.abs().max()):.1e}; a block writes up to {largest_write:.1e}), "
+          f"|component logits summed - logits| {logit_error:.1e} on logits up to {float(logits.abs().max()):.0f}")
