@@ -372,11 +372,14 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): every test that needs a live server is in
     one group, run on one worker in the order below (each server starts once); every other module is a group of
     its own (its module fixtures made once), run on the other worker meanwhile. A live server runs vLLM on the
-    real model: its tests are `vllm` and `real_model` tests too (`make check` leaves both out)."""
+    real model: its tests are `vllm` and `real_model` tests too (`make check` leaves both out). A test that names
+    its group keeps it (pytest-xdist would join both names): `xdist_group("servers")` runs a test that holds too much
+    memory to run beside the servers on their worker, after the last of them has stopped (`rank`)."""
     if needs(item):
         item.add_marker(pytest.mark.vllm)
         item.add_marker(pytest.mark.real_model)
-    item.add_marker(pytest.mark.xdist_group("servers" if needs(item) else item.nodeid.split("::")[0]))
+    if item.get_closest_marker("xdist_group") is None:
+        item.add_marker(pytest.mark.xdist_group("servers" if needs(item) else item.nodeid.split("::")[0]))
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection
