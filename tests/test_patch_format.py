@@ -179,7 +179,8 @@ def test_unsupported_architecture_names_the_supported_ones() -> None:
 
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64)
-    with pytest.raises(UnsupportedModelError, match="'bert' is not supported; supported: gemma3_text, gpt2, gpt_neox, llama"):
+    with pytest.raises(UnsupportedModelError,
+                       match="'bert' is not supported; supported: gemma3_text, gpt2, gpt_neox, llama"):
         ComponentMap.from_config(config)
 
 
