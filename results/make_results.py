@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(plan.models), help="comma-separated, of results/plan.json")
     p.add_argument("--protocols", default=",".join(plan.protocols), help="comma-separated, of results/plan.json")
     p.add_argument("--root", type=Path, default=cache_root() / "results", help="where the runs are cached")
-    p.add_argument("--render-only", action="store_true", help="render docs/results.md from the runs already there")
+    p.add_argument("--render-only", action="store_true", help="render docs/results.md from the runs already there "
+                                                               "(the page always shows every run of the plan found)")
     args = p.parse_args(argv)
     for model in args.models.split(","):
         if model not in plan.models:
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             run = args.root / model / served
             if not check_file.exists() or json.loads(check_file.read_text())["run_key"] != _key(run):
                 atomic_write_text(check_file, served_check(model, run).model_dump_json(indent=2) + "\n")
-    page = render(plan, args.root, args.models.split(","), args.protocols.split(","))
+    page = render(plan, args.root, list(plan.models), list(plan.protocols))  # the page shows every run there is
     say(f"wrote {page}")
     return 0
 

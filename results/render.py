@@ -227,9 +227,11 @@ def render(plan: Plan, root: Path, models: list[str], protocols: list[str]) -> P
                 runs[model, protocol] = (AnalysisResult.model_validate_json((run / "analysis.json").read_text()),
                                          RunRecord.model_validate_json((run / "run.json").read_text()))
     total = sum(r.wall_s for _, r in runs.values())
+    planned = sum(len(plan.runs(m, protocols)) for m in models)
     out = ["# Results: does recallfix's patch improve factual recall?\n",
            f"Every number on this page comes from `make results` (results/make_results.py, plan "
-           f"results/plan.json) at commit {_commit()}, on {_machine()}: {len(runs)} analysis runs, "
+           f"results/plan.json) at commit {_commit()}, on {_machine()}: {len(runs)} of the {planned} planned analysis "
+           "runs (the others say \"Not run yet\"), "
            f"{total / 3600:.1f} h of run time in all (each run's own wall time; a cached run keeps the time it "
            "took). Brackets: 95% cluster-bootstrap intervals over subjects.\n",
            f"Goal, on `{plan.goal.protocol}` (held-out relations), for the patch recommended on dev: NLL lower "

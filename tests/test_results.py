@@ -37,7 +37,7 @@ def test_page_from_a_run(tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch
     ev = result.evaluation
     assert ev is not None
     assert "## Across the models" in text and "### tiny: TITLE" in text and "capped at 25" in text
-    assert "1 analysis runs" in text and "0.0 h" in text and "Run: 0.2 min, peak 1.2 GiB" in text
+    assert "1 of the 2 planned analysis runs" in text and "0.0 h" in text and "Run: 0.2 min, peak 1.2 GiB" in text
     assert "### tiny: OTHER\n\nNot run yet." in text  # a protocol not run is said to be missing
     assert result.findings.text in text
     assert "- **tiny (held-out)**:" in text  # the plain-words line of the goal protocol
