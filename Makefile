@@ -98,7 +98,7 @@ check: $(STAMP)
 demo: $(DEMO_STAMP) model
 	$(PY) demo/demo.py --run runs/demo
 
-# Every real model of results/plan.json analysed on every protocol, two of them served and compared; the runs are
+# Every real model of results/plan.json analysed on every protocol, each served and compared on one; the runs are
 # cached (a second call only renders docs/results.md) and an interrupted call resumes. Not part of `make test`.
 results: $(STAMP)
 	$(PY) results/make_results.py
