@@ -114,9 +114,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def served_check(model: str, run: Path, mode: str) -> ServedCheck:
-    """`recallfix serve` with the run's patch (the recommended one, else the lowest dev NLL) as `mode` (merged or
-    lora), `recallfix compare` on the run's test split, and the largest differences from the analysis' numbers."""
+def served_check(model: str, run: Path) -> ServedCheck:
+    """`recallfix serve` with the run's patch (the recommended one, else the lowest dev NLL), `recallfix compare`
+    on the run's test split, and the largest differences from the analysis' numbers."""
     result = AnalysisResult.model_validate_json((run / "analysis.json").read_text())
     ev = result.evaluation
     if ev is None:
@@ -128,7 +128,7 @@ def served_check(model: str, run: Path, mode: str) -> ServedCheck:
     log = run / "serve.log"
     say(f"{model}: recallfix serve with {patch.name} ({log})")
     with log.open("w") as out:
-        server = subprocess.Popen([*RECALLFIX, "serve", model, "--patch", str(patch), "--patch-mode", mode,
+        server = subprocess.Popen([*RECALLFIX, "serve", model, "--patch", str(patch), "--patch-mode", "merged",
                                    "--served-model-name", name, "--port", str(port), *SERVE_OPTIONS],
                                   stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     try:
@@ -140,15 +140,16 @@ def served_check(model: str, run: Path, mode: str) -> ServedCheck:
         if code != 0:
             raise SystemExit(f"{model}: recallfix compare failed (exit {code}); see {run / 'compare.log'}")
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=120)
+        if server.poll() is None:  # it may have stopped by itself (a refused patch): its log says why
+            os.killpg(server.pid, 15)
+            server.wait(timeout=120)
     compared = json.loads((compare_dir / "results.json").read_text())
     diffs = {}
     for key, variant in (("A", "base"), ("B", method)):
         for metric in ("mean_p_answer", "nll", "accuracy"):
             served = compared["overall"]["models"][key][metric]["value"]
             diffs[f"{variant} {metric}"] = abs(served - ev.test.models[variant][metric].value)
-    return ServedCheck(run_key=result.inputs_key, model=model, run=str(run), method=method, patch_mode=mode,
+    return ServedCheck(run_key=result.inputs_key, model=model, run=str(run), method=method,
                        n=compared["overall"]["n"], wall_s=round(wall, 1), max_abs_difference=diffs)
 
 
@@ -186,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             check_file = args.root / model / "served.json"
             run = args.root / model / served
             if not check_file.exists() or json.loads(check_file.read_text())["run_key"] != _key(run):
-                check = served_check(model, run, plan.models[model].serve_mode)
-                atomic_write_text(check_file, check.model_dump_json(indent=2) + "\n")
+                atomic_write_text(check_file, served_check(model, run).model_dump_json(indent=2) + "\n")
     page = render(plan, args.root, list(plan.models), list(plan.protocols))  # the page shows every run there is
     say(f"wrote {page}")
     return 0

@@ -37,9 +37,6 @@ class ModelPlan(Strict):
     protocols: list[str] | None = Field(default=None, description="the protocols run on it (null: all)")
     max_facts: dict[str, int] = Field(default_factory=dict, description="protocol -> cap on the prompts")
     served: str | None = Field(description="the protocol whose run is served and compared, or null")
-    serve_mode: str = Field(default="merged", pattern="^(merged|lora)$",
-                            description="how `recallfix serve` carries the patch: merged (a second engine) or lora "
-                                        "(one engine: where two engines do not fit the machine's memory)")
 
 
 class Goal(Strict):
@@ -88,7 +85,6 @@ class ServedCheck(Strict):
     model: str
     run: str
     method: str = Field(description="the candidate served as the patched variant")
-    patch_mode: str = Field(default="merged", description="merged or lora, as served")
     n: int
     wall_s: float
     max_abs_difference: dict[str, float] = Field(description="'variant metric' -> |served - analysis|")
@@ -268,8 +264,8 @@ def render(plan: Plan, root: Path, models: list[str], protocols: list[str]) -> P
         if served.exists():
             check = ServedCheck.model_validate_json(served.read_text())
             worst = max(check.max_abs_difference.items(), key=lambda kv: kv[1])
-            out.append(f"\n**Served.** `recallfix serve` (vLLM, {check.patch_mode} patch `{check.method}`) and "
-                       f"`recallfix compare` on the {check.n} test prompts of {Path(check.run).name}: the largest "
-                       f"difference from the analysis' own numbers is {worst[1]:.1e} ({worst[0]}).\n")
+            out.append(f"\n**Served.** `recallfix serve` (vLLM, merged patch `{check.method}`) and `recallfix "
+                       f"compare` on the {check.n} test prompts of {Path(check.run).name}: the largest difference "
+                       f"from the analysis' own numbers is {worst[1]:.1e} ({worst[0]}).\n")
     atomic_write_text(PAGE, "\n".join(out) + "\n")
     return PAGE
