@@ -39,8 +39,7 @@ from recallfix.patches.registry.models import cache_root
 
 ROOT = Path(__file__).resolve().parents[1]
 RECALLFIX = [sys.executable, "-m", "recallfix.patches.cli"]
-SERVE_OPTIONS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-                 "--kv-cache-memory-bytes", str(512 * 2**20)]
+SERVE_OPTIONS = ["--max-model-len", "512", "--enforce-eager", "--kv-cache-memory-bytes", str(512 * 2**20)]
 
 
 class Strict(BaseModel):
@@ -114,9 +113,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def served_check(model: str, run: Path) -> ServedCheck:
-    """`recallfix serve` with the run's patch (the recommended one, else the lowest dev NLL), `recallfix compare`
-    on the run's test split, and the largest differences from the analysis' numbers."""
+def served_check(model: str, run: Path, dtype: str) -> ServedCheck:
+    """`recallfix serve` in `dtype` with the run's patch (the recommended one, else the lowest dev NLL), `recallfix
+    compare` on the run's test split, and the largest differences from the analysis' numbers."""
     result = AnalysisResult.model_validate_json((run / "analysis.json").read_text())
     ev = result.evaluation
     if ev is None:
@@ -129,7 +128,7 @@ def served_check(model: str, run: Path) -> ServedCheck:
     say(f"{model}: recallfix serve with {patch.name} ({log})")
     with log.open("w") as out:
         server = subprocess.Popen([*RECALLFIX, "serve", model, "--patch", str(patch), "--patch-mode", "merged",
-                                   "--served-model-name", name, "--port", str(port), *SERVE_OPTIONS],
+                                   "--served-model-name", name, "--port", str(port), "--dtype", dtype, *SERVE_OPTIONS],
                                   stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     try:
         wait_ready(url, server, log)
@@ -149,7 +148,7 @@ def served_check(model: str, run: Path) -> ServedCheck:
         for metric in ("mean_p_answer", "nll", "accuracy"):
             served = compared["overall"]["models"][key][metric]["value"]
             diffs[f"{variant} {metric}"] = abs(served - ev.test.models[variant][metric].value)
-    return ServedCheck(run_key=result.inputs_key, model=model, run=str(run), method=method,
+    return ServedCheck(run_key=result.inputs_key, model=model, run=str(run), method=method, dtype=dtype,
                        n=compared["overall"]["n"], wall_s=round(wall, 1), max_abs_difference=diffs)
 
 
@@ -187,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             check_file = args.root / model / "served.json"
             run = args.root / model / served
             if not check_file.exists() or json.loads(check_file.read_text())["run_key"] != _key(run):
-                atomic_write_text(check_file, served_check(model, run).model_dump_json(indent=2) + "\n")
+                check = served_check(model, run, plan.models[model].serve_dtype)
+                atomic_write_text(check_file, check.model_dump_json(indent=2) + "\n")
     page = render(plan, args.root, list(plan.models), list(plan.protocols))  # the page shows every run there is
     say(f"wrote {page}")
     return 0

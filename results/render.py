@@ -37,6 +37,9 @@ class ModelPlan(Strict):
     protocols: list[str] | None = Field(default=None, description="the protocols run on it (null: all)")
     max_facts: dict[str, int] = Field(default_factory=dict, description="protocol -> cap on the prompts")
     served: str | None = Field(description="the protocol whose run is served and compared, or null")
+    serve_dtype: str = Field(default="float32", pattern="^(float32|bfloat16)$",
+                             description="the served engines' dtype: bfloat16 where two float32 engines (base and "
+                                         "merged patch) do not fit the machine's memory")
 
 
 class Goal(Strict):
@@ -85,6 +88,7 @@ class ServedCheck(Strict):
     model: str
     run: str
     method: str = Field(description="the candidate served as the patched variant")
+    dtype: str = Field(default="float32", description="the served engines' dtype (the analysis ran in float32)")
     n: int
     wall_s: float
     max_abs_difference: dict[str, float] = Field(description="'variant metric' -> |served - analysis|")
@@ -264,8 +268,11 @@ def render(plan: Plan, root: Path, models: list[str], protocols: list[str]) -> P
         if served.exists():
             check = ServedCheck.model_validate_json(served.read_text())
             worst = max(check.max_abs_difference.items(), key=lambda kv: kv[1])
-            out.append(f"\n**Served.** `recallfix serve` (vLLM, merged patch `{check.method}`) and `recallfix "
-                       f"compare` on the {check.n} test prompts of {Path(check.run).name}: the largest difference "
-                       f"from the analysis' own numbers is {worst[1]:.1e} ({worst[0]}).\n")
+            dtype = "" if check.dtype == "float32" else (
+                f", in {check.dtype}: two float32 engines of this model do not fit the machine's memory, so the "
+                "differences include rounding to it")
+            out.append(f"\n**Served.** `recallfix serve` (vLLM, merged patch `{check.method}`{dtype}) and "
+                       f"`recallfix compare` on the {check.n} test prompts of {Path(check.run).name}: the largest "
+                       f"difference from the analysis' own numbers (float32) is {worst[1]:.1e} ({worst[0]}).\n")
     atomic_write_text(PAGE, "\n".join(out) + "\n")
     return PAGE
