@@ -33,6 +33,7 @@ from recallfix.analysis.config import AnalysisConfig
 from recallfix.analysis.data.sets import DEFAULT_FACTS
 from recallfix.analysis.pipeline import inputs_key
 from recallfix.analysis.schema import AnalysisResult
+from recallfix.patches import Patch
 from recallfix.patches.io import atomic_write_text
 from recallfix.patches.options import from_args
 from recallfix.patches.registry.models import cache_root
@@ -114,13 +115,18 @@ def free_port() -> int:
 
 
 def served_check(model: str, run: Path, dtype: str) -> ServedCheck:
-    """`recallfix serve` in `dtype` with the run's patch (the recommended one, else the lowest dev NLL), `recallfix
+    """`recallfix serve` in `dtype` with the run's patch (the recommended one, else the lowest dev NLL that is not the
+    identity), `recallfix
     compare` on the run's test split, and the largest differences from the analysis' numbers."""
     result = AnalysisResult.model_validate_json((run / "analysis.json").read_text())
     ev = result.evaluation
     if ev is None:
         raise SystemExit(f"{run}: no patch was fitted, nothing to serve")
-    method = ev.chosen or min(ev.methods, key=lambda m: m.dev_nll).name
+    # Where none is recommended, the candidate of lowest dev NLL that changes anything (a fit can end at gains 1.0)
+    changing = [m for m in ev.methods if not Patch.load(run / m.file).is_identity()]
+    if ev.chosen is None and not changing:
+        raise SystemExit(f"{run}: every candidate patch is the identity, nothing to serve")
+    method = ev.chosen or min(changing, key=lambda m: m.dev_nll).name
     patch = run / next(m.file for m in ev.methods if m.name == method)
     port, name = free_port(), model
     url = f"http://127.0.0.1:{port}"
