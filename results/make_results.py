@@ -116,8 +116,7 @@ def free_port() -> int:
 
 def served_check(model: str, run: Path, dtype: str) -> ServedCheck:
     """`recallfix serve` in `dtype` with the run's patch (the recommended one, else the lowest dev NLL that is not the
-    identity), `recallfix
-    compare` on the run's test split, and the largest differences from the analysis' numbers."""
+    identity), `recallfix compare` on the run's test split, and the largest differences from the analysis' numbers."""
     result = AnalysisResult.model_validate_json((run / "analysis.json").read_text())
     ev = result.evaluation
     if ev is None:
