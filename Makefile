@@ -116,6 +116,7 @@ lint: $(STAMP)
 
 schema: $(STAMP)
 	$(PY) -c "from recallfix.patches.patch import write_json_schema; print(write_json_schema())"
+	$(PY) -c "from recallfix.patches.calibrator import write_json_schema; print(write_json_schema())"
 	$(PY) -m recallfix.analysis.schema
 
 clean:

@@ -7,6 +7,8 @@ Per prompt: confidence c = max_k p_k, correct y = [argmax = answer], p_a = p(ans
     Brier       mean sum_k (p_k - 1[k = a])^2           (multi-class, over the whole vocabulary)
     NLL         mean -log p_a
     AUROC       P(c of a correct prompt > c of a wrong one), ties count 1/2 (Mann-Whitney)
+    AURC        mean over k = 1..N of the error rate of the k most confident answers (risk-coverage area; ties
+                count as broken at random); selective accuracy at coverage q: 1 - that rate at k = ceil(qN)
     McNemar     exact two-sided test of paired right/wrong outcomes of two models (`recallfix compare`)
 
 Intervals: percentile bootstrap resampling *subjects* (all prompts of one subject together, since the
@@ -82,6 +84,49 @@ def auroc(score: np.ndarray, label: np.ndarray) -> float:
     return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def expected_errors(confidence: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """1 - correct in order of falling confidence, each run of tied confidences replaced by its mean: the expected
+    error at each place when ties are broken at random (what an abstention threshold cannot tell apart)."""
+    order = np.argsort(-confidence, kind="stable")
+    c, wrong = confidence[order], 1.0 - correct[order].astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+    sizes = np.diff(np.r_[starts, len(c)])
+    return np.repeat(np.add.reduceat(wrong, starts) / sizes, sizes) if len(c) else wrong
+
+
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Risk (error rate of the answers kept) when the k most confident of N answers are kept, k = 1..N."""
+    errors = expected_errors(confidence, correct)
+    return np.cumsum(errors) / np.arange(1, len(errors) + 1)
+
+
+def aurc(confidence: np.ndarray, correct: np.ndarray) -> float:
+    """Area under the risk-coverage curve (mean risk over coverage k/N): lower ranks right answers higher."""
+    return float(risk_coverage(confidence, correct).mean()) if len(confidence) else float("nan")
+
+
+def selective_accuracy(confidence: np.ndarray, correct: np.ndarray, coverage: float) -> float:
+    """Accuracy of the ceil(coverage N) most confident answers (the rest abstained on)."""
+    n = len(confidence)
+    if n == 0:
+        return float("nan")
+    k = max(1, math.ceil(coverage * n - 1e-9))
+    return float(1.0 - expected_errors(confidence, correct)[:k].mean())
+
+
+def risk_at_points(confidence: np.ndarray, correct: np.ndarray, points: int = 20) -> list[float | None]:
+    """The risk-coverage curve at coverage 1/points, 2/points, ..., 1 (what analysis.json and results.json keep)."""
+    risk = risk_coverage(confidence, correct)
+    return [_clean(float(risk[max(1, math.ceil(q * len(risk) - 1e-9)) - 1])) if len(risk) else None
+            for q in np.arange(1, points + 1) / points]
+
+
+def binary_log_loss(confidence: np.ndarray, correct: np.ndarray) -> float:
+    """Mean -log P(outcome) of "the answer is right" with probability `confidence` (clipped to [1e-6, 1 - 1e-6])."""
+    c = np.clip(confidence, 1e-6, 1 - 1e-6)
+    return float(-np.where(correct, np.log(c), np.log1p(-c)).mean()) if len(c) else float("nan")
+
+
 def mean_of(column: str) -> Callable[[Columns], float]:
     """The metric `mean of one column` (NaN on no rows)."""
     return lambda o: float(o[column].mean()) if len(o[column]) else float("nan")
@@ -97,6 +142,17 @@ METRICS: dict[str, Metric] = {
     "brier": mean_of("brier"),
     "nll": mean_of("nll"),
     "auroc": lambda o: auroc(o["confidence"], o["correct"]),
+}
+
+
+# How well a confidence in "the answer is right" is calibrated and ranks answers: columns confidence, correct.
+CONFIDENCE_METRICS: dict[str, Metric] = {
+    "ece": lambda o: ece_equal_width(o["confidence"], o["correct"]),
+    "brier": lambda o: float(((o["confidence"] - o["correct"]) ** 2).mean()) if len(o["correct"]) else float("nan"),
+    "log_loss": lambda o: binary_log_loss(o["confidence"], o["correct"]),
+    "selective_accuracy_50": lambda o: selective_accuracy(o["confidence"], o["correct"], 0.5),
+    "selective_accuracy_80": lambda o: selective_accuracy(o["confidence"], o["correct"], 0.8),
+    "aurc": lambda o: aurc(o["confidence"], o["correct"]),
 }
 
 
@@ -186,9 +242,13 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
 
 
 def reliability_bins(d: Dist, n_bins: int = N_BINS) -> list[ReliabilityBin]:
-    """Equal-width confidence bins for a reliability diagram, empty bins kept."""
+    """Equal-width confidence bins of `d`'s top-1 confidence for a reliability diagram, empty bins kept."""
     o = columns(d)
-    confidence, correct = o["confidence"], o["correct"]
+    return reliability_of(o["confidence"], o["correct"], n_bins)
+
+
+def reliability_of(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> list[ReliabilityBin]:
+    """Equal-width bins of any confidence in "the answer is right", empty bins kept."""
     bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
     out = []
     for b in range(n_bins):

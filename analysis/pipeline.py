@@ -22,6 +22,9 @@ analysis/ in the order a run flows: data -> mechanism -> learn -> evaluate -> re
                   subjects and held-out neutral text, in one table with the base model and temperature
                   scaling, with cluster-bootstrap intervals; the patches edit the final block only, so the
                   blocks below run once and each model replays the final block  [evaluate.passes, .evaluation]
+   calibration    per variant (base, each patch): a confidence calibrator, its family chosen on dev prompts held
+                  out by relation, fitted on dev, measured on test -> calibration.json  [learn.calibrators,
+                  evaluate.confidence]
 7. checks         only those asked for (--require): findings against thresholds          [evaluate.require]
 8. report         report.md and its plots, rendered from the typed result   [report.markdown, report.plots]
 
@@ -44,6 +47,7 @@ from pathlib import Path
 import torch
 
 from recallfix.patches import ComponentMap, Patch, __version__
+from recallfix.patches.calibrator import CalibrationFile
 from recallfix.patches.io import atomic_directory, atomic_write_text
 from recallfix.patches.registry.models import resolve_model
 
@@ -52,6 +56,7 @@ from .data.facts import FactsFormatError, dataset_sha256
 from .data.inputs import AnalysisError, Loaded, load_inputs
 from .data.sets import resolve_facts
 from .evaluate.amplified import amplified_components
+from .evaluate.confidence import calibrate
 from .evaluate.evaluation import evaluate, patch_metrics
 from .evaluate.passes import capture_inputs, replay_dist, run_model
 from .evaluate.require import finding_values, load_checks, run_checks
@@ -62,7 +67,17 @@ from .mechanism.attribution import select_suppressors, summarize, top_neurons
 from .mechanism.collect import Collected, collect
 from .mechanism.summaries import describe, neuron_names
 from .progress import log
-from .schema import SCHEMA_VERSION, AnalysisResult, DataInfo, FactsCleaning, LogitLens, ModelInfo, PatchInfo
+from .records import Dist
+from .schema import (
+    SCHEMA_VERSION,
+    AnalysisResult,
+    CalibrationSummary,
+    DataInfo,
+    FactsCleaning,
+    LogitLens,
+    ModelInfo,
+    PatchInfo,
+)
 
 # The gain fits and the upper bound of their gains (None: `FitConfig.max_gain`). "suppress" is the paper's and
 # PEAR's form: the suppressors can only be scaled down.
@@ -134,6 +149,21 @@ def data_info(s: Loaded, facts: str | Path, facts_sha: str, splits: dict[str, in
                     split_relations={split: sorted({f.relation or "(none)" for f in s.known.facts if f.split == split})
                                      for split in splits},
                     cleaning=[FactsCleaning(**c.as_dict()) for c in s.cleaning])
+
+
+def calibrate_variants(s: Loaded, dev: dict[str, Dist], test: dict[str, Dist], patches: dict[str, Patch],
+                       facts: str | Path, config: AnalysisConfig, command: str,
+                       ) -> tuple[CalibrationFile, CalibrationSummary]:
+    """calibration.json's calibrators (base and each patch), fitted on dev, and what they do on test."""
+    known, groups = s.known, s.known.groups
+    relation_of = [f.relation or "(none)" for f in known.facts]
+    dev_rows, test_rows = known.rows("dev").tolist(), known.rows("test").tolist()
+    dev_relations = [relation_of[i] for i in dev_rows]
+    fitted_on = (f"the dev split of {facts} ({len(dev_rows)} prompts, {len(set(dev_relations))} relations; "
+                 f"--split-by {config.split_by}, seed {config.seed})")
+    return calibrate(s.lm, dev, test, patches, dev_relations, [groups[i] for i in dev_rows],
+                     [relation_of[i] for i in test_rows], [groups[i] for i in test_rows], fitted_on, config.n_boot,
+                     config.seed, command)
 
 
 def inputs_key(model: str | Path, facts: str | Path, unknown: str | Path | None, neutral: str | Path | None,
@@ -227,15 +257,16 @@ def run_analysis(
     elif "intercept" in config.methods:
         with timer("intercept fit"):
             patches["intercept"], intercept_info = intercept_method(s, c, command, facts_sha)
-    evaluation, files_of = None, {}
+    evaluation, files_of, calibration = None, {}, None
     if patches:
         with timer("evaluation"):
             inputs = capture_inputs(s, c, config)
             base_dev = replay_dist(s.lm, s.cmap, inputs.dev, None)
+            dev = {"base": base_dev, **{name: replay_dist(s.lm, s.cmap, inputs.dev, p) for name, p in patches.items()}}
             groups = known.groups
             dev_groups = [groups[i] for i in known.rows("dev")]
-            methods = [method_info(s, name, patch, replay_dist(s.lm, s.cmap, inputs.dev, patch), base_dev,
-                                   dev_groups, config.n_boot, config.seed) for name, patch in patches.items()]
+            methods = [method_info(s, name, patch, dev[name], base_dev, dev_groups, config.n_boot, config.seed)
+                       for name, patch in patches.items()]
             chosen, choice = choose(methods)
             files_of = file_names(methods, chosen)
             methods = [m.model_copy(update={"file": files_of[m.name]}) for m in methods]
@@ -250,6 +281,10 @@ def run_analysis(
             evaluation = evaluation.model_copy(update={"amplified": {
                 name: amplified_components(s.cmap, inputs.test, info.gains, test_groups, config.n_boot, config.seed)
                 for name, info in fitted.items()}})
+        with timer("confidence calibration"):
+            test = {"base": base_runs.test, **{name: r.test for name, r in runs.items()}}
+            calibration, summary = calibrate_variants(s, dev, test, patches, facts, config, command)
+            evaluation = evaluation.model_copy(update={"calibration": summary})
         patches = {name: p.model_copy(update={"metrics": patch_metrics(evaluation, name)})
                    for name, p in patches.items()}
         fitted = {name: info.model_copy(update={"file": files_of[name]}) for name, info in fitted.items()}
@@ -271,10 +306,13 @@ def run_analysis(
             plots = write_plots(scratch, result)
         timer.times["total"] = round(time.perf_counter() - started, 2)
         files = {"analysis": "analysis.json", "report": "report.md",
-                 **{("patch" if f == "patch.json" else f"patch_{name}"): f for name, f in files_of.items()}, **plots}
+                 **{("patch" if f == "patch.json" else f"patch_{name}"): f for name, f in files_of.items()},
+                 **({"calibration": "calibration.json"} if calibration is not None else {}), **plots}
         result = result.model_copy(update={"runtime_s": dict(timer.times), "files": files})
         for name, patch in patches.items():
             patch.save(scratch / files_of[name])
+        if calibration is not None:
+            calibration.save(scratch / "calibration.json")
         atomic_write_text(scratch / "analysis.json", result.model_dump_json(indent=2) + "\n")
         write_markdown(scratch, result)
     log(config.progress, f"wrote {out / 'report.md'}")

@@ -11,10 +11,12 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from recallfix.patches.calibrator import CALIBRATION_TOP_K
+
 
 @dataclass
 class Dist:
-    """Per-prompt numbers of one next-token distribution, all [N] (a batch, or every prompt on CPU)."""
+    """Per-prompt numbers of one next-token distribution, [N] (a batch, or every prompt on CPU) but `top_logprobs`."""
 
     p_answer: torch.Tensor
     rank: torch.Tensor  # 1 = the answer is the top token
@@ -22,6 +24,7 @@ class Dist:
     prediction: torch.Tensor  # top-1 token
     nll: torch.Tensor  # -log p(answer)
     brier: torch.Tensor  # multi-class Brier score: sum_k (p_k - 1[k = answer])^2
+    top_logprobs: torch.Tensor  # [N, CALIBRATION_TOP_K] the most likely tokens' log-probabilities, most likely first
 
     @property
     def correct(self) -> torch.Tensor:
@@ -31,8 +34,12 @@ class Dist:
     @classmethod
     def empty(cls, n: int) -> Dist:
         """N zero rows on CPU, to be filled batch by batch with `put`."""
-        return cls(**{f.name: torch.zeros(n, dtype=torch.long if f.name in ("rank", "prediction") else None)
-                      for f in fields(cls)})
+        def zeros(name: str) -> torch.Tensor:
+            if name == "top_logprobs":
+                return torch.zeros(n, CALIBRATION_TOP_K)
+            return torch.zeros(n, dtype=torch.long if name in ("rank", "prediction") else None)
+
+        return cls(**{f.name: zeros(f.name) for f in fields(cls)})
 
     def put(self, index: torch.Tensor, batch: Dist) -> None:
         """Store a batch's record at rows `index` (moved to this record's device and dtypes)."""

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recallfix.patches.io import json_schema_of, write_json_schema_of
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA_PATH = Path(__file__).with_name("analysis.schema.json")
 
 Num = float | None
@@ -311,6 +311,41 @@ class RelationEvaluation(Strict):
     differences: dict[str, Metrics] = Field(description="<method>_minus_base (paired)")
 
 
+class CalibratorFamilyScore(Strict):
+    family: str
+    log_loss: Num = Field(description="on dev prompts held out of the fit (the folds of `CalibrationSummary.folds`)")
+    ece: Num
+    aurc: Num
+
+
+class VariantConfidence(Strict):
+    """One variant's calibrator (`calibration.json`): its family chosen on dev, then measured on the test split
+    against the raw top-1 probability, with paired cluster-bootstrap intervals."""
+
+    calibrator_id: str = Field(description="what a served reply names as its calibrator")
+    family: str
+    choice: str = Field(description="why this family, in words")
+    families: list[CalibratorFamilyScore]
+    raw: Metrics = Field(description="test split, the raw top-1 probability: ece, brier, log_loss, "
+                                     "selective_accuracy_50, selective_accuracy_80, aurc")
+    calibrated: Metrics
+    difference: Metrics = Field(description="calibrated minus raw (paired)")
+    reliability_raw: list[ReliabilityBin]
+    reliability_calibrated: list[ReliabilityBin]
+    risk_coverage_raw: list[Num] = Field(description="risk at coverage 5%, 10%, ..., 100% (20 points)")
+    risk_coverage_calibrated: list[Num]
+    by_relation: dict[str, dict[str, Num]] = Field(
+        description="test relation -> n, ece_raw, ece_calibrated, aurc_raw, aurc_calibrated")
+
+
+class CalibrationSummary(Strict):
+    file: str = Field(description="the calibration file beside the patches")
+    top_k: int = Field(description="first-token log-probabilities a calibrator reads")
+    n_dev: int
+    folds: str = Field(description="how the families were compared on dev, in words")
+    variants: dict[str, VariantConfidence] = Field(description="base and each patch's method")
+
+
 class Evaluation(Strict):
     n_boot: int = Field(description="bootstrap resamples behind every interval")
     temperature: float = Field(description="the temperature baseline's T, fitted (NLL) on the train split")
@@ -326,6 +361,8 @@ class Evaluation(Strict):
                                                                         "split, per method, patched")
     amplified: dict[str, list[AmplifiedComponent]] = Field(
         default_factory=dict, description="per gain fit: what each component with a gain above 1 does to the answer")
+    calibration: CalibrationSummary | None = Field(
+        default=None, description="the confidence calibrators of calibration.json, chosen on dev, measured on test")
 
 
 class CheckResult(Strict):

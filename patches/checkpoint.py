@@ -22,7 +22,7 @@ from torch import nn
 
 from .components import ComponentMap
 from .io import checkpoint_key, safetensors_index
-from .patch import FingerprintMismatchError, Patch, PatchError
+from .patch import FingerprintMismatchError, ModelFingerprint, Patch, PatchError
 from .registry.models import resolve_model
 from .rule import (
     GetTensor,
@@ -83,10 +83,7 @@ def check_fingerprint(patch: Patch, cmap: ComponentMap, get_tensor: GetTensor,
                       has_tensor: HasTensor) -> list[TensorEdit]:
     """Refuse a patch that does not belong to this model; return the edits it makes. Changes nothing."""
     expected = patch.model
-    for field in SHAPE_FIELDS:
-        ours, theirs = getattr(cmap.shape, field), getattr(expected, field)
-        if ours != theirs:
-            raise FingerprintMismatchError(f"model.{field}: the patch was made for {theirs!r}, this model has {ours!r}")
+    check_shape(expected, cmap, "the patch was made for")
     edits = tensor_edits(cmap, patch.edits, has_tensor)
     names = touched_tensor_names(cmap, patch.edits, has_tensor)
     if sorted(expected.tensors) != names:
@@ -99,13 +96,23 @@ def check_fingerprint(patch: Patch, cmap: ComponentMap, get_tensor: GetTensor,
         raise FingerprintMismatchError(
             f"model.tensors: the patch fingerprints {sorted(expected.tensors)}, its edits touch {names}"
         )
-    for name in names:
-        if tensor_sha256(get_tensor(name)) != expected.tensors[name]:
-            raise FingerprintMismatchError(
-                f"model.tensors[{name!r}]: sha256 differs; the patch was made for another checkpoint, "
-                "or this model is already patched"
-            )
+    check_tensors(expected, get_tensor, "the patch was made for another checkpoint, or this model is already patched")
     return edits
+
+
+def check_shape(expected: ModelFingerprint, cmap: ComponentMap, made_for: str) -> None:
+    """Refuse a fingerprint of another shape; `made_for` words the refusal ("the patch was made for")."""
+    for field in SHAPE_FIELDS:
+        ours, theirs = getattr(cmap.shape, field), getattr(expected, field)
+        if ours != theirs:
+            raise FingerprintMismatchError(f"model.{field}: {made_for} {theirs!r}, this model has {ours!r}")
+
+
+def check_tensors(expected: ModelFingerprint, get_tensor: GetTensor, why: str) -> None:
+    """Refuse a fingerprint whose tensors' sha256 differ from this model's; `why` says what that means."""
+    for name in sorted(expected.tensors):
+        if tensor_sha256(get_tensor(name)) != expected.tensors[name]:
+            raise FingerprintMismatchError(f"model.tensors[{name!r}]: sha256 differs; {why}")
 
 
 def check_finite(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:

@@ -173,7 +173,23 @@ def _section(plan: Plan, model: str, protocol: str, d: AnalysisResult, record: R
                 f"{_est(r.paths['mlp'])}, via the norm's rescale {_est(r.paths['rescale'])})" for r in rows) + ".\n")
     if p.split_by == "relation":
         out.append("Transfer to the unseen test relations:\n\n" + _relations(ev) + "\n")
+    if ev.calibration is not None:
+        out.append(_confidence(ev))
     return out
+
+
+def _confidence(ev: Evaluation) -> str:
+    """The calibrators of calibration.json on the test split: base, and the recommended patch where there is one."""
+    c = ev.calibration
+    assert c is not None
+    parts = []
+    for name in ["base", *([ev.chosen] if ev.chosen else [])]:
+        v = c.variants[name]
+        parts.append(f"{MODEL_LABELS[name]}: {v.family}, ECE {estimate(v.raw['ece'])} → "
+                     f"{estimate(v.calibrated['ece'])}, risk-coverage area {_est(v.difference['aurc'])}, accuracy of "
+                     f"the 80% most confident {_est(v.difference['selective_accuracy_80'])}")
+    return (f"**Calibrated confidence** (calibration.json, the family chosen on dev by {c.folds}; test split, "
+            "calibrated − raw): " + "; ".join(parts) + ".\n")
 
 
 SMALL_NATS = 0.05  # a change of mean NLL below this is called small in words: under 5% on p(answer)

@@ -103,7 +103,8 @@ def _dist(confidence: np.ndarray, correct: np.ndarray, p_answer: np.ndarray, bri
     n = len(confidence)
     return Dist(p_answer=torch.from_numpy(p_answer), rank=torch.from_numpy(np.where(correct, 1, 2)),
                 confidence=torch.from_numpy(confidence), prediction=torch.zeros(n, dtype=torch.long),
-                nll=torch.from_numpy(-np.log(p_answer)), brier=torch.from_numpy(brier))
+                nll=torch.from_numpy(-np.log(p_answer)), brier=torch.from_numpy(brier),
+                top_logprobs=torch.from_numpy(np.log(confidence))[:, None])
 
 
 def test_bootstrap_interval_covers_point_and_differences_are_paired() -> None:

@@ -18,6 +18,8 @@ from recallfix.analysis.rundiff import diff_runs
 from recallfix.analysis.rundiff import main as rundiff_main
 from recallfix.analysis.schema import SCHEMA_PATH, AnalysisResult, json_schema
 from recallfix.patches import Patch, apply_patch
+from recallfix.patches.calibrator import SCHEMA_PATH as CALIBRATION_SCHEMA_PATH
+from recallfix.patches.calibrator import CalibrationFile
 from recallfix.patches.cli import main as recallfix_main
 from recallfix.patches.registry.load import load_causal_lm
 
@@ -81,6 +83,19 @@ def validate_run(run: Path) -> dict:
         jsonschema.validate(json.loads((run / method["file"]).read_text()), patch_schema)
         patch = Patch.load(run / method["file"])
         assert patch.id == method["patch_id"] and patch.provenance.dataset_sha256 == doc["data"]["facts_sha256"]
+    if doc["evaluation"] is not None:  # a calibrator per variant, tied to the model and to each patch
+        calibration_doc = json.loads((run / "calibration.json").read_text())
+        jsonschema.validate(calibration_doc, json.loads(CALIBRATION_SCHEMA_PATH.read_text()))
+        calibration = CalibrationFile.load(run / "calibration.json")
+        summary = doc["evaluation"]["calibration"]
+        assert set(calibration.variants) == {"base", *(m["name"] for m in doc["evaluation"]["methods"])}
+        for method in doc["evaluation"]["methods"]:  # two fits may end at the same patch: either calibrator is it
+            patch = Patch.load(run / method["file"])
+            assert calibration.variants[method["name"]].patch_id == patch.id == calibration.for_patch(patch)[1].patch_id
+        assert calibration.for_patch(None)[0] == "base"
+        assert {n: v.id for n, v in calibration.variants.items()} == {
+            n: v["calibrator_id"] for n, v in summary["variants"].items()}
+        assert "## 7. A calibrated confidence" in text and "calibration.png" in text
     if doc["patch"] is not None:
         patch = Patch.load(run / doc["patch"]["file"])
         assert {e.component: e.gain for e in patch.edits} == pytest.approx(doc["patch"]["gains"])

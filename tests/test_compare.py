@@ -22,9 +22,12 @@ from recallfix.analysis.compare.client import (
     normalize_words,
     read_score,
 )
+from recallfix.analysis.compare.confidence import confidence_comparison, resolve_calibrators
 from recallfix.analysis.compare.run import command_line, select_facts
 from recallfix.analysis.compare.schema import COMPARE_SCHEMA_PATH, json_schema
 from recallfix.analysis.mechanism.lens import answer_stats
+from recallfix.analysis.records import Dist
+from recallfix.patches.calibrator import CALIBRATION_TOP_K, Calibrator, VariantCalibration
 
 
 def _top(logits: torch.Tensor, k: int) -> dict[str, float]:
@@ -50,6 +53,7 @@ def test_first_token_numbers_are_the_analysis_record_when_the_top_k_covers_the_v
         assert got["prediction"] == f"t{int(ref.prediction)}"
         assert got["brier"] == pytest.approx(float(ref.brier), abs=1e-6)
         assert got["brier_tail_max"] == pytest.approx(0.0, abs=1e-9)
+        assert got["top_logprobs"][:CALIBRATION_TOP_K] == pytest.approx(ref.top_logprobs[0].tolist(), abs=1e-5)
 
 
 def test_a_short_top_k_keeps_accuracy_and_confidence_exact_and_bounds_brier() -> None:
@@ -206,3 +210,41 @@ def test_read_score_counts_an_answer_the_tokenizer_merges_into_the_prompt_as_unp
 def test_the_recorded_command_hides_the_api_key() -> None:
     assert "sk-secret" not in command_line(["compare", "--api-key", "sk-secret", "--models", "a", "b"])
     assert "sk-secret" not in command_line(["compare", "--api-key=sk-secret"])
+
+
+def _dist(confidence: list[float], correct: list[bool]) -> Dist:
+    c = torch.tensor(confidence, dtype=torch.float64)
+    top = torch.stack([c.log(), (1 - c).clamp(min=1e-9).log()], dim=1)
+    return Dist(p_answer=c, rank=torch.tensor([1 if r else 2 for r in correct]), confidence=c,
+                prediction=torch.zeros(len(c), dtype=torch.long), nll=-c.log(), brier=(1 - c) ** 2, top_logprobs=top)
+
+
+def test_the_confidence_section_measures_both_models_raw_and_calibrated(tmp_path: Path) -> None:
+    a = _dist([0.9, 0.8, 0.7, 0.6, 0.3, 0.2] * 5, [True, True, False, True, False, False] * 5)
+    b = _dist([0.3, 0.8, 0.9, 0.6, 0.7, 0.2] * 5, [True, True, False, True, False, False] * 5)  # ranks worse
+    groups = [f"s{i}" for i in range(30)]
+    c = confidence_comparison({"A": a, "B": b}, groups, n_boot=200, seed=0)
+    assert c.calibrated is None and c.calibration is None
+    assert c.raw.models["A"]["aurc"].value == pytest.approx(cal.aurc(a.confidence.numpy(), a.correct.numpy()))
+    assert c.raw.difference["aurc"].value > 0 and c.raw.difference["aurc"].ci_low is not None
+    flat = VariantCalibration(patch_id=None, calibrator=Calibrator(family="platt", coef=[0.0, 0.0]))  # 0.5 always
+    c = confidence_comparison({"A": a, "B": b}, groups, 200, 0, tmp_path / "c.json", {"A": ("base", flat),
+                                                                                      "B": ("base", flat)})
+    assert c.calibrated is not None and c.calibrated.models["A"]["brier"].value == pytest.approx(0.25)
+    assert c.calibrators == {"A": f"base ({flat.id})", "B": f"base ({flat.id})"}
+    assert set(c.risk_coverage) == {"A raw", "B raw", "A calibrated", "B calibrated"}
+    # a constant confidence cannot rank: its area is the error rate at every coverage, tie-broken at random
+    assert c.calibrated_minus_raw["A"]["aurc"].value > 0
+
+
+def test_calibrators_are_named_or_refused_before_any_request(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from test_calibrator import calibration_file
+
+    path = calibration_file(tiny_dirs["llama"], patch_id="abc").save(tmp_path / "calibration.json")
+    assert {k: v[0] for k, v in resolve_calibrators(path, "base,auto", None).items()} == {"A": "base", "B": "gains"}
+    with pytest.raises(CompareError, match=r"--calibrators: .* has no variant 'suppress' \(base, gains\)"):
+        resolve_calibrators(path, "base,suppress", None)
+    with pytest.raises(CompareError, match=r"--calibrators: expected two variant names A,B"):
+        resolve_calibrators(path, "base", None)
+    with pytest.raises(CompareError, match=r"cannot read calibration file"):
+        resolve_calibrators(tmp_path / "missing.json", "base,auto", None)

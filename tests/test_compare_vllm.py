@@ -52,6 +52,7 @@ from pathlib import Path
 
 import httpx
 import jsonschema
+import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response
@@ -71,6 +72,7 @@ from server_fixtures import (
 from recallfix.analysis.compare.run import select_facts
 from recallfix.analysis.compare.schema import COMPARE_SCHEMA_PATH
 from recallfix.analysis.schema import AnalysisResult
+from recallfix.patches.calibrator import CalibrationFile
 from recallfix.patches.cli import main as recallfix_main
 from recallfix.patches.export import VLLM_LORA_RANKS
 
@@ -177,8 +179,9 @@ def _compared(tmp_path_factory: pytest.TempPathFactory, url: str, a: str, b: str
 
 @pytest.fixture(scope="module")
 def compared(vllm: Process, run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """vLLM's server: NAME vs the analysis run's patch, on the run's test split."""
-    return _compared(tmp_path_factory, vllm.url, NAME, RUN_PATCHED, "--run", str(run), "--split", "test")
+    """vLLM's server: NAME vs the analysis run's patch, on the run's test split, each with its calibrator."""
+    return _compared(tmp_path_factory, vllm.url, NAME, RUN_PATCHED, "--run", str(run), "--split", "test",
+                     "--calibration", str(run / "calibration.json"), "--calibrators", "base,gains")
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +222,9 @@ def test_compare_writes_its_files_and_prints_a_table(compared: tuple[Path, str])
     results = _results(out)
     jsonschema.validate(results, json.loads(COMPARE_SCHEMA_PATH.read_text()))
     assert len(_per_fact(out)) == results["facts"]["n_facts"]
-    assert (out / "reliability.png").stat().st_size > 10_000
+    assert (out / "reliability.png").stat().st_size > 10_000 and (out / "risk_coverage.png").stat().st_size > 10_000
     report = (out / "report.md").read_text()
+    assert "## Confidence: calibration and abstention" in report and "B: calibrated - raw" in report
     assert f"{NAME} (A) vs {RUN_PATCHED} (B)" in report and "McNemar" in report and "## Per relation" in report
     assert NAME in printed and RUN_PATCHED in printed and "B - A" in printed and "McNemar" in printed
     bins = results["reliability"]
@@ -268,6 +272,31 @@ def test_compare_agrees_with_the_analysis_on_its_test_split(compared: tuple[Path
                                                               abs=flips / evaluation.n + 1e-12)
             assert mine["mean_p_answer"]["value"] == pytest.approx(evaluation.models[model]["mean_p_answer"].value,
                                                                    abs=LOGPROB_TOL)
+    print("\n".join(report))
+
+
+def test_compare_measures_each_models_calibrator_as_the_analysis_did(compared: tuple[Path, str],
+                                                                     analysis: AnalysisResult, run: Path) -> None:
+    """The calibrators of the run's calibration.json applied to the served top-k give the analysis' numbers."""
+    out, _ = compared
+    results, per_fact = _results(out), _per_fact(out)
+    assert analysis.evaluation is not None and analysis.evaluation.calibration is not None
+    confidence, file = results["confidence"], CalibrationFile.load(run / "calibration.json")
+    n = results["overall"]["n"]
+    report = []
+    for key, model in (("A", "base"), ("B", "gains")):
+        variant = analysis.evaluation.calibration.variants[model]
+        assert confidence["calibrators"][key] == f"{model} ({variant.calibrator_id})"
+        flips, edges = _near_flips(per_fact, key)
+        calibrated = file.variants[model].calibrator.predict(np.asarray([f[key]["top_logprobs"] for f in per_fact]))
+        calibrated_edges = int((np.abs(calibrated * 15 - np.round(calibrated * 15)) < 15 * 1e-3).sum())
+        for kind, theirs, near in (("raw", variant.raw, edges), ("calibrated", variant.calibrated, calibrated_edges)):
+            ours = confidence[kind]["models"][key]
+            for metric, tol in (("log_loss", 1e-3), ("brier", 1e-3), ("ece", 2e-3 + 2 * near / n),
+                                ("aurc", 5e-3 + flips / n), ("selective_accuracy_80", 5e-3 + flips / n)):
+                a, b = ours[metric]["value"], theirs[metric].value
+                report.append(f"{model} {kind} {metric}: compare {a:.5f} analyze {b:.5f} (tol {tol:.1e})")
+                assert abs(a - b) <= tol, report[-1]
     print("\n".join(report))
 
 

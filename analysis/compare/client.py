@@ -94,6 +94,7 @@ class FactScore:
     margin: float | None = None  # logprob of the answer's first token minus the best other's (> 0: correct)
     brier: float | None = None
     brier_tail_max: float | None = None
+    top_logprobs: list[float] | None = None  # the first answer token's position: the top k, most likely first
     generation: str | None = None
     exact_match: bool | None = None
 
@@ -137,6 +138,7 @@ def first_token_numbers(token: str, logprob: float, top: dict[str, float], k: in
         "margin": logprob - best if others else None,
         "brier": sum(p * p for p in probs) + p_answer * p_answer - 2 * p_answer + 1,
         "brier_tail_max": tail * min(probs, default=1.0),
+        "top_logprobs": sorted({**top, token: logprob}.values(), reverse=True)[:k],
     }
 
 

@@ -1,5 +1,5 @@
 """What `recallfix compare` writes and prints, rendered from the typed `CompareResult`: results.json,
-report.md, reliability.png and the compact table on stdout."""
+report.md, reliability.png, risk_coverage.png and the compact table on stdout."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from recallfix.patches.io import atomic_write_text
 
-from ..report.format import METRIC_LABELS, estimate, md_table, number
+from ..report.format import CONFIDENCE_LABELS, METRIC_LABELS, estimate, md_table, number
 from .schema import CompareResult, Comparison
 
 LABELS = {**METRIC_LABELS, "exact_match": "exact match (greedy generation)",
@@ -30,7 +30,7 @@ def _mcnemar_lines(c: Comparison) -> list[str]:
             for name, t in c.mcnemar.items()]
 
 
-def markdown(r: CompareResult, plot: str) -> str:
+def markdown(r: CompareResult, plot: str, plot_rc: str | None = None) -> str:
     facts, a, b = r.facts, r.models["A"], r.models["B"]
     where = f"{facts.path}" + (f", run {facts.run}" if facts.run else "") + (f", split {facts.split}" if facts.split
                                                                             else "")
@@ -61,12 +61,48 @@ def markdown(r: CompareResult, plot: str) -> str:
     rows = [[rel, str(c.n), *(f"{number(c.models['A'][m].value)} / {number(c.models['B'][m].value)} / "
                               f"{estimate(c.difference[m])}" for m in RELATION_METRICS)]
             for rel, c in r.by_relation.items()]
-    out += [md_table(header, rows), "", "## Definitions", ""]
+    out += [md_table(header, rows), "", *confidence_lines(r, plot_rc), "## Definitions", ""]
     out += [f"- **{LABELS[m]}**: {text}" for m, text in r.definitions.items()]
     if facts.unplaced:
         unplaced = [[u.model, u.prompt, u.answer, u.reason] for u in facts.unplaced]
         out += ["", "## Unplaced facts", "", md_table(["model", "prompt", "answer", "why"], unplaced)]
     return "\n".join(out) + "\n"
+
+
+def confidence_lines(r: CompareResult, plot: str | None) -> list[str]:
+    """The confidence section: raw (and calibrated) measures of A and B, B - A, and calibrated - raw."""
+    c = r.confidence
+    header = ["measure", "A raw", "B raw", "B - A raw"]
+    sets = [("raw", c.raw)] + ([("calibrated", c.calibrated)] if c.calibrated else [])
+    if c.calibrated:
+        header += ["A calibrated", "B calibrated", "B - A calibrated", "A: calibrated - raw", "B: calibrated - raw"]
+    rows = [[label, *(cell for _, s in sets for cell in (estimate(s.models["A"][m]), estimate(s.models["B"][m]),
+                                                          estimate(s.difference[m], "+.3f"))),
+             *(estimate(c.calibrated_minus_raw[key][m], "+.3f") for key in c.calibrated_minus_raw)]
+            for m, label in CONFIDENCE_LABELS.items()]
+    which = (f"Calibrators from `{c.calibration}`: A {c.calibrators['A']}, B {c.calibrators['B']}."
+             if c.calibration else "No --calibration given: the raw top-1 probability only.")
+    return ["## Confidence: calibration and abstention", "",
+            "How well each model's confidence that its answer is right (its first answer token is the top-1) is "
+            "calibrated, and how well it ranks right answers first: keeping only the most confident answers "
+            "(abstaining on the rest), the accuracy of those kept, and the area under the risk-coverage curve. "
+            + which, "", md_table(header, rows), "", *([f"![risk-coverage]({plot})", ""] if plot else [])]
+
+
+def plot_risk_coverage(r: CompareResult, path: Path) -> str:
+    from ..report.plots import plt, save_figure  # matplotlib only when a report is written
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, curve in r.confidence.risk_coverage.items():
+        coverage = [(k + 1) / len(curve) for k in range(len(curve))]
+        ax.plot(coverage, curve, color="C0" if name.startswith("A") else "C1",
+                ls=":" if name.endswith("raw") else "-", label=f"{name}: {r.models[name[0]].model}")
+    ax.set_xlabel("coverage (share of answers given)")
+    ax.set_ylabel("risk (share of those wrong)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
 
 
 def plot_reliability(r: CompareResult, path: Path) -> str:
@@ -83,10 +119,11 @@ def plot_reliability(r: CompareResult, path: Path) -> str:
 def write_report(out: Path, r: CompareResult) -> CompareResult:
     """results.json, report.md and reliability.png into `out`; the result with its `files`."""
     files = {"results": "results.json", "report": "report.md", "per_fact": "per_fact.jsonl",
-             "reliability": plot_reliability(r, out / "reliability.png")}
+             "reliability": plot_reliability(r, out / "reliability.png"),
+             "risk_coverage": plot_risk_coverage(r, out / "risk_coverage.png")}
     r = r.model_copy(update={"files": files})
     atomic_write_text(out / "results.json", r.model_dump_json(indent=2) + "\n")
-    atomic_write_text(out / "report.md", markdown(r, files["reliability"]))
+    atomic_write_text(out / "report.md", markdown(r, files["reliability"], files["risk_coverage"]))
     return r
 
 

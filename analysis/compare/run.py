@@ -22,6 +22,8 @@ Facts: a named set (`shipped`, the default, or `lre`: `data.sets`) or a facts fi
 `--relations` and `--templates` choosing among them as analyze's do; with `--run RUN` the facts that analysis run
 used (its facts, relations, templates, split, seed and size, checked against its sha256), and with `--split` one
 of its splits.
+With `--calibration RUN/calibration.json`, each model's confidence is also measured after its calibrator
+(`confidence`): ECE, selective accuracy at fixed coverage and the risk-coverage area, B - A and calibrated - raw.
 Writes DIR/{report.md, results.json (`schema`), per_fact.jsonl, reliability.png} and prints a table.
 """
 
@@ -31,6 +33,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import shlex
 import sys
 import time
@@ -44,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recallfix.patches import __version__
+from recallfix.patches.calibrator import CALIBRATION_TOP_K, VariantCalibration
 from recallfix.patches.io import atomic_directory, atomic_write_text
 from recallfix.patches.options import add_options, from_args
 
@@ -55,6 +59,7 @@ from ..data.sets import DEFAULT_FACTS, FACTS_HELP, resolve_facts
 from ..records import Dist
 from ..schema import AnalysisResult
 from .client import CompareError, Endpoint, FactScore
+from .confidence import confidence_comparison, resolve_calibrators
 from .schema import COMPARE_SCHEMA_VERSION, CompareResult, Comparison, FactsInfo, McNemar, ModelEndpoint, Unplaced
 
 MODELS = ("A", "B")
@@ -214,7 +219,14 @@ def score_dist(scores: Sequence[FactScore], k: int) -> Dist:
         prediction=torch.zeros(len(scores), dtype=torch.long),  # token ids are not read; per_fact.jsonl has text
         nll=col([-np.log(s.p_answer) if s.p_answer > 0 else np.inf for s in scores]),
         brier=col([s.brier for s in scores]),
+        top_logprobs=torch.tensor([padded(s.top_logprobs or [], CALIBRATION_TOP_K) for s in scores],
+                                  dtype=torch.float64).reshape(len(scores), CALIBRATION_TOP_K),
     )
+
+
+def padded(values: list[float], k: int) -> list[float]:
+    """The first k of `values`, -inf after them where the server returned fewer (as `features` reads them)."""
+    return [*values[:k], *[-math.inf] * (k - len(values[:k]))]
 
 
 def score_columns(scores: Sequence[FactScore], k: int) -> cal.Columns:
@@ -246,13 +258,15 @@ def compare_set(cols: dict[str, cal.Columns], groups: Sequence[str], n_boot: int
 
 
 def summarize(selection: Selection, scores: dict[str, list[FactScore]], endpoints: dict[str, ModelEndpoint],
-              config: CompareConfig, command: str, runtime_s: float) -> CompareResult:
+              config: CompareConfig, command: str, runtime_s: float, calibration: Path | None = None,
+              calibrators: dict[str, tuple[str, VariantCalibration]] | None = None) -> CompareResult:
     facts = selection.facts
     kept = [i for i in range(len(facts)) if all(scores[key][i].unplaced is None for key in MODELS)]
     if not kept:
         raise CompareError(f"{selection.path}: no fact could be placed for both models")
     k = config.top_logprobs
     cols = {key: score_columns([scores[key][i] for i in kept], k) for key in MODELS}
+    dists = {key: score_dist([scores[key][i] for i in kept], k) for key in MODELS}
     groups = [subject_group(facts[i]) for i in kept]
     relations = [facts[i].relation or "(none)" for i in kept]
     by_relation = {}
@@ -271,8 +285,10 @@ def summarize(selection: Selection, scores: dict[str, list[FactScore]], endpoint
                         relations={r: relations.count(r) for r in sorted(set(relations))}),
         settings=asdict(config), definitions=DEFINITIONS,
         overall=compare_set(cols, groups, config.n_boot, config.seed),
-        reliability={key: cal.reliability_bins(score_dist([scores[key][i] for i in kept], k)) for key in MODELS},
-        by_relation=by_relation, runtime_s=round(runtime_s, 2), files={},
+        reliability={key: cal.reliability_bins(dists[key]) for key in MODELS},
+        by_relation=by_relation,
+        confidence=confidence_comparison(dists, groups, config.n_boot, config.seed, calibration, calibrators),
+        runtime_s=round(runtime_s, 2), files={},
     )
 
 
@@ -291,8 +307,10 @@ def per_fact_lines(facts: Sequence[Fact], scores: dict[str, list[FactScore]]) ->
 def run_compare(base_url: str, models: Sequence[str], out: Path, *, facts: str | Path | None = None,
                 base_url_b: str | None = None, api_key: str | None = None, run: Path | None = None,
                 split: str | None = None, config: CompareConfig | None = None, command: str = "",
-                force: bool = False) -> CompareResult:
-    """Compare models[0] (A, at `base_url`) with models[1] (B, at `base_url_b` or `base_url`) and write `out`."""
+                force: bool = False, calibration: Path | None = None, calibrators: str = "base,auto",
+                ) -> CompareResult:
+    """Compare models[0] (A, at `base_url`) with models[1] (B, at `base_url_b` or `base_url`) and write `out`;
+    with `calibration`, each model's confidence also after its calibrator (`calibrators`: "A,B" variants)."""
     from .report import print_table, write_report
 
     config = config or CompareConfig()
@@ -300,13 +318,15 @@ def run_compare(base_url: str, models: Sequence[str], out: Path, *, facts: str |
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists (pass --force to replace it)")
     started = time.perf_counter()
+    chosen = resolve_calibrators(calibration, calibrators, run) if calibration else None  # before the long part
     # The default templates stand for "not given", so that a --run's own are used.
     templates = config.templates if config.templates != CompareConfig.templates else None
     selection = select_facts(facts, run, split, config.max_facts, config.seed, config.relations, templates)
     urls = dict(zip(MODELS, (base_url, base_url_b or base_url), strict=True))
     scores, endpoints = asyncio.run(ask(urls, dict(zip(MODELS, models, strict=True)), api_key, selection.facts,
                                         config))
-    result = summarize(selection, scores, endpoints, config, command, time.perf_counter() - started)
+    result = summarize(selection, scores, endpoints, config, command, time.perf_counter() - started, calibration,
+                       chosen)
     with atomic_directory(out, overwrite=force) as scratch:
         atomic_write_text(scratch / "per_fact.jsonl", per_fact_lines(selection.facts, scores))
         result = write_report(scratch, result)
@@ -334,6 +354,12 @@ def add_cli(subcommands: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=SPLITS, default=None, help="with --run: only this split of its facts")
     p.add_argument("--out", required=True, type=Path, help="directory to write")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--calibration", type=Path, default=None, metavar="FILE",
+                   help="a calibration.json of `recallfix analyze`: ECE, selective accuracy and the risk-coverage "
+                        "area also after each model's calibrator")
+    p.add_argument("--calibrators", default="base,auto", metavar="A,B",
+                   help="with --calibration: the file's variants of A and B (auto for B: the --run's recommended "
+                        "patch, else the file's only patch; default base,auto)")
     add_options(p, CompareConfig)
     p.set_defaults(func=cmd_compare)
 
@@ -352,5 +378,6 @@ def command_line(argv: Sequence[str]) -> str:
 def cmd_compare(args: argparse.Namespace) -> int:
     run_compare(args.base_url, args.models, args.out, facts=args.facts, base_url_b=args.base_url_b,
                 api_key=args.api_key, run=args.run, split=args.split, config=from_args(CompareConfig, args),
-                command=command_line(sys.argv[1:]), force=args.force)
+                command=command_line(sys.argv[1:]), force=args.force, calibration=args.calibration,
+                calibrators=args.calibrators)
     return 0

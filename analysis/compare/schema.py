@@ -12,9 +12,9 @@ from pydantic import Field
 
 from recallfix.patches.io import json_schema_of, write_json_schema_of
 
-from ..schema import Metrics, ReliabilityBin, Strict
+from ..schema import Metrics, Num, ReliabilityBin, Strict
 
-COMPARE_SCHEMA_VERSION = 1
+COMPARE_SCHEMA_VERSION = 2  # 2: confidence (selective accuracy, risk-coverage, calibrators)
 COMPARE_SCHEMA_PATH = Path(__file__).with_name("compare.schema.json")
 
 
@@ -57,6 +57,25 @@ class FactsInfo(Strict):
     relations: dict[str, int] = Field(description="facts compared per relation")
 
 
+class ConfidenceSet(Strict):
+    models: dict[str, Metrics] = Field(description="A, B -> ece, brier, log_loss, selective_accuracy_50, "
+                                                   "selective_accuracy_80, aurc, with 95% bootstrap intervals")
+    difference: Metrics = Field(description="B - A on the same facts, paired bootstrap interval")
+
+
+class ConfidenceComparison(Strict):
+    """How each model's confidence that its answer is right calibrates and ranks its answers: the raw top-1
+    probability, and with --calibration each model's calibrator applied to its first-token log-probabilities."""
+
+    calibration: str | None = Field(description="the calibration file given (null: raw confidence only)")
+    calibrators: dict[str, str] = Field(description="A, B -> the file's variant and calibrator id")
+    raw: ConfidenceSet
+    calibrated: ConfidenceSet | None
+    calibrated_minus_raw: dict[str, Metrics] = Field(description="A, B -> calibrated - raw (paired)")
+    risk_coverage: dict[str, list[Num]] = Field(description="'A raw', 'B calibrated', ... -> risk at coverage 5%, "
+                                                            "10%, ..., 100%")
+
+
 class CompareResult(Strict):
     schema_version: int
     tool_version: str
@@ -69,6 +88,7 @@ class CompareResult(Strict):
     overall: Comparison
     reliability: dict[str, list[ReliabilityBin]] = Field(description="A, B: equal-width confidence bins")
     by_relation: dict[str, Comparison]
+    confidence: ConfidenceComparison
     runtime_s: float
     files: dict[str, str]
 

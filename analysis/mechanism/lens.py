@@ -10,8 +10,11 @@ code here.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from recallfix.patches.calibrator import CALIBRATION_TOP_K
 from recallfix.patches.components import ComponentMap
 from recallfix.patches.decompose import Decomposition, constant_logits, frozen_norm_scale, norm_linear
 
@@ -64,7 +67,8 @@ def lens_answer(cmap: ComponentMap, x: torch.Tensor,
 
 
 def answer_stats(logits: torch.Tensor, answer_ids: torch.Tensor, temperature: float = 1.0) -> Dist:
-    """p(answer), its rank, top-1 confidence and prediction, NLL and Brier of logits [batch, vocab] / T."""
+    """p(answer), its rank, top-1 confidence and prediction, NLL, Brier and the top-K log-probabilities of logits
+    [batch, vocab] / T."""
     logits = logits.float() / temperature
     logp = logits.log_softmax(dim=-1)
     p = logp.exp()
@@ -73,6 +77,9 @@ def answer_stats(logits: torch.Tensor, answer_ids: torch.Tensor, temperature: fl
     logp_answer = logp[rows, answer_ids]
     confidence, prediction = p.max(dim=-1)
     p_answer = logp_answer.exp()
+    top = logp.topk(min(CALIBRATION_TOP_K, logp.shape[-1]), dim=-1).values
+    if top.shape[-1] < CALIBRATION_TOP_K:  # a vocabulary smaller than K (tiny test models): -inf pads it
+        top = torch.nn.functional.pad(top, (0, CALIBRATION_TOP_K - top.shape[-1]), value=-math.inf)
     return Dist(
         p_answer=p_answer,
         rank=(logits > answer_logit[:, None]).sum(dim=-1) + 1,
@@ -80,6 +87,7 @@ def answer_stats(logits: torch.Tensor, answer_ids: torch.Tensor, temperature: fl
         prediction=prediction,
         nll=-logp_answer,
         brier=p.pow(2).sum(dim=-1) - 2 * p_answer + 1,
+        top_logprobs=top,
     )
 
 

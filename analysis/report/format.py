@@ -38,3 +38,9 @@ METRIC_LABELS = {
     "ece_equal_width": "ECE (15 equal-width bins)", "ece_equal_mass": "ECE (15 equal-mass bins)",
     "brier": "Brier (multi-class)", "nll": "NLL (nats)", "auroc": "AUROC (confidence vs correct)",
 }
+
+# The measures of a confidence that the answer is right (`calibration.CONFIDENCE_METRICS`).
+CONFIDENCE_LABELS = {"ece": "ECE (15 bins)", "brier": "Brier", "log_loss": "log loss",
+                     "selective_accuracy_50": "accuracy of the 50% most confident",
+                     "selective_accuracy_80": "accuracy of the 80% most confident",
+                     "aurc": "risk-coverage area (lower: better ranking)"}

@@ -17,6 +17,7 @@ from ..schema import (
     SetEvaluation,
     Suppression,
 )
+from .confidence import confidence_section
 from .format import METRIC_LABELS, estimate, md_table, number, percent
 from .format import MODEL_LABELS as LABELS
 
@@ -421,7 +422,8 @@ def render_markdown(d: AnalysisResult) -> str:
         out.append(_at_a_glance(d.evaluation) + "\n")
     if d.checks:
         out += _checks(d)
-    for section in (_setup, _logit_lens, _final_layer, _mechanisms, _findings, _patch, _evaluation):
+    for section in (_setup, _logit_lens, _final_layer, _mechanisms, _findings, _patch, _evaluation,
+                    confidence_section):
         out += section(d)
     return "\n".join(out) + "\n"
 

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..schema import AnalysisResult, EstimateModel, ReliabilityBin  # noqa: E402
-from .format import MODEL_LABELS  # noqa: E402
+from .format import MODEL_LABELS, number  # noqa: E402
 
 NEG, POS, GREY = "#c0392b", "#2471a3", "#7f8c8d"
 
@@ -183,6 +183,12 @@ def plot_reliability(d: AnalysisResult, path: Path) -> str | None:
 
 def draw_reliability(ax: plt.Axes, reliability: Sequence[ReliabilityBin], title: str,
                      m: dict[str, EstimateModel]) -> None:
+    """One reliability diagram of a model's top-1 confidence, its ECE and accuracy in the title."""
+    ece, acc = (m[name].value for name in ("ece_equal_width", "accuracy"))
+    draw_bins(ax, reliability, f"{title}\nECE {number(ece)}, acc {number(acc)}")
+
+
+def draw_bins(ax: plt.Axes, reliability: Sequence[ReliabilityBin], title: str) -> None:
     """One reliability diagram: accuracy bars and mean confidence per bin, each bin's count on top."""
     bins = [b for b in reliability if b.count]
     width = reliability[0].hi - reliability[0].lo
@@ -193,12 +199,49 @@ def draw_reliability(ax: plt.Axes, reliability: Sequence[ReliabilityBin], title:
     ax.plot([0, 1], [0, 1], color="black", lw=0.8, ls="--")
     for x, b in zip(centres, bins, strict=True):
         ax.text(x, 0.99, str(b.count), ha="center", va="top", fontsize=6, rotation=90, color=GREY)
-    ece, acc = (m[name].value for name in ("ece_equal_width", "accuracy"))
-    ax.set_title(f"{title}\nECE {'n/a' if ece is None else f'{ece:.3f}'}, "
-                 f"acc {'n/a' if acc is None else f'{acc:.3f}'}", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (top-1 probability)")
+
+
+def plot_calibration(d: AnalysisResult, path: Path) -> str | None:
+    """Per variant, the test split's reliability of the raw top-1 probability and of the calibrated confidence."""
+    c = d.evaluation.calibration if d.evaluation else None
+    if c is None:
+        return None
+    fig, axes = plt.subplots(2, len(c.variants), figsize=(4 * len(c.variants), 7.6), squeeze=False)
+    for col, (name, v) in enumerate(c.variants.items()):
+        for row, (label, bins, m) in enumerate((("raw", v.reliability_raw, v.raw),
+                                                (f"calibrated ({v.family})", v.reliability_calibrated, v.calibrated))):
+            draw_bins(axes[row][col], bins, f"{MODEL_LABELS[name]}: {label}\nECE {number(m['ece'].value)}, "
+                                            f"Brier {number(m['brier'].value)}")
+            axes[row][col].set_xlabel("confidence that the answer is right")
+    axes[0][0].set_ylabel("accuracy")
+    axes[1][0].set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    return save_figure(fig, path)
+
+
+def plot_risk_coverage(d: AnalysisResult, path: Path) -> str | None:
+    """Risk (error rate of the answers kept) against coverage, abstaining on the least confident first."""
+    c = d.evaluation.calibration if d.evaluation else None
+    if c is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, (name, v) in enumerate(c.variants.items()):
+        points = len(v.risk_coverage_raw)
+        coverage = [(k + 1) / points for k in range(points)]
+        colour = f"C{i}"
+        ax.plot(coverage, v.risk_coverage_raw, color=colour, ls=":", label=f"{MODEL_LABELS[name]}: raw")
+        ax.plot(coverage, v.risk_coverage_calibrated, color=colour, label=f"{MODEL_LABELS[name]}: {v.family}")
+    ax.set_xlabel("coverage (share of answers given)")
+    ax.set_ylabel("risk (share of those wrong)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("Abstaining on the least confident answers (test split)", fontsize=9)
+    return save_figure(fig, path)
 
 
 PLOTS = {
@@ -208,6 +251,8 @@ PLOTS = {
     "plot_mlp_regression": ("mlp_regression.png", plot_regression),
     "plot_fit": ("fit.png", plot_fit),
     "plot_reliability": ("reliability.png", plot_reliability),
+    "plot_calibration": ("calibration.png", plot_calibration),
+    "plot_risk_coverage": ("risk_coverage.png", plot_risk_coverage),
 }
 
 

@@ -1,0 +1,217 @@
+"""The calibration file: per variant, the map from an answer's first-token log-probabilities to P(answer right).
+
+`recallfix analyze` fits one calibrator per variant (the base model, each patch) on the dev split and writes
+them to RUN/calibration.json; `recallfix serve --calibration` applies the one of the variant that answered to the
+top-K log-probabilities vLLM returns for the first generated token (K = `CALIBRATION_TOP_K`, sorted, most likely
+first). With p1, p2 the two largest probabilities and H the entropy of the top K renormalised:
+
+    identity   c = p1
+    platt      c = sigmoid(a logit(p1) + b)                    (Platt scaling of the raw confidence)
+    isotonic   c = the monotone step fit of correctness on p1, linear between its knots (pool adjacent violators)
+    logistic   c = sigmoid(w . [logit(p1), log p1 - log p2, H] + b)
+
+identity, platt and isotonic only re-map p1, so they keep its order of answers (what abstention and the
+risk-coverage curve rank by); logistic also reads how far the runner-up is and how spread the top K are, and
+can re-rank. The file is fingerprinted like a patch: the model's shape and the sha256 of its final block's output
+projections, and per variant the id of the patch it was fitted with. A file for another model or patch is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+from .checkpoint import Checkpoint, check_shape, check_tensors, model_tensors
+from .components import ComponentMap
+from .io import atomic_write_text, json_schema_of, write_json_schema_of
+from .patch import FingerprintMismatchError, GainEdit, ModelFingerprint, Patch, Provenance, format_validation_error
+from .rule import GetTensor, HasTensor, fingerprint
+
+CALIBRATION_TOP_K = 20  # the first token's log-probabilities a calibrator reads (vLLM: logprobs=20)
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("calibration.schema.json")
+Family = Literal["identity", "platt", "isotonic", "logistic"]
+FAMILIES: tuple[Family, ...] = ("identity", "platt", "isotonic", "logistic")
+N_COEF = {"identity": 0, "platt": 2, "isotonic": 0, "logistic": 4}
+P_CLIP = 1e-6  # logit(p1) and the calibrated probability stay in [P_CLIP, 1 - P_CLIP]
+MAX_MARGIN = 30.0  # log p1 - log p2 when only one log-probability came back
+
+
+class CalibrationError(ValueError):
+    """A calibration file that cannot be read, or does not belong to the served model or patch."""
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, P_CLIP, 1 - P_CLIP)
+    return np.log(p) - np.log1p(-p)
+
+
+def features(top_logprobs: np.ndarray) -> np.ndarray:
+    """[N, k] log-probabilities, most likely first (-inf pads missing ones) -> [N, 3]: logit(p1), the margin
+    log p1 - log p2, and the entropy of the top k renormalised."""
+    top = np.asarray(top_logprobs, dtype=np.float64)
+    if top.ndim != 2 or top.shape[1] < 1:
+        raise ValueError(f"top_logprobs: expected [N, k] with k >= 1, got shape {top.shape}")
+    margin = np.minimum(top[:, 0] - top[:, 1], MAX_MARGIN) if top.shape[1] > 1 else np.full(len(top), MAX_MARGIN)
+    finite = np.isfinite(top)
+    shifted = np.where(finite, top - top[:, :1], -np.inf)
+    q = np.exp(shifted)
+    q /= q.sum(axis=1, keepdims=True)
+    entropy = -np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0).sum(axis=1)
+    return np.stack([_logit(np.exp(top[:, 0])), np.where(np.isfinite(margin), margin, MAX_MARGIN), entropy], axis=1)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow warning for large |x|
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Calibrator(Strict):
+    family: Family
+    coef: list[float] = Field(default_factory=list, description="platt: [a, b]; logistic: [w_logit, w_margin, "
+                                                                "w_entropy, b]; others: []")
+    knots_x: list[float] = Field(default_factory=list, description="isotonic: p1 at the knots, increasing")
+    knots_y: list[float] = Field(default_factory=list, description="isotonic: P(right) at the knots, non-decreasing")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Calibrator:
+        if len(self.coef) != N_COEF[self.family]:
+            raise ValueError(f"coef: {self.family} takes {N_COEF[self.family]} numbers, got {len(self.coef)}")
+        if (self.family == "isotonic") != bool(self.knots_x):
+            raise ValueError("knots_x: isotonic needs knots, the other families take none")
+        if len(self.knots_x) != len(self.knots_y):
+            raise ValueError(f"knots_y: {len(self.knots_y)} values for {len(self.knots_x)} knots")
+        if not all(math.isfinite(v) for v in [*self.coef, *self.knots_x, *self.knots_y]):
+            raise ValueError("coef, knots_x and knots_y must be finite")
+        if any(np.diff(self.knots_x) <= 0):
+            raise ValueError("knots_x must be strictly increasing")
+        if any(np.diff(self.knots_y) < 0) or not all(0 <= y <= 1 for y in self.knots_y):
+            raise ValueError("knots_y must be non-decreasing probabilities")
+        return self
+
+    def predict(self, top_logprobs: np.ndarray) -> np.ndarray:
+        """P(answer right) for each row of [N, k] first-token log-probabilities (most likely first)."""
+        x = features(top_logprobs)
+        if self.family == "identity":
+            out = np.exp(np.asarray(top_logprobs, dtype=np.float64)[:, 0])
+        elif self.family == "platt":
+            out = _sigmoid(self.coef[0] * x[:, 0] + self.coef[1])
+        elif self.family == "isotonic":
+            out = np.interp(np.exp(np.asarray(top_logprobs, dtype=np.float64)[:, 0]), self.knots_x, self.knots_y)
+        else:
+            out = _sigmoid(x @ np.asarray(self.coef[:3]) + self.coef[3])
+        return np.clip(out, P_CLIP, 1 - P_CLIP)
+
+    def apply(self, top_logprobs: Sequence[float]) -> float:
+        """P(answer right) of one answer from its first token's log-probabilities, most likely first."""
+        return float(self.predict(np.asarray([sorted(top_logprobs, reverse=True)], dtype=np.float64))[0])
+
+
+class VariantCalibration(Strict):
+    patch_id: str | None = Field(description="the patch it was fitted with (null: the base model)")
+    calibrator: Calibrator
+
+    @property
+    def id(self) -> str:
+        """Short content hash: what a served reply names as its calibrator."""
+        body = json.dumps(self.model_dump(), sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+class CalibrationFile(Strict):
+    schema_version: int = Field(SCHEMA_VERSION, description="1 is the only version so far")
+    model: ModelFingerprint = Field(description="the model's shape and the sha256 of its final block's output "
+                                                "projections, as a patch fingerprints what it touches")
+    top_k: int = Field(CALIBRATION_TOP_K, ge=2, description="first-token log-probabilities the calibrators read")
+    fitted_on: str = Field(description="the prompts the calibrators were fitted on, in words")
+    variants: dict[str, VariantCalibration] = Field(min_length=1, description="base, and each patch's method")
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _known_version(self) -> CalibrationFile:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version: {self.schema_version} is not one this recallfix reads "
+                             f"({SCHEMA_VERSION})")
+        return self
+
+    def for_patch(self, patch: Patch | None) -> tuple[str, VariantCalibration]:
+        """The variant fitted with `patch` (None: the base model), or CalibrationError naming those there are."""
+        wanted = patch.id if patch is not None else None
+        for name, variant in self.variants.items():
+            if variant.patch_id == wanted:
+                return name, variant
+        have = ", ".join(f"{n} ({v.patch_id or 'base model'})" for n, v in self.variants.items())
+        what = f"patch {wanted}" if wanted else "the base model"
+        raise CalibrationError(f"the calibration file has no calibrator for {what}; it has: {have}")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationFile:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise CalibrationError(f"{path}: cannot read calibration file: {err.strerror}") from None
+        try:
+            version = json.loads(text).get("schema_version")
+        except (ValueError, AttributeError):
+            version = SCHEMA_VERSION  # not a JSON object: the validation below says so
+        if version != SCHEMA_VERSION:
+            raise CalibrationError(f"{path}: schema_version: {version} is not one this recallfix reads "
+                                   f"({SCHEMA_VERSION})")
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as err:
+            raise CalibrationError(f"{path}: invalid calibration file:\n{format_validation_error(err)}") from None
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_text(Path(path), self.model_dump_json(indent=2) + "\n")
+
+
+def final_block_fingerprint(cmap: ComponentMap, get_tensor: GetTensor, has_tensor: HasTensor) -> ModelFingerprint:
+    """The model's shape and the sha256 of its final block's output projections (what every head and the MLP
+    write through): a calibration file's tie to the model it was fitted on."""
+    final = cmap.shape.num_layers - 1
+    probes = [GainEdit(component=f"L{final}H0", gain=1.0), GainEdit(component=f"L{final}MLP", gain=1.0)]
+    return fingerprint(cmap, probes, get_tensor, has_tensor)
+
+
+def check_calibration_against(model: str | Path | Checkpoint | nn.Module, calibration: CalibrationFile,
+                              patch: Patch | None = None) -> tuple[str, VariantCalibration]:
+    """The variant of `calibration` for `patch` (None: the base model) on `model` (a loaded model, a `Checkpoint`,
+    or a checkpoint directory or hub name; only the final block's output projections are read). A file fitted on
+    another model, or without a calibrator for this patch, is refused with a CalibrationError that says why."""
+    if isinstance(model, nn.Module):
+        cmap, (get_tensor, has_tensor) = ComponentMap(model), model_tensors(model)
+    else:
+        ckpt = model if isinstance(model, Checkpoint) else Checkpoint.open(model)
+        cmap, get_tensor, has_tensor = ckpt.cmap, ckpt.get, ckpt.has
+    expected = calibration.model
+    try:
+        check_shape(expected, cmap, "the calibration file was fitted on")
+        ours = final_block_fingerprint(cmap, get_tensor, has_tensor)
+        if sorted(ours.tensors) != sorted(expected.tensors):
+            raise FingerprintMismatchError(f"model.tensors: the file fingerprints {sorted(expected.tensors)}, this "
+                                           f"model's final block writes through {sorted(ours.tensors)}")
+        check_tensors(expected, get_tensor, "the calibration file was fitted on another checkpoint")
+    except FingerprintMismatchError as err:
+        raise CalibrationError(f"calibration file refused: {err}") from None
+    return calibration.for_patch(patch)
+
+
+def json_schema() -> dict[str, object]:
+    return json_schema_of(CalibrationFile, "recallfix calibration file", SCHEMA_PATH)
+
+
+def write_json_schema(path: Path = SCHEMA_PATH) -> Path:
+    return write_json_schema_of(CalibrationFile, "recallfix calibration file", path)
