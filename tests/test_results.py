@@ -48,6 +48,13 @@ def test_page_from_a_run(tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch
     if ev.chosen is None:  # no patch recommended on the tiny random model: the page says so and why
         assert "**Recommended:** none." in text and why.startswith("no patch recommended")
     assert "Transfer to the unseen test relations" in text and "| capital |" in text
+    calibration = ev.calibration  # the base calibrator's numbers, in the table across the models and the section
+    assert calibration is not None
+    base = calibration.variants["base"]
+    assert "### Calibrated confidence (calibration.json), base model, test split" in text
+    assert f"| tiny | held-out | {base.family} | {estimate(base.raw['ece'])} | {estimate(base.calibrated['ece'])} |" \
+        in text
+    assert f"**Calibrated confidence** (calibration.json, the family chosen on dev by {calibration.folds}" in text
 
 
 def test_a_bad_plan_names_the_field(tmp_path: Path) -> None:
