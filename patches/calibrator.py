@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .checkpoint import Checkpoint, check_shape, check_tensors, model_tensors
 from .components import ComponentMap
 from .io import atomic_write_text, json_schema_of, write_json_schema_of
-from .patch import FingerprintMismatchError, GainEdit, ModelFingerprint, Patch, Provenance, format_validation_error
+from .patch import FingerprintMismatchError, GainEdit, ModelFingerprint, Patch, Provenance, load_document, read_text
 from .rule import GetTensor, HasTensor, fingerprint
 
 CALIBRATION_TOP_K = 20  # the first token's log-probabilities a calibrator reads (vLLM: logprobs=20)
@@ -158,21 +158,15 @@ class CalibrationFile(Strict):
     @classmethod
     def load(cls, path: str | Path) -> CalibrationFile:
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise CalibrationError(f"{path}: cannot read calibration file: {err.strerror}") from None
+        text = read_text(path, "calibration file", CalibrationError)
         try:
             version = json.loads(text).get("schema_version")
         except (ValueError, AttributeError):
-            version = SCHEMA_VERSION  # not a JSON object: the validation below says so
+            version = SCHEMA_VERSION  # not a JSON object: the validation says so
         if version != SCHEMA_VERSION:
             raise CalibrationError(f"{path}: schema_version: {version} is not one this recallfix reads "
                                    f"({SCHEMA_VERSION})")
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as err:
-            raise CalibrationError(f"{path}: invalid calibration file:\n{format_validation_error(err)}") from None
+        return load_document(cls, path, "calibration file", CalibrationError, text)
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_text(Path(path), self.model_dump_json(indent=2) + "\n")

@@ -20,7 +20,7 @@ import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -189,18 +189,31 @@ class Patch(BaseModel):
     # -- files -----------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path) -> Patch:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise PatchError(f"{path}: cannot read patch: {err.strerror}") from None
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as err:
-            raise PatchError(f"{path}: invalid patch:\n{format_validation_error(err)}") from None
+        return load_document(cls, Path(path), "patch", PatchError)
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_text(Path(path), self.model_dump_json(indent=2) + "\n")
+
+
+Document = TypeVar("Document", bound=BaseModel)
+
+
+def read_text(path: Path, what: str, error: type[ValueError]) -> str:
+    try:
+        return path.read_text()
+    except OSError as err:
+        raise error(f"{path}: cannot read {what}: {err.strerror}") from None
+
+
+def load_document(cls: type[Document], path: Path, what: str, error: type[ValueError],
+                  text: str | None = None) -> Document:
+    """A JSON document of `cls` from `path` (or its `text`, read already); `error`, naming the file and each bad
+    field, when it cannot be read or is invalid."""
+    text = read_text(path, what, error) if text is None else text
+    try:
+        return cls.model_validate_json(text)
+    except ValidationError as err:
+        raise error(f"{path}: invalid {what}:\n{format_validation_error(err)}") from None
 
 
 def format_validation_error(err: ValidationError) -> str:
