@@ -152,7 +152,7 @@ def data_info(s: Loaded, facts: str | Path, facts_sha: str, splits: dict[str, in
 
 
 def calibrate_variants(s: Loaded, dev: dict[str, Dist], test: dict[str, Dist], patches: dict[str, Patch],
-                       facts: str | Path, config: AnalysisConfig, command: str,
+                       facts: str | Path, config: AnalysisConfig, command: str, recommended: str | None,
                        ) -> tuple[CalibrationFile, CalibrationSummary]:
     """calibration.json's calibrators (base and each patch), fitted on dev, and what they do on test."""
     known, groups = s.known, s.known.groups
@@ -163,7 +163,7 @@ def calibrate_variants(s: Loaded, dev: dict[str, Dist], test: dict[str, Dist], p
                  f"--split-by {config.split_by}, seed {config.seed})")
     return calibrate(s.lm, dev, test, patches, dev_relations, [groups[i] for i in dev_rows],
                      [relation_of[i] for i in test_rows], [groups[i] for i in test_rows], fitted_on, config.n_boot,
-                     config.seed, command)
+                     config.seed, command, recommended)
 
 
 def inputs_key(model: str | Path, facts: str | Path, unknown: str | Path | None, neutral: str | Path | None,
@@ -283,7 +283,7 @@ def run_analysis(
                 for name, info in fitted.items()}})
         with timer("confidence calibration"):
             test = {"base": base_runs.test, **{name: r.test for name, r in runs.items()}}
-            calibration, summary = calibrate_variants(s, dev, test, patches, facts, config, command)
+            calibration, summary = calibrate_variants(s, dev, test, patches, facts, config, command, chosen)
             evaluation = evaluation.model_copy(update={"calibration": summary})
         patches = {name: p.model_copy(update={"metrics": patch_metrics(evaluation, name)})
                    for name, p in patches.items()}

@@ -136,6 +136,8 @@ class CalibrationFile(Strict):
     top_k: int = Field(CALIBRATION_TOP_K, ge=2, description="first-token log-probabilities the calibrators read")
     fitted_on: str = Field(description="the prompts the calibrators were fitted on, in words")
     variants: dict[str, VariantCalibration] = Field(min_length=1, description="base, and each patch's method")
+    recommended: str | None = Field(None, description="the variant analyze recommends (its patch.json); null: none "
+                                                      "(what `recallfix router` serves as the patched one)")
     provenance: Provenance
 
     @model_validator(mode="after")

@@ -93,6 +93,7 @@ def validate_run(run: Path) -> dict:
             patch = Patch.load(run / method["file"])
             assert calibration.variants[method["name"]].patch_id == patch.id == calibration.for_patch(patch)[1].patch_id
         assert calibration.for_patch(None)[0] == "base"
+        assert calibration.recommended == doc["evaluation"]["chosen"]  # what the router serves as patched
         assert {n: v.id for n, v in calibration.variants.items()} == {
             n: v["calibrator_id"] for n, v in summary["variants"].items()}
         assert "## 7. A calibrated confidence" in text and "calibration.png" in text

@@ -68,7 +68,7 @@ def measure(choice: Choice, variant_id: str, test: Dist, groups: Sequence[str], 
 def calibrate(model: nn.Module, dev: dict[str, Dist], test: dict[str, Dist], patches: dict[str, Patch],
               dev_relations: Sequence[str], dev_groups: Sequence[str], test_relations: Sequence[str],
               test_groups: Sequence[str], fitted_on: str, n_boot: int, seed: int,
-              command: str) -> tuple[CalibrationFile, CalibrationSummary]:
+              command: str, recommended: str | None = None) -> tuple[CalibrationFile, CalibrationSummary]:
     """One calibrator per variant of `dev` (keys: base and each method of `patches`), and what it does on test."""
     variants, summaries, folds = {}, {}, ""
     for name, dev_dist in dev.items():
@@ -79,7 +79,7 @@ def calibrate(model: nn.Module, dev: dict[str, Dist], test: dict[str, Dist], pat
         variants[name], folds = variant, choice.folds
         summaries[name] = measure(choice, variant.id, test[name], test_groups, test_relations, n_boot, seed)
     file = CalibrationFile(model=final_block_fingerprint(ComponentMap(model), *model_tensors(model)),
-                           fitted_on=fitted_on, variants=variants,
+                           fitted_on=fitted_on, variants=variants, recommended=recommended,
                            provenance=Provenance(tool_version=__version__, command=command))
     return file, CalibrationSummary(file="calibration.json", top_k=CALIBRATION_TOP_K, n_dev=len(dev_groups),
                                     folds=folds, variants=summaries)
