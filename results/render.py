@@ -296,7 +296,7 @@ def render(plan: Plan, root: Path, models: list[str], protocols: list[str]) -> P
                         ("met" if met else "not met: " + why) if protocol == plan.goal.protocol else why])
     out.append(md_table(["model", "protocol", "final block lowers p(answer) on (test)", "consistent suppressors",
                          "recommended", "test NLL change", "goal"], summary) + "\n")
-    out += [f"- {line}" for line in _plain_words(plan, runs)]
+    out.append("What holds and what does not, in words, ends the page.\n")
     out += _confidence_table(runs)
     for model in models:
         entry = entries.get(model)
@@ -317,5 +317,6 @@ def render(plan: Plan, root: Path, models: list[str], protocols: list[str]) -> P
             out.append(f"\n**Served.** `recallfix serve` (vLLM, merged patch `{check.method}`{dtype}) and "
                        f"`recallfix compare` on the {check.n} test prompts of {Path(check.run).name}: the largest "
                        f"difference from the analysis' own numbers (float32) is {worst[1]:.1e} ({worst[0]}).\n")
+    out += ["\n## What holds and what does not\n", *(f"- {line}" for line in _plain_words(plan, runs))]
     atomic_write_text(PAGE, "\n".join(out) + "\n")
     return PAGE
