@@ -165,7 +165,7 @@ def create_app(front: Front, *, load_patch: LoadPatch | None = None, patch_dir: 
         if rated is None:
             raise not_found(f"no unrated answer {body.id!r} (choice {body.index}): unknown, already rated, or "
                             "too old", "id")
-        return FeedbackResponse(variant=rated[0], confidence=rated[1])
+        return FeedbackResponse(variant=rated[0], confidence=rated[1], calibrated_confidence=rated[2])
 
     @app.post("/v1/load_patch", response_model=LoadPatchResponse, tags=["recallfix"])
     async def load_patch_route(body: LoadPatchRequest) -> LoadPatchResponse:

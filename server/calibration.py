@@ -95,6 +95,10 @@ class ShadowScorer:
 class Answer:
     variant: Variant
     confidences: tuple[float | None, ...]  # per choice: probability of its first generated token
+    calibrated: tuple[float | None, ...] = ()  # per choice: its calibrated confidence (--calibration), if any
+
+    def calibrated_of(self, index: int) -> float | None:
+        return self.calibrated[index] if index < len(self.calibrated) else None
 
 
 class FeedbackStore:
@@ -111,8 +115,9 @@ class FeedbackStore:
         while len(self._answers) > self._capacity:
             self._answers.popitem(last=False)
 
-    def rate(self, response_id: str, index: int) -> tuple[Variant, float] | None:
-        """The variant and confidence of choice `index` of a response, once; None if unknown or rated."""
+    def rate(self, response_id: str, index: int) -> tuple[Variant, float, float | None] | None:
+        """The variant, confidence and calibrated confidence of choice `index` of a response, once; None if
+        unknown or rated."""
         answer, rated = self._answers.get(response_id, (None, set()))
         if answer is None or index >= len(answer.confidences) or index in rated:
             return None
@@ -120,4 +125,4 @@ class FeedbackStore:
         if confidence is None:
             return None
         rated.add(index)
-        return answer.variant, confidence
+        return answer.variant, confidence, answer.calibrated_of(index)

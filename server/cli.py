@@ -21,6 +21,7 @@ from .config import FrontConfig, RouterConfig, ServeConfig
 if TYPE_CHECKING:
     from recallfix.patches import Patch
 
+    from .confidence import Calibration
     from .serve import Plan
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeBackend
 
     patch_dir = args.patch_dir or (serve.patch.parent if serve.patch else None)
+    calibration = load_calibration(front, model_dir, patch)
     return run(front, lambda metrics: ServeBackend(plan, serve, metrics, front.drain_timeout), serve_mode=True,
-               patch_dir=patch_dir)
+               patch_dir=patch_dir, calibration=calibration)
+
+
+def load_calibration(front: FrontConfig, model_dir: Path | None, patch: Patch | None) -> Calibration | None:
+    """--calibration, checked before anything starts: against the model (serve; the router cannot see it) and,
+    for the served patch, that the file has its calibrator. ValueError naming the file on a refusal."""
+    if front.calibration is None:
+        if front.abstain_below is not None:
+            raise ValueError("--abstain-below needs --calibration: it abstains on the calibrated confidence")
+        return None
+    from recallfix.patches.calibrator import CalibrationError, CalibrationFile, check_calibration_against
+
+    from .confidence import Calibration
+
+    try:
+        file = CalibrationFile.load(front.calibration)
+        if model_dir is None:  # the router: the patched variant's calibrator is the one analyze recommended
+            return Calibration(file, patched_variant=file.recommended or "")
+        check_calibration_against(model_dir, file, None)
+        if patch is not None:
+            check_calibration_against(model_dir, file, patch)
+    except CalibrationError as err:
+        said = str(err) if str(err).startswith(str(front.calibration)) else f"{front.calibration}: {err}"
+        raise ValueError(f"--calibration {said}") from None
+    return Calibration(file)
 
 
 def make_plan(model_dir: Path, name: str, vllm_argv: list[str], parsed: argparse.Namespace, serve: ServeConfig,
@@ -196,11 +222,11 @@ def cmd_router(args: argparse.Namespace) -> int:
     from .router import RouterBackend
 
     return run(front, lambda metrics: RouterBackend(router, metrics), serve_mode=False, patch_dir=None,
-               probe_interval=router.probe_interval)
+               probe_interval=router.probe_interval, calibration=load_calibration(front, None, None))
 
 
 def run(front_config: FrontConfig, make_backend, *, serve_mode: bool, patch_dir: Path | None,  # noqa: ANN001
-        probe_interval: float = 2.0) -> int:
+        probe_interval: float = 2.0, calibration: Calibration | None = None) -> int:
     """Serve until SIGTERM/SIGINT (in-flight requests drain first). 1 if the vLLM servers did not start."""
     import uvicorn
 
@@ -220,7 +246,7 @@ def run(front_config: FrontConfig, make_backend, *, serve_mode: bool, patch_dir:
 
     metrics = Metrics(front_config.name)
     backend = make_backend(metrics)
-    front = Front(front_config, backend, metrics=metrics)
+    front = Front(front_config, backend, metrics=metrics, calibration=calibration)
     app = create_app(front, load_patch=getattr(backend, "load_patch", None) if serve_mode else None,
                      patch_dir=patch_dir, relay_metrics=serve_mode, probe_interval=probe_interval,
                      on_start_failure=on_start_failure)

@@ -55,6 +55,14 @@ class FrontConfig:
                                    "requests", metavar="N")
     metrics_logprobs: int = option(20, "top logprobs asked from the upstream for the confidence and entropy "
                                        "metrics when the client asks for none (0: never ask)", metavar="N")
+    calibration: Path | None = option(None, "calibration.json of `recallfix analyze`: every completion and chat "
+                                            "reply carries the answering variant's calibrated confidence",
+                                      type=Path, metavar="FILE")
+    abstain_below: float | None = option(None, "with --calibration: answer --abstain-text where an answer's "
+                                               "calibrated confidence is below this (a request's own "
+                                               "recallfix.abstain_below overrides it; default off)",
+                                         type=fraction, metavar="P")
+    abstain_text: str = option("I don't know.", "what an abstaining reply says", metavar="TEXT")
     drain_timeout: float = option(60.0, "seconds in-flight requests may take to finish at shutdown (serve: and at a "
                                         "patch swap)", metavar="S")
     # Longer than the idle timeouts of the clients and load balancers before the front (httpx and the openai

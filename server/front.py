@@ -22,6 +22,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from .calibration import Answer, FeedbackStore, ShadowScorer
+from .confidence import FIELD as CONFIDENCE_FIELD
+from .confidence import Calibration, Judge, request_threshold
 from .config import FrontConfig
 from .errors import bad_request, model_not_found, openai_error, unavailable
 from .metrics import Metrics, PatchState
@@ -103,8 +105,9 @@ class Backend(Protocol):
 
 
 class Front:
-    def __init__(self, config: FrontConfig, backend: Backend, metrics: Metrics) -> None:
-        self.config, self.backend, self.metrics = config, backend, metrics
+    def __init__(self, config: FrontConfig, backend: Backend, metrics: Metrics,
+                 calibration: Calibration | None = None) -> None:
+        self.config, self.backend, self.metrics, self.calibration = config, backend, metrics, calibration
         metrics.initialize(("base", "patched"))
         self.router = Router(config.name, config.ab_split)
         self.shadow = ShadowScorer(self.score_first, self.metrics, config.shadow_rate,
@@ -147,6 +150,18 @@ class Front:
             log.warning("the %s vLLM server does not answer /health: down until it does", target.upstream.role)
             self.metrics.set_upstream(target.upstream.role, False)
 
+    def judge(self, variant: Variant, body: dict[str, Any]) -> Judge | None:
+        """This request's confidences and abstention (None without --calibration); its own options taken out."""
+        threshold = request_threshold(body, self.config.abstain_below)
+        if self.calibration is None:
+            if threshold is not None:
+                raise bad_request("this server has no --calibration, so it cannot abstain on a calibrated "
+                                  "confidence", f"{CONFIDENCE_FIELD}.abstain_below")
+            return None
+        patch = self.backend.patch
+        return Judge(variant, self.calibration.of(variant, patch.patch_id if patch else None), threshold,
+                     self.config.abstain_text)
+
     # -- the pass-through ------------------------------------------------------------------------------
     async def forward(self, request: Request, path: str) -> Response:
         raw = await request.body()
@@ -167,10 +182,11 @@ class Front:
         if route is not None:
             body["model"] = target.model
             if path in GENERATION_PATHS:
+                judge = self.judge(variant, body)
                 injected = ask_logprobs(path, body, self.config.metrics_logprobs)
                 entropy = requested_logprobs(path, body) >= max(self.config.metrics_logprobs, 1)
                 shadow = self.shadow.draw(self.patched)
-                watch = Watch(self, variant, path, body, injected, entropy, shadow)
+                watch = Watch(self, variant, path, body, injected, entropy, shadow, judge)
             raw = dumps(body).encode()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         headers.update(target.upstream.headers())
@@ -247,6 +263,8 @@ class Front:
                         if requested is not None:
                             rename_model(event, requested)
                         line = "data: " + dumps(event)
+                if line == "data: [DONE]" and watch is not None and (last := watch.last_chunk()) is not None:
+                    yield f"data: {dumps(last)}\n\n".encode()  # the confidences, in the stream's last chunk
                 done = done or line == "data: [DONE]"
                 yield (line + "\n").encode()
             if watch is not None:
@@ -282,10 +300,10 @@ class Front:
         return tokens[0].top1 if tokens else None
 
     # -- feedback --------------------------------------------------------------------------------------
-    def rate(self, response_id: str, index: int, correct: bool) -> tuple[Variant, float] | None:
+    def rate(self, response_id: str, index: int, correct: bool) -> tuple[Variant, float, float | None] | None:
         rated = self.feedback.rate(response_id, index)
         if rated is not None:
-            self.metrics.observe_feedback(rated[0], rated[1], correct)
+            self.metrics.observe_feedback(rated[0], rated[1], correct, rated[2])
         return rated
 
     async def aclose(self) -> None:
@@ -303,9 +321,10 @@ class Watch:
     """The calibration side of one completion or chat: what its reply says, recorded once it is whole."""
 
     def __init__(self, front: Front, variant: Variant, path: str, body: dict[str, Any], injected: bool,
-                 entropy: bool, shadow: bool) -> None:
+                 entropy: bool, shadow: bool, judge: Judge | None = None) -> None:
         self.front, self.variant, self.path, self.body = front, variant, path, body
-        self.injected, self.entropy, self.shadow = injected, entropy, shadow
+        self.injected, self.entropy, self.shadow, self.judge = injected, entropy, shadow, judge
+        self.event: dict[str, Any] | None = None  # the latest streamed chunk: the last one's shape
         self.arrival = time.perf_counter()
         self.choices: dict[int, _Choice] = {}
         self.usage: dict[str, Any] | None = None
@@ -316,6 +335,9 @@ class Watch:
         index = choice.get("index", 0)
         if not isinstance(index, int):
             return
+        judged = self.judge.choices.get(index) if self.judge is not None else None
+        if judged is not None and judged.abstained:  # a later piece of an abstained choice: nothing of it shows
+            self.judge.rewrite(self.path, choice, first_piece=False)  # type: ignore[union-attr]
         tokens = tokens_of(self.path, choice)
         if not tokens:
             return
@@ -324,6 +346,11 @@ class Watch:
         if state.first is None:
             state.first = tokens[0]
             metrics.observe_first_token(self.variant, tokens[0])
+            if self.judge is not None:
+                scored = self.judge.score(index, tokens[0])
+                metrics.observe_calibrated(self.variant, scored.confidence, scored.abstained)
+                if scored.abstained:
+                    self.judge.rewrite(self.path, choice, first_piece=True)
         state.tokens += len(tokens)
         metrics.observe_tokens(self.variant, tokens, self.entropy)
 
@@ -342,9 +369,16 @@ class Watch:
 
     def whole(self, reply: dict[str, Any]) -> None:
         self._read(reply)
+        if self.judge is not None:
+            reply[CONFIDENCE_FIELD] = self.judge.field()
         self.finish()
 
+    def last_chunk(self) -> dict[str, Any] | None:
+        """The chunk a stream ends with, before [DONE]: the confidences (None without --calibration)."""
+        return self.judge.last_chunk(self.event or {}) if self.judge is not None else None
+
     def piece(self, event: dict[str, Any]) -> None:
+        self.event = event
         if not self.first_seen and any(isinstance(c, dict) and (c.get("text") or (c.get("delta") or {}).get(
                 "content") or c.get("logprobs")) for c in event.get("choices") or ()):
             self.first_seen = True
@@ -363,7 +397,9 @@ class Watch:
             count = max(self.choices) + 1
             confidences = tuple((c.first and _prob(c.first)) if (c := self.choices.get(i)) else None
                                 for i in range(count))
-            self.front.feedback.remember(self.id, Answer(self.variant, confidences))
+            judged = self.judge.choices if self.judge is not None else {}
+            calibrated = tuple(j.confidence if (j := judged.get(i)) else None for i in range(count))
+            self.front.feedback.remember(self.id, Answer(self.variant, confidences, calibrated))
         first = self.choices.get(0)
         if self.shadow and first is not None and first.first is not None:
             self.front.shadow.submit(self.variant, self.path, self.body, first.first.top1)

@@ -15,6 +15,10 @@ refused before a variant was chosen). The calibration metrics:
   `recallfix_shadow_top1_confidence{scored=base|patched}`: both probabilities, on the same prompts.
 - `recallfix_feedback_confidence{correct}`: first-token confidence of answers clients rated with
   `POST /v1/feedback`. Per confidence bucket, correct / all is the reliability diagram.
+- With `--calibration` (`confidence.py`): `recallfix_calibrated_confidence`, the calibrated probability that each
+  answer is right; `recallfix_abstentions_total`, choices answered with the abstention text (the abstention rate is
+  its rate over the calibrated histogram's count); `recallfix_feedback_calibrated_confidence{correct}`, the
+  calibrated confidence of rated answers: the live reliability diagram of what clients are told.
 
 Probabilities are the model's raw ones (before temperature and top-p), as vLLM reports logprobs
 (`--logprobs-mode raw_logprobs`, its default).
@@ -158,6 +162,16 @@ class Metrics:
         self.feedback_confidence = Histogram(
             "recallfix_feedback_confidence", "First-token confidence of answers rated via /v1/feedback.",
             [*mv, "correct"], buckets=RELIABILITY_BUCKETS, registry=r)
+        self.calibrated_confidence = Histogram(
+            "recallfix_calibrated_confidence", "Calibrated probability that an answer is right (--calibration), per "
+            "choice with a generated token.", mv, buckets=PROBABILITY_BUCKETS, registry=r)
+        self.abstentions = Counter(
+            "recallfix_abstentions", "Choices answered with the abstention text: calibrated confidence below the "
+            "threshold (--abstain-below, or the request's own).", mv, registry=r)
+        self.feedback_calibrated_confidence = Histogram(
+            "recallfix_feedback_calibrated_confidence", "Calibrated confidence of answers rated via /v1/feedback: "
+            "per bucket, correct / all against the bucket is the live reliability diagram.",
+            [*mv, "correct"], buckets=RELIABILITY_BUCKETS, registry=r)
         self.in_flight = Gauge("recallfix_requests_in_flight", "Requests being served through the front.",
                                ["model"], registry=r)
         self.upstream_up = Gauge("recallfix_upstream_up", "1 while the vLLM server of this variant answers.",
@@ -174,9 +188,12 @@ class Metrics:
             self.generated_tokens.labels(self.model, variant)
             self.shadow_skipped.labels(self.model, variant)
             self.upstream_crashes.labels(self.model, variant)
+            self.calibrated_confidence.labels(self.model, variant)
+            self.abstentions.labels(self.model, variant)
             for flag in ("true", "false"):
                 self.shadow_agreement.labels(self.model, variant, flag)
                 self.feedback_confidence.labels(self.model, variant, flag)
+                self.feedback_calibrated_confidence.labels(self.model, variant, flag)
         self.shadow_pending.labels(self.model)
         self.in_flight.labels(self.model)
 
@@ -222,8 +239,17 @@ class Metrics:
         agree = "true" if base_top1[0] == patched_top1[0] else "false"
         self.shadow_agreement.labels(self.model, variant, agree).inc()
 
-    def observe_feedback(self, variant: str, confidence: float, correct: bool) -> None:
-        self.feedback_confidence.labels(self.model, variant, "true" if correct else "false").observe(confidence)
+    def observe_feedback(self, variant: str, confidence: float, correct: bool, calibrated: float | None) -> None:
+        flag = "true" if correct else "false"
+        self.feedback_confidence.labels(self.model, variant, flag).observe(confidence)
+        if calibrated is not None:
+            self.feedback_calibrated_confidence.labels(self.model, variant, flag).observe(calibrated)
+
+    def observe_calibrated(self, variant: str, confidence: float | None, abstained: bool) -> None:
+        if confidence is not None:
+            self.calibrated_confidence.labels(self.model, variant).observe(confidence)
+        if abstained:
+            self.abstentions.labels(self.model, variant).inc()
 
     def set_patch(self, state: PatchState | None) -> None:
         self.patch_info.clear()  # one series: the patch being served now

@@ -94,6 +94,8 @@ class FeedbackResponse(BaseModel):
     status: Literal["recorded"] = "recorded"
     variant: str
     confidence: float
+    calibrated_confidence: float | None = Field(None, description="the answer's calibrated confidence "
+                                                                  "(--calibration), null without one")
 
 
 class Status(BaseModel):

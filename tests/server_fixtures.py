@@ -242,12 +242,44 @@ def vllm_server(model: Path, served_name: str, log_name: str) -> Process:
                    env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"})
 
 
+# The calibrators serve-lora applies (`calibration_file`): a Platt map for the base model, a logistic one for the
+# learned gains; their numbers are arbitrary but fixed, so a test can compute what each reply must say.
+BASE_CALIBRATOR = {"family": "platt", "coef": [0.8, -0.6]}
+PATCHED_CALIBRATOR = {"family": "logistic", "coef": [0.7, 0.2, -0.3, -0.4]}
+
+
+def calibration_file() -> Path:
+    """A calibration file of SmolLM2-135M (its fingerprint) with calibrators for the base model and the learned
+    gains: what serve-lora serves with `--calibration`."""
+    path = scratch_dir("calibration") / "calibration.json"
+    if not path.exists():
+        from recallfix.patches import Patch
+        from recallfix.patches.calibrator import (
+            CalibrationFile,
+            Calibrator,
+            VariantCalibration,
+            final_block_fingerprint,
+        )
+        from recallfix.patches.checkpoint import Checkpoint
+        from recallfix.patches.patch import Provenance
+
+        ckpt = Checkpoint.open(smollm2_dir())
+        CalibrationFile(model=final_block_fingerprint(ckpt.cmap, ckpt.get, ckpt.has), fitted_on="tests",
+                        variants={"base": VariantCalibration(patch_id=None, calibrator=Calibrator(**BASE_CALIBRATOR)),
+                                  "gains": VariantCalibration(patch_id=Patch.load(patch_file("learned")).id,
+                                                              calibrator=Calibrator(**PATCHED_CALIBRATOR))},
+                        recommended="gains", provenance=Provenance(tool_version="tests")).save(path)
+    return path
+
+
 def serve_process(kind: str) -> Process:
     """`recallfix serve` of SmolLM2-135M: serve-lora (the learned gains as a LoRA adapter; no KV cache flag,
-    so recallfix sizes it from the free memory: the default start), or serve-merged (the learned gains and
-    the paper's bias edit, --patch-mode auto)."""
+    so recallfix sizes it from the free memory: the default start; with `calibration_file`'s calibrators), or
+    serve-merged (the learned gains and the paper's bias edit, --patch-mode auto)."""
     mode, patch = ("lora", patch_file("learned")) if kind == "serve-lora" else ("auto", patch_file("fix"))
+    calibration = ["--calibration", str(calibration_file())] if kind == "serve-lora" else []
     args = ["-m", "recallfix.server", "serve", str(smollm2_dir()), "--patch", str(patch), "--patch-mode", mode,
+            *calibration,
             "--served-model-name", NAME, "--api-key", API_KEY, "--shadow-rate", "1.0", "--ab-split", "0.3",
             "--max-concurrency", "8", "--cache-dir", str(scratch_dir("cache")),
             "--upstream-start-timeout", str(START_TIMEOUT_S), *VLLM_OPTIONS,

@@ -3,11 +3,12 @@ anything starts, and carried unchanged to the vLLM servers it runs."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
-from server_fixtures import ROOT, SMALL_KV, patch_file, smollm2_dir
+from server_fixtures import ROOT, SMALL_KV, calibration_file, patch_file, smollm2_dir
 
 from recallfix.patches import Patch
 from recallfix.server.cli import CPU_LORA_REASON, make_plan
@@ -45,6 +46,30 @@ def test_a_patch_for_another_model_fails_before_anything_starts(tiny_dirs) -> No
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("recallfix: error: --patch")
     assert "Traceback" not in done.stderr and "started vLLM" not in done.stderr
+
+
+def test_a_calibration_file_of_another_model_or_patch_fails_before_anything_starts(tmp_path) -> None:  # noqa: ANN001
+    """--calibration is checked against the model and the served patch before any vLLM starts."""
+    good = calibration_file()
+    other = recallfix("serve", str(smollm2_dir()), "--patch", str(patch_file("other")), "--calibration", str(good),
+                      "--cache-dir", str(tmp_path), *SMALL_KV)
+    assert other.returncode == 2, other.stderr
+    assert other.stderr.strip().splitlines()[-1].startswith(
+        f"recallfix: error: --calibration {good}: the calibration file has no calibrator for patch "
+        f"{Patch.load(patch_file('other')).id}; it has: base (base model), gains")
+    doc = json.loads(good.read_text())
+    tensor = next(iter(doc["model"]["tensors"]))
+    doc["model"]["tensors"][tensor] = doc["model"]["tensors"][tensor][::-1]
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps(doc))
+    refused = recallfix("serve", str(smollm2_dir()), "--calibration", str(foreign), *SMALL_KV)
+    assert refused.returncode == 2 and "sha256 differs; the calibration file was fitted on another checkpoint" in \
+        refused.stderr.strip().splitlines()[-1]
+    alone = recallfix("serve", str(smollm2_dir()), "--abstain-below", "0.5", *SMALL_KV)
+    assert alone.returncode == 2 and alone.stderr.strip().splitlines()[-1] == (
+        "recallfix: error: --abstain-below needs --calibration: it abstains on the calibrated confidence")
+    for done in (other, refused, alone):
+        assert "Traceback" not in done.stderr and "started vLLM" not in done.stderr
 
 
 def test_lora_mode_refuses_a_bias_patch_before_anything_starts(tmp_path) -> None:  # noqa: ANN001

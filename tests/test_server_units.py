@@ -9,14 +9,18 @@ import math
 import httpx
 import pytest
 
+from recallfix.patches.calibrator import Calibrator, VariantCalibration
 from recallfix.patches.options import from_args
 from recallfix.server.calibration import Answer, FeedbackStore, one_greedy_step
 from recallfix.server.cli import add_router_arguments, split_serve_args
+from recallfix.server.confidence import Judge, request_threshold
 from recallfix.server.config import FrontConfig, RouterConfig
+from recallfix.server.errors import ApiError
 from recallfix.server.metrics import Metrics, describe_edits, relayed_families
 from recallfix.server.observe import (
     CHAT,
     COMPLETIONS,
+    TokenLogprobs,
     ask_logprobs,
     requested_logprobs,
     strip_logprobs,
@@ -126,13 +130,13 @@ def test_relayed_families_merge_by_name_with_a_variant_label() -> None:
 def test_feedback_is_taken_once_per_choice_and_old_answers_expire() -> None:
     store = FeedbackStore(capacity=2)
     store.remember("a", Answer("base", (0.4, None)))
-    store.remember("b", Answer("patched", (0.9,)))
+    store.remember("b", Answer("patched", (0.9,), (0.7,)))  # with --calibration: the calibrated one too
     store.remember("empty", Answer("base", (None,)))  # nothing generated: nothing to rate, not stored
     assert store.rate("a", 1) is None
-    assert store.rate("a", 0) == ("base", 0.4)
+    assert store.rate("a", 0) == ("base", 0.4, None)
     assert store.rate("a", 0) is None  # rated already
     store.remember("c", Answer("base", (0.1,)))  # evicts "a", the oldest
-    assert store.rate("b", 0) == ("patched", 0.9) and store.rate("c", 0) == ("base", 0.1)
+    assert store.rate("b", 0) == ("patched", 0.9, 0.7) and store.rate("c", 0) == ("base", 0.1, None)
     assert store.rate("empty", 0) is None and store.rate("nope", 0) is None
 
 
@@ -247,3 +251,33 @@ def test_a_probe_that_breaks_in_any_way_reads_as_down(failure: Exception) -> Non
             return await upstream.probe(client), upstream.up
 
     assert asyncio.run(probe()) == (False, False)
+
+
+def test_a_requests_abstention_threshold_is_taken_out_and_checked() -> None:
+    body = {"model": "m", "recallfix": {"abstain_below": 0.4}}
+    assert request_threshold(body, None) == 0.4 and "recallfix" not in body  # vLLM never sees it
+    assert request_threshold({"model": "m"}, 0.3) == 0.3  # the server's --abstain-below
+    assert request_threshold({"recallfix": {"abstain_below": 0}}, 0.3) is None  # 0 turns it off
+    for bad, param in (({"abstain_below": 1.5}, "recallfix.abstain_below"), ({"abstain_below": True},
+                       "recallfix.abstain_below"), ({"other": 1}, "recallfix"), ("0.5", "recallfix")):
+        with pytest.raises(ApiError) as refused:
+            request_threshold({"recallfix": bad}, None)
+        assert refused.value.status == 400 and refused.value.param == param
+
+
+def test_an_abstained_choice_says_the_abstention_text_once_in_openais_shape() -> None:
+    judge = Judge("base", VariantCalibration(patch_id=None, calibrator=Calibrator(family="identity")), 0.5,
+                  "I don't know.")
+    scored = judge.score(0, TokenLogprobs(" Paris", math.log(0.3), ((" Paris", math.log(0.3)), (" Lyon", -2.0))))
+    assert scored.abstained and scored.confidence == pytest.approx(0.3) and "below the threshold 0.5" in scored.reason
+    completion = {"index": 0, "text": " Paris is", "logprobs": {"tokens": [" Paris"]}, "finish_reason": "length"}
+    judge.rewrite("/v1/completions", completion, first_piece=True)
+    assert completion == {"index": 0, "text": "I don't know.", "logprobs": None, "finish_reason": "length"}
+    later = {"index": 0, "delta": {"content": " is"}, "logprobs": None}
+    judge.rewrite("/v1/chat/completions", later, first_piece=False)
+    assert later["delta"]["content"] == ""
+    last = judge.last_chunk({"id": "c1", "object": "text_completion", "created": 1, "model": "m", "choices": [{}]})
+    assert last == {"id": "c1", "object": "text_completion", "created": 1, "model": "m", "choices": [],
+                    "recallfix": {"variant": "base", "calibrator": judge.calibration.id, "choices": [
+                        {"index": 0, "confidence": pytest.approx(0.3), "raw_confidence": pytest.approx(0.3),
+                         "abstained": True, "reason": scored.reason}]}}
