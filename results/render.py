@@ -181,7 +181,7 @@ def _section(plan: Plan, model: str, protocol: str, d: AnalysisResult, record: R
 CALIBRATED_ECE_GOAL = 0.03  # issue 20: the calibrated confidence's ECE on the LRE test split
 
 
-def _confidence_table(runs: dict[tuple[str, str], tuple[AnalysisResult, RunRecord]]) -> list[str]:
+def _confidence_table(plan: Plan, runs: dict[tuple[str, str], tuple[AnalysisResult, RunRecord]]) -> list[str]:
     """The base model's calibrator on every run that has one: the family chosen on dev and what it does on test."""
     rows = []
     for (model, protocol), (d, _) in runs.items():
@@ -193,7 +193,8 @@ def _confidence_table(runs: dict[tuple[str, str], tuple[AnalysisResult, RunRecor
         met = (ece.value is not None and ece.value <= CALIBRATED_ECE_GOAL
                and aurc.ci_high is not None and aurc.ci_high < 0)
         rows.append([model, protocol, v.family, estimate(v.raw["ece"]), estimate(ece), _est(aurc),
-                     _est(v.difference["selective_accuracy_80"]), "met" if met else "not met"])
+                     _est(v.difference["selective_accuracy_80"]),
+                     ("met" if met else "not met") if plan.protocols[protocol].facts == "lre" else "(LRE only)"])
     if not rows:
         return []
     return ["\n### Calibrated confidence (calibration.json), base model, test split\n",
@@ -297,7 +298,7 @@ def render(plan: Plan, root: Path, models: list[str], protocols: list[str]) -> P
     out.append(md_table(["model", "protocol", "final block lowers p(answer) on (test)", "consistent suppressors",
                          "recommended", "test NLL change", "goal"], summary) + "\n")
     out.append("What holds and what does not, in words, ends the page.\n")
-    out += _confidence_table(runs)
+    out += _confidence_table(plan, runs)
     for model in models:
         entry = entries.get(model)
         out.append(f"\n## {model}\n\n{entry.description if entry else ''} (licence: "
