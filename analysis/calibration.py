@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -204,6 +205,28 @@ def sample_metrics(o: Columns, resamples: Sequence[np.ndarray],
         for name, fn in metric_fns.items():
             out[name].append(fn(sub))
     return {name: np.asarray(values) for name, values in out.items()}
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """Metrics of several columns sets on the same rows (confidences, models): point values and bootstrap samples
+    over the same resamples, so that differences between them are paired."""
+
+    point: dict[str, dict[str, float]]
+    samples: dict[str, dict[str, np.ndarray]]
+
+    def estimates(self, key: str) -> dict[str, EstimateModel]:
+        return {m: estimate(v, self.samples[key][m]) for m, v in self.point[key].items()}
+
+    def difference(self, key: str, minus: str) -> dict[str, EstimateModel]:
+        """key - minus, with a paired interval."""
+        return {m: estimate(v - self.point[minus][m], self.samples[key][m] - self.samples[minus][m])
+                for m, v in self.point[key].items()}
+
+
+def sampled(cols: dict[str, Columns], resamples: Sequence[np.ndarray], metric_fns: dict[str, Metric]) -> Sampled:
+    return Sampled(point={key: {m: fn(o) for m, fn in metric_fns.items()} for key, o in cols.items()},
+                   samples={key: sample_metrics(o, resamples, metric_fns) for key, o in cols.items()})
 
 
 def bootstrap_samples(d: Dist, resamples: Sequence[np.ndarray]) -> dict[str, np.ndarray]:

@@ -13,13 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from recallfix.patches.calibrator import CalibrationError, CalibrationFile, VariantCalibration
 
 from .. import calibration as cal
 from ..records import Dist
-from ..schema import AnalysisResult, Metrics
+from ..schema import AnalysisResult
 from .client import CompareError
 from .schema import ConfidenceComparison, ConfidenceSet
 
@@ -59,15 +57,9 @@ def resolve_calibrators(path: Path, names: str, run: Path | None) -> dict[str, t
     return out
 
 
-def _set(cols: dict[str, cal.Columns], resamples: Sequence[np.ndarray]) -> tuple[ConfidenceSet, dict, dict]:
-    point = {key: {m: fn(o) for m, fn in cal.CONFIDENCE_METRICS.items()} for key, o in cols.items()}
-    samples = {key: cal.sample_metrics(o, resamples, cal.CONFIDENCE_METRICS) for key, o in cols.items()}
-    a, b = MODELS
-    return ConfidenceSet(
-        models={key: {m: cal.estimate(point[key][m], samples[key][m]) for m in cal.CONFIDENCE_METRICS}
-                for key in cols},
-        difference={m: cal.estimate(point[b][m] - point[a][m], samples[b][m] - samples[a][m])
-                    for m in cal.CONFIDENCE_METRICS}), point, samples
+def _set(s: cal.Sampled, kind: str) -> ConfidenceSet:
+    return ConfidenceSet(models={key: s.estimates(f"{key} {kind}") for key in MODELS},
+                         difference=s.difference(f"B {kind}", f"A {kind}"))
 
 
 def confidence_comparison(dists: dict[str, Dist], groups: Sequence[str], n_boot: int, seed: int,
@@ -75,24 +67,16 @@ def confidence_comparison(dists: dict[str, Dist], groups: Sequence[str], n_boot:
                           calibrators: dict[str, tuple[str, VariantCalibration]] | None = None,
                           ) -> ConfidenceComparison:
     """Raw (and calibrated) confidence measures of A and B on the same facts, B - A paired."""
-    resamples = cal.group_resamples(groups, n_boot, seed)
-    raw_cols = {key: {"confidence": d.confidence.double().numpy(), "correct": d.correct.numpy()}
-                for key, d in dists.items()}
-    raw, raw_point, raw_samples = _set(raw_cols, resamples)
-    curves = {f"{key} raw": cal.risk_at_points(o["confidence"], o["correct"]) for key, o in raw_cols.items()}
-    calibrated, changes = None, {}
+    cols = {f"{key} raw": {"confidence": d.confidence.double().numpy(), "correct": d.correct.numpy()}
+            for key, d in dists.items()}
     if calibrators:
-        cols = {key: {"confidence": calibrators[key][1].calibrator.predict(d.top_logprobs.double().numpy()),
-                      "correct": d.correct.numpy()} for key, d in dists.items()}
-        calibrated, point, samples = _set(cols, resamples)
-        curves |= {f"{key} calibrated": cal.risk_at_points(o["confidence"], o["correct"]) for key, o in cols.items()}
-        changes = {key: _minus(point[key], samples[key], raw_point[key], raw_samples[key]) for key in cols}
+        cols |= {f"{key} calibrated": {"confidence": calibrators[key][1].calibrator.predict(
+            d.top_logprobs.double().numpy()), "correct": d.correct.numpy()} for key, d in dists.items()}
+    s = cal.sampled(cols, cal.group_resamples(groups, n_boot, seed), cal.CONFIDENCE_METRICS)
+    curves = {name: cal.risk_at_points(o["confidence"], o["correct"]) for name, o in cols.items()}
     return ConfidenceComparison(
         calibration=str(calibration) if calibration else None,
         calibrators={key: f"{name} ({variant.id})" for key, (name, variant) in (calibrators or {}).items()},
-        raw=raw, calibrated=calibrated, calibrated_minus_raw=changes, risk_coverage=curves)
-
-
-def _minus(point: dict[str, float], samples: dict[str, np.ndarray], point_0: dict[str, float],
-           samples_0: dict[str, np.ndarray]) -> Metrics:
-    return {m: cal.estimate(point[m] - point_0[m], samples[m] - samples_0[m]) for m in cal.CONFIDENCE_METRICS}
+        raw=_set(s, "raw"), calibrated=_set(s, "calibrated") if calibrators else None,
+        calibrated_minus_raw={key: s.difference(f"{key} calibrated", f"{key} raw") for key in dists}
+        if calibrators else {}, risk_coverage=curves)

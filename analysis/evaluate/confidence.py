@@ -23,7 +23,7 @@ from .. import calibration as cal
 from ..learn.calibrators import Choice, choose_calibrator
 from ..mechanism.summaries import num
 from ..records import Dist
-from ..schema import CalibrationSummary, CalibratorFamilyScore, EstimateModel, VariantConfidence
+from ..schema import CalibrationSummary, CalibratorFamilyScore, VariantConfidence
 
 
 def measure(choice: Choice, variant_id: str, test: Dist, groups: Sequence[str], relations: Sequence[str],
@@ -32,14 +32,8 @@ def measure(choice: Choice, variant_id: str, test: Dist, groups: Sequence[str], 
     correct = test.correct.numpy()
     raw = {"confidence": test.confidence.double().numpy(), "correct": correct}
     calibrated = {"confidence": choice.calibrator.predict(test.top_logprobs.double().numpy()), "correct": correct}
-    resamples = cal.group_resamples(groups, n_boot, seed)
-    samples = {name: cal.sample_metrics(o, resamples, cal.CONFIDENCE_METRICS)
-               for name, o in (("raw", raw), ("calibrated", calibrated))}
-    point = {name: {m: fn(o) for m, fn in cal.CONFIDENCE_METRICS.items()}
-             for name, o in (("raw", raw), ("calibrated", calibrated))}
-
-    def estimates(name: str) -> dict[str, EstimateModel]:
-        return {m: cal.estimate(point[name][m], samples[name][m]) for m in cal.CONFIDENCE_METRICS}
+    s = cal.sampled({"raw": raw, "calibrated": calibrated}, cal.group_resamples(groups, n_boot, seed),
+                    cal.CONFIDENCE_METRICS)
 
     by_relation = {}
     rel = np.asarray(relations)
@@ -54,9 +48,7 @@ def measure(choice: Choice, variant_id: str, test: Dist, groups: Sequence[str], 
         calibrator_id=variant_id, family=choice.calibrator.family, choice=choice.why,
         families=[CalibratorFamilyScore(family=s.family, log_loss=num(s.log_loss), ece=num(s.ece), aurc=num(s.aurc))
                   for s in choice.scores],
-        raw=estimates("raw"), calibrated=estimates("calibrated"),
-        difference={m: cal.estimate(point["calibrated"][m] - point["raw"][m],
-                                    samples["calibrated"][m] - samples["raw"][m]) for m in cal.CONFIDENCE_METRICS},
+        raw=s.estimates("raw"), calibrated=s.estimates("calibrated"), difference=s.difference("calibrated", "raw"),
         reliability_raw=cal.reliability_of(raw["confidence"], correct),
         reliability_calibrated=cal.reliability_of(calibrated["confidence"], correct),
         risk_coverage_raw=cal.risk_at_points(raw["confidence"], correct),
