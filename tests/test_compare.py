@@ -181,9 +181,11 @@ def test_an_unreachable_server_fails_fast_with_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def _choice(tokens: list[str], values: list[float | None], tops: list[dict | None]) -> dict:
+def _choice(tokens: list[str], values: list[float | None], tops: list[dict | None], special: int = 0) -> dict:
+    """vLLM's echo: the offsets count every token's text, the echoed text leaves out the first `special` tokens."""
     offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-    return {"logprobs": {"tokens": tokens, "text_offset": offsets, "token_logprobs": values, "top_logprobs": tops}}
+    return {"text": "".join(tokens[special:]),
+            "logprobs": {"tokens": tokens, "text_offset": offsets, "token_logprobs": values, "top_logprobs": tops}}
 
 
 def test_read_score_places_the_answer_after_the_prompt_and_sums_its_tokens() -> None:
@@ -192,7 +194,7 @@ def test_read_score_places_the_answer_after_the_prompt_and_sums_its_tokens() -> 
                      [None, -5.0, -1.0, -3.0, -0.5, -0.7, -0.01],
                      [None, {" x": -1.0}, {" of": -1.0}, {" y": -2.0}, {" is": -0.5}, {" Par": -0.7, " Lyon": -1.2},
                       {"is": -0.01, "ic": -5.0}])
-    score, before = read_score(choice, prompt, k=2)
+    score, before = read_score(choice, prompt, "Paris", k=2)
     assert before == ["The", " capital", " of", " France", " is"]
     assert score.unplaced is None and score.answer_tokens == [" Par", "is"]
     assert score.answer_logprob == pytest.approx(-0.71)
@@ -201,9 +203,21 @@ def test_read_score_places_the_answer_after_the_prompt_and_sums_its_tokens() -> 
     assert score.p_answer == pytest.approx(math.exp(-0.7))
 
 
+def test_read_score_skips_a_bos_token_the_echoed_text_leaves_out_and_a_generated_token() -> None:
+    # Gemma's tokenizer adds <bos>: vLLM echoes it as a token, counts it in text_offset, not in the text
+    choice = _choice(["<bos>", "The", " sky", " is", " blue", "."],
+                     [None, -5.0, -1.0, -0.5, -0.3, -2.0],
+                     [None, {"The": -5.0}, {" sky": -1.0}, {" is": -0.5}, {" blue": -0.3, " grey": -1.5}, {".": -2.0}],
+                     special=1)
+    score, before = read_score(choice, "The sky is", "blue", k=2)
+    assert before == ["<bos>", "The", " sky", " is"]
+    assert score.answer_tokens == [" blue"]  # the "." is the token the server generated, not the answer
+    assert score.answer_logprob == pytest.approx(-0.3) and score.correct
+
+
 def test_read_score_counts_an_answer_the_tokenizer_merges_into_the_prompt_as_unplaced() -> None:
     choice = _choice(["ab", "c d"], [None, -1.0], [None, {"c d": -1.0}])  # a token spans "ab|c" -> " d"
-    score, _ = read_score(choice, "abc", k=1)
+    score, _ = read_score(choice, "abc", "d", k=1)
     assert score.unplaced is not None and score.p_answer is None
 
 

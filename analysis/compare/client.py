@@ -142,16 +142,24 @@ def first_token_numbers(token: str, logprob: float, top: dict[str, float], k: in
     }
 
 
-def read_score(choice: dict[str, Any], prompt: str, k: int) -> tuple[FactScore, list[str]]:
-    """The answer's numbers from a `score` answer (echo logprobs of prompt + " " + answer), and the tokens
-    before the answer (to check against the prompt's own)."""
+def text_shift(tokens: list[str], offsets: list[int], text: str) -> int:
+    """Characters that the offsets count before the echoed text: tokens the text leaves out, such as Gemma's
+    `<bos>`, which vLLM echoes as a token and counts in `text_offset` but not in `text`."""
+    return max(0, offsets[-1] + len(tokens[-1]) - len(text))
+
+
+def read_score(choice: dict[str, Any], prompt: str, answer: str, k: int) -> tuple[FactScore, list[str]]:
+    """The answer's numbers from a `score` answer (echo logprobs of prompt + " " + answer, and a generated token
+    where the server needs one), and the tokens before the answer (to check against the prompt's own)."""
     tokens, offsets, values, tops = _logprobs(choice)
-    i = answer_start(offsets, len(prompt))
+    shift = text_shift(tokens, offsets, choice.get("text") or "")
+    i = answer_start(offsets, shift + len(prompt))
     if i is None or i == len(tokens):
         return FactScore(unplaced="a token spans the end of the prompt and the answer"), tokens[: i or 0]
-    if i == 0:
+    if i == 0 or offsets[i - 1] < shift:
         return FactScore(unplaced="the prompt has no token of its own"), []
-    end = len(tokens)
+    end = answer_start(offsets, shift + len(prompt) + 1 + len(answer))  # a token generated after the answer
+    end = len(tokens) if end is None else end
     if values[i] is None or tops[i] is None or any(v is None for v in values[i:end]):
         raise ValueError("no echo logprobs")
     answer_values = [float(v) for v in values[i:end]]
@@ -259,7 +267,7 @@ class Endpoint:
         choice = await self.completion({"prompt": f"{fact.prompt} {fact.answer}", "echo": True, "logprobs": self.k,
                                         "max_tokens": self.score_max_tokens})
         try:
-            return read_score(choice, fact.prompt, self.k)
+            return read_score(choice, fact.prompt, fact.answer, self.k)
         except ValueError:
             raise CompareError(f"{self._where()}: the server returned no echo logprobs (compare needs /v1/completions "
                                "with echo=true and logprobs)") from None
