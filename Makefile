@@ -108,6 +108,7 @@ bench: $(STAMP) model
 	$(PY) bench/bench_analysis.py
 	$(PY) bench/bench_lens.py
 	$(PY) bench/bench_serve.py
+	$(PY) bench/bench_confidence.py
 	$(PY) bench/bench_load.py
 	$(PY) bench/bench_gpu.py
 

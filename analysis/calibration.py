@@ -284,6 +284,28 @@ def reliability_of(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_
     return out
 
 
+def ece_floor(bins: Sequence[ReliabilityBin]) -> float:
+    """The ECE that a perfectly calibrated confidence is expected to show on prompts binned as `bins` (their counts
+    and mean confidences): with n_b prompts at confidence c_b, the right ones K_b ~ Binomial(n_b, c_b), and
+    E[ECE] = sum_b E|K_b - n_b c_b| / n. A measured ECE near it is as calibrated as this many prompts can show
+    (a bin's prompts are taken at its mean confidence: the floor of the spread within a bin is left out)."""
+    total, n = 0.0, sum(b.count for b in bins)
+    for b in bins:
+        if b.count and b.confidence is not None:
+            total += float(np.sum(binomial_pmf(b.count, b.confidence) * np.abs(np.arange(b.count + 1)
+                                                                               - b.count * b.confidence)))
+    return total / n if n else float("nan")
+
+
+def binomial_pmf(n: int, p: float) -> np.ndarray:
+    """P(K = k) for k = 0..n, K ~ Binomial(n, p), through logs (no overflow at large n)."""
+    k = np.arange(n + 1)
+    if p <= 0.0 or p >= 1.0:
+        return (k == (n if p >= 1.0 else 0)).astype(np.float64)
+    log_comb = np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in k])
+    return np.exp(log_comb + k * math.log(p) + (n - k) * math.log1p(-p))
+
+
 # ------------------------------------------------------------------------------------------------
 # Temperature scaling
 # ------------------------------------------------------------------------------------------------

@@ -3,14 +3,17 @@
     python demo/demo.py [--model smollm2-135m] [--run runs/demo] [--name demo]
 
 1. `recallfix demo --out RUN`: the analysis (mechanism, patch, report); a run whose inputs are unchanged is reused.
-2. `recallfix serve MODEL --patch RUN/patch.json`: base and patched behind one front; waits for /ready.
+2. `recallfix serve MODEL --patch RUN/patch.json --calibration RUN/calibration.json`: base and patched behind one
+   front, each reply carrying the calibrated probability that its answer is right; waits for /ready.
 3. `recallfix compare` of NAME and NAME:patched on a seeded sample of the analysis' held-out test split (whole
    subjects, `--compare-facts`; 0 asks all of it) (RUN/compare/).
 4. A/B traffic: completions for NAME:ab from several `user`s (sticky per user), each answer rated through
    POST /v1/feedback (right when it starts with the fact's answer, as compare's exact match reads it).
-5. Prints the compare table (compare prints it) and an excerpt of /metrics: confidence per variant, the shadow
-   shift, feedback reliability.
-6. Stops the server: SIGTERM (the front drains, then stops its vLLM servers), waited for; whatever of its process
+5. One answer with its calibrated confidence (the most confident of the A/B answers), and one abstention: the
+   least confident fact asked again with `"recallfix": {"abstain_below": 0.5}`, answered with the abstention text.
+6. Prints the compare table (compare prints it) and an excerpt of /metrics: confidence per variant, the shadow
+   shift, feedback reliability, the calibrated confidence and abstentions.
+7. Stops the server: SIGTERM (the front drains, then stops its vLLM servers), waited for; whatever of its process
    tree is still there after that is killed. Ctrl-C (SIGINT) or SIGTERM at any point does the same, and the
    script exits 130.
 
@@ -71,7 +74,8 @@ SHADOW_RATE = "1.0"  # every request also scored by the other variant: the shado
 STOP_TIMEOUT_S = 90  # the front drains, then stops its vLLM servers
 # The calibration series the excerpt shows (their _count and _sum lines; the buckets are left to Prometheus).
 EXCERPT = ("recallfix_first_token_confidence", "recallfix_shadow_top1_confidence", "recallfix_shadow_agreement",
-           "recallfix_feedback_confidence")
+           "recallfix_feedback_confidence", "recallfix_calibrated_confidence", "recallfix_abstentions")
+ABSTAIN_BELOW = 0.5  # the threshold of the demo's abstaining request: "say it only if it is more likely right than not"
 
 
 class Interrupted(Exception):
@@ -187,6 +191,15 @@ class Rated:
     variant: str  # base | patched: which one the A/B split gave this user
     confidence: float  # the first token's probability, as the front recorded it
     correct: bool
+    fact: Fact
+    answer: str
+    calibrated: float | None  # the reply's recallfix.choices[0].confidence (None without --calibration)
+
+
+def calibrated_confidence(body: dict) -> float | None:
+    """The first choice's calibrated confidence in a reply of a server run with --calibration."""
+    choices = (body.get("recallfix") or {}).get("choices") or [{}]
+    return choices[0].get("confidence")
 
 
 def held_out_facts(compare_dir: Path, n: int) -> list[Fact]:
@@ -216,10 +229,48 @@ async def ab_traffic(url: str, name: str, facts: Sequence[Fact], users: int, con
             rated = await client.post(f"{url}/v1/feedback", json={"id": body["id"], "correct": correct})
             rated.raise_for_status()
         feedback = rated.json()
-        return Rated(user, feedback["variant"], feedback["confidence"], correct)
+        return Rated(user, feedback["variant"], feedback["confidence"], correct, fact, body["choices"][0]["text"],
+                     calibrated_confidence(body))
 
     async with httpx.AsyncClient(timeout=300) as client:
         return list(await asyncio.gather(*(ask(client, i, fact) for i, fact in enumerate(facts))))
+
+
+def ask_to_abstain(url: str, name: str, rated: Rated, threshold: float) -> dict:
+    """The fact of `rated` asked again by the same user (so of the same variant), abstaining below `threshold`."""
+    reply = httpx.post(f"{url}/v1/completions", timeout=300, json={
+        "model": f"{name}:ab", "prompt": rated.fact.prompt, "max_tokens": 8, "temperature": 0.0, "user": rated.user,
+        "recallfix": {"abstain_below": threshold}})
+    reply.raise_for_status()
+    return reply.json()
+
+
+def show_confidence(url: str, name: str, rated: Sequence[Rated]) -> None:
+    """One answer with its calibrated confidence, one abstention, and how the told confidence held on the ratings."""
+    told = [r for r in rated if r.calibrated is not None]
+    if not told:
+        say("   the server sent no calibrated confidence (the run has no calibration.json)")
+        return
+    sure = max(told, key=lambda r: r.calibrated or 0.0)
+    say(f"   {sure.variant}: {sure.fact.prompt!r} -> {sure.answer.strip()!r}: calibrated confidence "
+        f"{sure.calibrated:.2f} (raw {sure.confidence:.2f}); {'right' if sure.correct else 'wrong'} "
+        f"(the fact's answer: {sure.fact.answer!r})")
+    unsure = min(told, key=lambda r: r.calibrated or 0.0)
+    body = ask_to_abstain(url, name, unsure, ABSTAIN_BELOW)
+    entry = body["recallfix"]["choices"][0]
+    if entry.get("abstained"):
+        say(f"   {unsure.variant}: {unsure.fact.prompt!r} asked with abstain_below {ABSTAIN_BELOW}: the reply's text "
+            f"is {body['choices'][0]['text']!r}; recallfix.choices[0] = {json.dumps(entry)}")
+    else:
+        say(f"   no answer was below {ABSTAIN_BELOW}: the least confident, {unsure.fact.prompt!r}, was told "
+            f"{unsure.calibrated:.2f}, so nothing abstained")
+    for variant in sorted({r.variant for r in told}):
+        mine = [r for r in told if r.variant == variant]
+        mean = sum(r.calibrated or 0.0 for r in mine) / len(mine)
+        right = sum(r.correct for r in mine) / len(mine)
+        below = sum((r.calibrated or 0.0) < ABSTAIN_BELOW for r in mine)
+        say(f"   {variant}: {len(mine)} answers told {mean:.2f} on average, {right:.0%} right; "
+            f"{below} would abstain below {ABSTAIN_BELOW}")
 
 
 # -- the /metrics excerpt -----------------------------------------------------------------------------------
@@ -313,19 +364,21 @@ def show_calibration(calibration: Calibration, rated: Sequence[Rated]) -> None:
 # -- the story ----------------------------------------------------------------------------------------------
 
 
-def served_patch(run: Path) -> Path:
-    """RUN/patch.json, the recommended patch; where the analysis recommends none, the candidate with the lowest dev
-    NLL, so that the served A/B can still be shown (and said to be no recommendation)."""
+def served_patch(run: Path) -> tuple[Path, str | None]:
+    """RUN/patch.json, the recommended patch, and its method (its calibrator's variant in calibration.json; None
+    for a patch made by hand, with no analysis beside it); where the analysis recommends none, the candidate with
+    the lowest dev NLL, so that the served A/B can still be shown (and said to be no recommendation)."""
+    analysis = run / "analysis.json"
+    evaluation = json.loads(analysis.read_text())["evaluation"] if analysis.exists() else None
     if (run / "patch.json").exists():
-        return run / "patch.json"
-    evaluation = json.loads((run / "analysis.json").read_text())["evaluation"]
+        return run / "patch.json", evaluation["chosen"] if evaluation else None
     if evaluation is None:
         raise SystemExit(f"{run}: no patch was fitted (see {run / 'report.md'}), so there is no A/B to serve")
     best = min(evaluation["methods"], key=lambda m: m["dev_nll"])
     say(f"   the analysis recommends no patch ({evaluation['choice']}); to show the served A/B anyway, the demo "
         f"serves the candidate with the lowest dev NLL, {best['file']}: its numbers are measured, not a "
         "recommendation")
-    return run / best["file"]
+    return run / best["file"], best["name"]
 
 
 @dataclass(frozen=True)
@@ -348,7 +401,9 @@ def demo(args: argparse.Namespace, children: Children) -> int:
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = run / "serve.log"
-    serve_args = [args.model, "--patch", str(served_patch(run)), "--patch-mode", "merged",
+    patch, method = served_patch(run)
+    calibration = ["--calibration", str(run / "calibration.json")] if (run / "calibration.json").exists() else []
+    serve_args = [args.model, "--patch", str(patch), "--patch-mode", "merged", *calibration,
                   "--served-model-name", args.name, "--port", str(port), "--shadow-rate", SHADOW_RATE,
                   "--ab-split", "0.5", *VLLM_OPTIONS]
     say(f"2. serving: recallfix serve {' '.join(serve_args)}  (log: {log})")
@@ -361,8 +416,9 @@ def demo(args: argparse.Namespace, children: Children) -> int:
     what = f"about {args.compare_facts} facts (whole subjects) of" if args.compare_facts else "all of"
     say(f"3. compare {args.name} vs {args.name}:patched on {what} the held-out test split ({compare_dir})")
     sample = ["--max-facts", str(args.compare_facts)] if args.compare_facts else []
+    calibrated = [*calibration, "--calibrators", f"base,{method}"] if calibration and method else []
     if children.run(["compare", "--base-url", url, "--models", args.name, f"{args.name}:patched", "--run", str(run),
-                     "--split", "test", *sample, "--together", "--concurrency", COMPARE_CONCURRENCY,
+                     "--split", "test", *sample, *calibrated, "--together", "--concurrency", COMPARE_CONCURRENCY,
                      "--out", str(compare_dir), "--force"]) != 0:
         return 1
     compare_s, clock = time.monotonic() - clock, time.monotonic()
@@ -372,10 +428,12 @@ def demo(args: argparse.Namespace, children: Children) -> int:
         "/v1/feedback")
     rated = asyncio.run(ab_traffic(url, args.name, facts, args.users))
     traffic_s = time.monotonic() - clock
-    say("5. /metrics, the calibration shift:")
+    say("5. the calibrated confidence each reply carries, and an abstention:")
+    show_confidence(url, args.name, rated)
+    say("6. /metrics, the calibration shift:")
     show_calibration(read_calibration(settled_metrics(url), args.name), rated)
 
-    say("6. stopping the server")
+    say("7. stopping the server")
     status = children.stop_server()
     timings = Timings(analysis_s, start_s, compare_s, traffic_s)
     say(f"stopped (exit status {status}). Times: analysis {timings.analysis:.0f} s, server start "

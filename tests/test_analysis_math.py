@@ -23,6 +23,21 @@ def _ece_by_definition(conf: np.ndarray, correct: np.ndarray, bins: list[np.ndar
     return sum(len(b) * abs(correct[b].mean() - conf[b].mean()) for b in bins if len(b)) / len(conf)
 
 
+def test_ece_floor_is_the_expected_ece_of_a_perfectly_calibrated_confidence() -> None:
+    import math
+
+    # One bin of 5 prompts at confidence 0.3: E|K - 1.5| / 5 over K ~ Binomial(5, 0.3), by enumeration.
+    by_hand = sum(math.comb(5, k) * 0.3**k * 0.7 ** (5 - k) * abs(k - 1.5) for k in range(6)) / 5
+    assert cal.ece_floor(cal.reliability_of(np.full(5, 0.3), np.zeros(5, dtype=bool))) == pytest.approx(by_hand)
+    # Many bins: the mean ECE of answers drawn right with their own confidence (each bin's prompts at one value).
+    rng = np.random.default_rng(0)
+    conf = rng.choice([0.05, 0.12, 0.3, 0.55, 0.8, 0.97], size=300)
+    simulated = np.mean([cal.ece_equal_width(conf, rng.random(300) < conf) for _ in range(4000)])
+    floor = cal.ece_floor(cal.reliability_of(conf, np.zeros(300, dtype=bool)))  # correctness does not enter it
+    assert floor == pytest.approx(simulated, rel=0.03)
+    assert cal.ece_floor(cal.reliability_of(np.full(4000, 0.3), np.zeros(4000, dtype=bool))) < by_hand / 10
+
+
 def test_ece_equal_width_matches_definition() -> None:
     rng = np.random.default_rng(0)
     conf = rng.uniform(0, 1, 500)

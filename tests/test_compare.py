@@ -249,6 +249,19 @@ def test_the_confidence_section_measures_both_models_raw_and_calibrated(tmp_path
     assert set(c.risk_coverage) == {"A raw", "B raw", "A calibrated", "B calibrated"}
     # a constant confidence cannot rank: its area is the error rate at every coverage, tie-broken at random
     assert c.calibrated_minus_raw["A"]["aurc"].value > 0
+    # a constant 0.5 over 30 facts: |K - 15| / 30, K ~ Binomial(30, 0.5), in expectation 0.072
+    assert c.ece_floor["A calibrated"] == pytest.approx(0.0722, abs=1e-3)
+    table = [line for line in "\n".join(confidence_lines_of(c)).splitlines() if line.startswith("|")]
+    floor_row = next(line for line in table if line.startswith("| ECE floor"))
+    assert floor_row.count("|") == table[0].count("|") == 10  # as many cells as the header
+
+
+def confidence_lines_of(c) -> list[str]:  # noqa: ANN001 (a ConfidenceComparison)
+    from types import SimpleNamespace
+
+    from recallfix.analysis.compare.report import confidence_lines
+
+    return confidence_lines(SimpleNamespace(confidence=c), None)  # type: ignore[arg-type]  (only .confidence read)
 
 
 def test_calibrators_are_named_or_refused_before_any_request(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:

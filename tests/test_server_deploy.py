@@ -192,3 +192,7 @@ def test_dashboard_queries_parse_and_name_live_series(servers: dict[str, Process
         assert names, text
         assert names <= known, f"{text}: {names - known} is neither exported nor recorded"
     assert any("confidence_shift" in e for e in exprs) and any("feedback_answers" in e for e in exprs)
+    panels = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    for series in ("recallfix:calibrated_confidence:mean5m", "recallfix:abstention_ratio:rate5m",
+                   "recallfix:feedback_calibrated_gap:1d", 'confidence="calibrated"'):
+        assert series in panels, f"the dashboard shows no {series}"

@@ -1,7 +1,8 @@
 """`recallfix router` in front of two vLLM servers that run elsewhere (vLLM's own server of the base checkpoint, and
 the one serve-merged runs for its merged patched checkpoint): the three names, vLLM's replies unchanged, errors in
 OpenAI's shape (401, 404, 429 with Retry-After, 503 while an upstream is down), idle connections kept open longer
-than clients keep theirs, and SIGTERM draining a stream in flight.
+than clients keep theirs, SIGTERM draining a stream in flight, and `--calibration` (each reply's calibrated
+confidence, from the calibrator of the file's recommended patch for NAME:patched, and abstention).
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
-from server_fixtures import API_KEY, CACHE, NAME, Process, free_port, shared, sse_events
+from server_fixtures import API_KEY, CACHE, NAME, Process, calibration_file, free_port, shared, sse_events
+
+from recallfix.patches.calibrator import CalibrationFile
 
 pytestmark = pytest.mark.servers("vllm-base", "vllm-merged")
 
@@ -139,3 +143,31 @@ def test_streams_end_with_done_through_the_router(front: Process) -> None:
                             "max_tokens": 4, "stream": True}) as response:
         events = sse_events(response)
     assert events[-1] == "[DONE]" and all(e["model"] == f"{NAME}:patched" for e in events[:-1])
+
+
+def test_the_router_serves_calibrated_confidences_and_abstains(upstreams) -> None:  # noqa: ANN001
+    base, merged = upstreams
+    calibrated = router(base, patched_url=merged.url, upstream_key=merged.key,
+                        extra=("--calibration", str(calibration_file()), "--abstain-below", "0.99",
+                               "--abstain-text", "Not sure.")).wait()
+    try:
+        file = CalibrationFile.load(calibration_file())
+        client = calibrated.client()
+        for model, variant in ((NAME, "base"), (f"{NAME}:patched", file.recommended)):
+            reply = client.completions.create(model=model, prompt="The capital of France is", max_tokens=3,
+                                              temperature=0.0, logprobs=20,
+                                              extra_body={"recallfix": {"abstain_below": 0}})  # 0: not this one
+            field = reply.model_extra["recallfix"]
+            assert field["calibrator"] == file.variants[variant].id  # the router cannot see the patch: the file
+            lp = reply.choices[0].logprobs                          # names the patched variant's calibrator
+            row = [lp.token_logprobs[0], *sorted((v for t, v in lp.top_logprobs[0].items() if t != lp.tokens[0]),
+                                                 reverse=True)]
+            want = file.variants[variant].calibrator.predict(np.asarray([row]))[0]
+            assert field["choices"][0]["confidence"] == pytest.approx(want, rel=1e-9)
+            # The server's own threshold (0.99) where the request asks nothing: OpenAI's shape, the text replaced.
+            withheld = client.completions.create(model=model, prompt="The capital of France is", max_tokens=3,
+                                                 temperature=0.0)
+            assert withheld.choices[0].text == "Not sure."
+            assert withheld.model_extra["recallfix"]["choices"][0]["abstained"] is True
+    finally:
+        calibrated.stop()

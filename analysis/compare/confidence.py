@@ -79,4 +79,5 @@ def confidence_comparison(dists: dict[str, Dist], groups: Sequence[str], n_boot:
         calibrators={key: f"{name} ({variant.id})" for key, (name, variant) in (calibrators or {}).items()},
         raw=_set(s, "raw"), calibrated=_set(s, "calibrated") if calibrators else None,
         calibrated_minus_raw={key: s.difference(f"{key} calibrated", f"{key} raw") for key in dists}
-        if calibrators else {}, risk_coverage=curves)
+        if calibrators else {}, risk_coverage=curves,
+        ece_floor={name: cal.ece_floor(cal.reliability_of(o["confidence"], o["correct"])) for name, o in cols.items()})

@@ -80,6 +80,11 @@ def confidence_lines(r: CompareResult, plot: str | None) -> list[str]:
                                                           estimate(s.difference[m], "+.3f"))),
              *(estimate(c.calibrated_minus_raw[key][m], "+.3f") for key in c.calibrated_minus_raw)]
             for m, label in CONFIDENCE_LABELS.items()]
+    if c.ece_floor:  # after the ECE row: what a perfectly calibrated confidence would show on these facts
+        floors = [number(c.ece_floor.get(f"{key} {kind}")) for kind, _ in sets for key in ("A", "B")]
+        cells = [cell for i in range(len(sets)) for cell in (*floors[2 * i: 2 * i + 2], "")]
+        rows.insert(1, ["ECE floor (perfectly calibrated, expected)", *cells,
+                        *([""] * len(c.calibrated_minus_raw))])
     which = (f"Calibrators from `{c.calibration}`: A {c.calibrators['A']}, B {c.calibrators['B']}."
              if c.calibration else "No --calibration given: the raw top-1 probability only.")
     return ["## Confidence: calibration and abstention", "",

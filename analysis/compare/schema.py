@@ -74,6 +74,9 @@ class ConfidenceComparison(Strict):
     calibrated_minus_raw: dict[str, Metrics] = Field(description="A, B -> calibrated - raw (paired)")
     risk_coverage: dict[str, list[Num]] = Field(description="'A raw', 'B calibrated', ... -> risk at coverage 5%, "
                                                             "10%, ..., 100%")
+    ece_floor: dict[str, Num] = Field(default_factory=dict,
+                                      description="'A raw', 'B calibrated', ... -> the ECE a perfectly calibrated "
+                                                  "confidence would show on these facts, in expectation")
 
 
 class CompareResult(Strict):

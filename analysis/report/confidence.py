@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..calibration import ece_floor
 from ..schema import AnalysisResult, CalibrationSummary
 from .format import CONFIDENCE_LABELS, MODEL_LABELS, estimate, md_table, number
 
@@ -15,6 +16,15 @@ def _measures(c: CalibrationSummary) -> str:
              estimate(v.difference[m], "+.3f")]
             for name, v in c.variants.items() for i, (m, label) in enumerate(CONFIDENCE_LABELS.items())]
     return md_table(["variant", "test split", "raw top-1 probability", "calibrated", "calibrated − raw"], rows)
+
+
+def _floors(c: CalibrationSummary) -> str:
+    """What ECE a perfectly calibrated confidence would show on the same test prompts: the noise floor."""
+    parts = [f"{MODEL_LABELS[name]} {number(ece_floor(v.reliability_raw))} raw, "
+             f"{number(ece_floor(v.reliability_calibrated))} calibrated" for name, v in c.variants.items()]
+    return ("\nECE is biased upward at this many prompts: a perfectly calibrated confidence with the same confidences "
+            "would show, in expectation (`calibration.ece_floor`), " + "; ".join(parts) + ". An ECE near its floor "
+            "is as calibrated as these prompts can show.\n")
 
 
 def _families(c: CalibrationSummary) -> str:
@@ -47,7 +57,7 @@ def confidence_section(d: AnalysisResult) -> list[str]:
            "probability and keep its order of answers; logistic also reads the runner-up and the spread of the top "
            "k, and can re-rank them (the risk-coverage area changes only then).\n",
            _families(c), "\n" + "\n".join(f"* {MODEL_LABELS[name]}: {v.choice}." for name, v in c.variants.items()),
-           "\nOn the held-out test split, with paired 95% intervals over subjects:\n", _measures(c),
+           "\nOn the held-out test split, with paired 95% intervals over subjects:\n", _measures(c), _floors(c),
            f"\n#### Per test relation, base model ({d.data.split_by} split)\n\n" + _relations(d, c),
            _image(d.files, "plot_calibration", "reliability before and after calibration"),
            _image(d.files, "plot_risk_coverage", "risk-coverage")]
