@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import psutil
 from pydantic import BaseModel, ConfigDict
-from render import PLAN, Plan, RunRecord, ServedCheck, render  # results/ is on sys.path: this runs as a script
+from render import PLAN, Plan, RunRecord, ServedCheck, git_commit, render  # results/ is on sys.path (a script)
 
 from recallfix.analysis.cli import add_analyze_cli
 from recallfix.analysis.config import AnalysisConfig
@@ -102,7 +102,8 @@ def analyze(plan: Plan, model: str, protocol: str, root: Path) -> RunRecord:
     if code not in (0, 1):  # 1: a --require check failed, which a results run does not ask for
         raise SystemExit(f"{model} / {protocol}: recallfix analyze failed (exit {code}); see "
                          f"{out.parent / f'{protocol}.log'}")
-    record = RunRecord(model=model, protocol=protocol, run=str(out), wall_s=round(wall, 1), peak_gib=round(peak, 2))
+    record = RunRecord(model=model, protocol=protocol, run=str(out), wall_s=round(wall, 1), peak_gib=round(peak, 2),
+                       commit=git_commit())
     atomic_write_text(out / "run.json", record.model_dump_json(indent=2) + "\n")
     say(f"{model} / {protocol}: {wall:.0f} s, peak {peak:.1f} GiB")
     return record

@@ -82,6 +82,7 @@ class RunRecord(Strict):
     run: str
     wall_s: float
     peak_gib: float
+    commit: str | None = Field(None, description="the code that made the run (records of older runs have none)")
 
 
 class ServedCheck(Strict):
@@ -156,7 +157,8 @@ def _section(plan: Plan, model: str, protocol: str, d: AnalysisResult, record: R
     out = [f"\n### {model}: {p.title}\n",
            f"{d.data.n_facts} prompts ({', '.join(f'{k} {v}' for k, v in d.data.splits.items())})"
            + (f", capped at {cap} (`--max-facts`, whole subjects)" if cap else "")
-           + f". Run: {record.wall_s / 60:.1f} min, peak {record.peak_gib:.1f} GiB.\n",
+           + f". Run: {record.wall_s / 60:.1f} min, peak {record.peak_gib:.1f} GiB"
+           + (f", commit {record.commit}" if record.commit else "") + f", made {d.created[:16].replace('T', ' ')}.\n",
            f"**Findings.** {d.findings.text}\n"]
     ev = d.evaluation
     if ev is None:
@@ -194,7 +196,8 @@ def _confidence_table(plan: Plan, runs: dict[tuple[str, str], tuple[AnalysisResu
         floor = ece_floor(v.reliability_calibrated)
         met = (ece.value is not None and ece.value <= CALIBRATED_ECE_GOAL
                and aurc.ci_high is not None and aurc.ci_high < 0)
-        verdict = "met" if met else "not met" + (" (the floor is above the goal)" if floor > CALIBRATED_ECE_GOAL else "")
+        below_floor = " (the floor is above the goal)" if floor > CALIBRATED_ECE_GOAL else ""
+        verdict = "met" if met else "not met" + below_floor
         rows.append([model, protocol, v.family, estimate(v.raw["ece"]), estimate(ece), number(floor), _est(aurc),
                      _est(v.difference["selective_accuracy_80"]),
                      verdict if plan.protocols[protocol].facts == "lre" else "(LRE only)"])
@@ -261,7 +264,7 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def _commit() -> str:
+def git_commit() -> str:
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return head.stdout.strip() or "unknown"
 
@@ -281,12 +284,16 @@ def render(plan: Plan, root: Path, models: list[str], protocols: list[str]) -> P
                                          RunRecord.model_validate_json((run / "run.json").read_text()))
     total = sum(r.wall_s for _, r in runs.values())
     planned = sum(len(plan.runs(m, protocols)) for m in models)
+    made = sorted(d.created for d, _ in runs.values())
     out = ["# Results: does recallfix's patch improve factual recall?\n",
            f"Every number on this page comes from `make results` (results/make_results.py, plan "
-           f"results/plan.json) at commit {_commit()}, on {_machine()}: {len(runs)} of the {planned} planned analysis "
-           "runs (the others say \"Not run yet\"), "
+           f"results/plan.json), rendered at commit {git_commit()}, on {_machine()}: {len(runs)} of the {planned} "
+           "planned analysis runs" + (" (the others say \"Not run yet\")" if len(runs) < planned else "") + ", "
            f"{total / 3600:.1f} h of run time in all (each run's own wall time; a cached run keeps the time it "
-           "took). Brackets: 95% cluster-bootstrap intervals over subjects.\n",
+           "took)" + (f", made from {made[0][:16].replace('T', ' ')} to {made[-1][:16].replace('T', ' ')} UTC by the "
+                      "code of their time (a run is cached by recallfix's version, the model, the data and the "
+                      "settings; each section names its run's date)" if made else "")
+           + ". Brackets: 95% cluster-bootstrap intervals over subjects.\n",
            f"Goal, on `{plan.goal.protocol}` (held-out relations), for the patch recommended on dev: NLL lower "
            f"with its interval below 0; accuracy not lower beyond its interval; unknown-subject top-1 probability "
            f"up by at most {plan.goal.max_unknown_top1_rise}; neutral-text NLL up by at most "
