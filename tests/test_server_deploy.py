@@ -18,7 +18,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from server_fixtures import FACT_PROMPTS, NAME, ROOT, Metrics, Process
+from server_fixtures import FACT_PROMPTS, NAME, ROOT, Metrics, Process, wait_for
 
 from recallfix.server.cli import add_router_arguments, add_serve_arguments, split_serve_args
 from recallfix.server.vllm_args import parse as vllm_parse
@@ -179,7 +179,12 @@ def test_dashboard_queries_parse_and_name_live_series(servers: dict[str, Process
     reply = client.completions.create(model=f"{NAME}:patched", prompt=FACT_PROMPTS[0], max_tokens=2)
     client.completions.create(model=NAME, prompt=FACT_PROMPTS[1], max_tokens=2, stream=True)
     serve.post("/v1/feedback", {"id": reply.id, "correct": True})
-    live = {name for name, _, _ in Metrics.parse(serve.metrics_text()).samples}
+
+    def exported() -> set[str]:
+        return {name for name, _, _ in Metrics.parse(serve.metrics_text()).samples}
+
+    # shadow scoring finishes after its request: its series appear with its first result
+    live = wait_for(lambda: (names := exported()) >= {"recallfix_shadow_top1_confidence_count"} and names) or exported()
     known = live | recorded_series() | {"up"}
     dashboard = json.loads((DEPLOY / "grafana" / "recallfix-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
