@@ -123,7 +123,8 @@ def learn_patch(s: Loaded, c: Collected, inputs: FitInputs, selected: list[str],
     # 4 decimals: far below the fit's own noise, and the patch then does not depend on float summation order
     # (thread count, device), so the same seed gives the same patch file.
     gains = {name: round(g, GAIN_DECIMALS) for name, g in fit.gains.items()}
-    log(config.progress, f"gains {', '.join(f'{k}={v:.3f}' for k, v in gains.items())} (best epoch "
+    method = "gains" if max_gain is None else f"suppress (gains <= {max_gain:g})"
+    log(config.progress, f"{method}: {', '.join(f'{k}={v:.3f}' for k, v in gains.items())} (best epoch "
                           f"{fit.best_epoch}/{fit.epochs_run}); temperature baseline T={temperature:.3f}")
     patch = make_patch(s.lm, gains, command=command, dataset_sha256=facts_sha)
     probe_rows = (dev_rows if len(dev_rows) else train_rows)[: config.batch_size]
