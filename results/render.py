@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from recallfix.analysis.calibration import ece_floor
+from recallfix.analysis.learn.methods import choose
 from recallfix.analysis.report.format import MODEL_LABELS, estimate, md_table, number, percent
 from recallfix.analysis.schema import AnalysisResult, EstimateModel, Evaluation
 from recallfix.patches.io import atomic_write_text
@@ -96,10 +97,16 @@ class ServedCheck(Strict):
     max_abs_difference: dict[str, float] = Field(description="'variant metric' -> |served - analysis|")
 
 
+def _why(ev: Evaluation) -> str:
+    """Why this candidate or none, in the words of today's `choose` from the run's own dev numbers (a cached run
+    keeps the words of its time in ev.choice)."""
+    return choose(ev.methods)[1]
+
+
 def _goal(ev: Evaluation, goal: Goal) -> tuple[bool, str]:
     """Whether the recommended patch meets the goal on this run's test split, and why (not)."""
     if ev.chosen is None:
-        return False, f"no patch recommended ({ev.choice})"
+        return False, f"no patch recommended ({_why(ev)})"
     diff = ev.test.differences[f"{ev.chosen}_minus_base"]
     nll, acc = diff["nll"], diff["accuracy"]
     misses = []
@@ -168,7 +175,7 @@ def _section(plan: Plan, model: str, protocol: str, d: AnalysisResult, record: R
         out.append(f"The gain fits learned from {fits[0].n_train_recalled} of {fits[0].n_train} train prompts: those "
                    "whose answer ranks within `--recall-rank` (default 1) before the final block; the other train "
                    "prompts only guard the fit (KL to the base model).\n")
-    out += [_table(ev) + "\n", f"**Recommended:** {ev.choice if ev.chosen else 'none. ' + ev.choice}.\n"]
+    out += [_table(ev) + "\n", f"**Recommended:** {_why(ev) if ev.chosen else 'none. ' + _why(ev)}.\n"]
     for method, rows in ev.amplified.items():
         if rows:
             out.append(f"Amplified by {method}, each alone (change of log p(answer), test): " + "; ".join(

@@ -22,6 +22,8 @@ def test_no_candidate_beyond_its_interval_means_no_patch() -> None:
     assert chosen is None
     assert why.startswith("no patch") and "gains: dev NLL -0.0200 [-0.0500, +0.0100]" in why
     assert "suppress" in why and "intercept" in why
+    assert "gains: dev NLL -0.0200 [-0.0500, +0.0100]: the interval reaches 0" in why
+    assert "intercept: dev NLL +0.3000 [+0.2000, +0.4000]: higher, beyond its interval" in why
     assert set(file_names(methods, chosen).values()) == {"patch.gains.json", "patch.suppress.json",
                                                           "patch.intercept.json"}
 

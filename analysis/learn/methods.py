@@ -71,6 +71,8 @@ def qualifies(m: MethodInfo) -> str | None:
     """Why the candidate cannot be recommended (None: it can): its dev NLL must fall beyond its interval, and its
     dev accuracy must not fall beyond its interval."""
     nll, acc = m.dev_nll_change, m.dev_accuracy_change
+    if nll.ci_low is not None and nll.ci_low > 0:
+        return f"dev NLL {_estimate(nll)}: higher, beyond its interval"
     if nll.ci_high is None or nll.ci_high >= 0:
         return f"dev NLL {_estimate(nll)}: the interval reaches 0"
     if acc.ci_high is not None and acc.ci_high < 0:
