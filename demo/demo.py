@@ -259,8 +259,10 @@ def show_confidence(url: str, name: str, rated: Sequence[Rated]) -> None:
     body = ask_to_abstain(url, name, unsure, ABSTAIN_BELOW)
     entry = body["recallfix"]["choices"][0]
     if entry.get("abstained"):
+        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in entry.items()}
         say(f"   {unsure.variant}: {unsure.fact.prompt!r} asked with abstain_below {ABSTAIN_BELOW}: the reply's text "
-            f"is {body['choices'][0]['text']!r}; recallfix.choices[0] = {json.dumps(entry)}")
+            f"is {body['choices'][0]['text']!r};")
+        say(f"   recallfix.choices[0] = {json.dumps(shown)}")
     else:
         say(f"   no answer was below {ABSTAIN_BELOW}: the least confident, {unsure.fact.prompt!r}, was told "
             f"{unsure.calibrated:.2f}, so nothing abstained")
