@@ -38,12 +38,10 @@ CALIBRATOR = {"family": "logistic", "coef": [0.7, 0.2, -0.3, -0.4]}
 
 def calibration_file(model_dir: Path, out: Path) -> Path:
     from recallfix.patches.calibrator import CalibrationFile, Calibrator, VariantCalibration, final_block_fingerprint
-    from recallfix.patches.checkpoint import Checkpoint
     from recallfix.patches.patch import Provenance
 
-    ckpt = Checkpoint.open(model_dir)
     variant = VariantCalibration(patch_id=None, calibrator=Calibrator(**CALIBRATOR))
-    CalibrationFile(model=final_block_fingerprint(ckpt.cmap, ckpt.get, ckpt.has), fitted_on="bench",
+    CalibrationFile(model=final_block_fingerprint(model_dir), fitted_on="bench",
                     variants={"base": variant}, recommended=None,
                     provenance=Provenance(tool_version="bench")).save(out)
     return out

@@ -174,9 +174,22 @@ class CalibrationFile(Strict):
         return atomic_write_text(Path(path), self.model_dump_json(indent=2) + "\n")
 
 
-def final_block_fingerprint(cmap: ComponentMap, get_tensor: GetTensor, has_tensor: HasTensor) -> ModelFingerprint:
+def _final_block_access(model: str | Path | Checkpoint | nn.Module) -> tuple[ComponentMap, GetTensor, HasTensor]:
+    """The component map and tensor access of a loaded model, a `Checkpoint`, or a checkpoint directory or hub name
+    (a checkpoint is read lazily: only the tensors asked for)."""
+    if isinstance(model, nn.Module):
+        return ComponentMap(model), *model_tensors(model)
+    ckpt = model if isinstance(model, Checkpoint) else Checkpoint.open(model)
+    return ckpt.cmap, ckpt.get, ckpt.has
+
+
+def final_block_fingerprint(model: str | Path | Checkpoint | nn.Module) -> ModelFingerprint:
     """The model's shape and the sha256 of its final block's output projections (what every head and the MLP
     write through): a calibration file's tie to the model it was fitted on."""
+    return _fingerprint(*_final_block_access(model))
+
+
+def _fingerprint(cmap: ComponentMap, get_tensor: GetTensor, has_tensor: HasTensor) -> ModelFingerprint:
     final = cmap.shape.num_layers - 1
     probes = [GainEdit(component=f"L{final}H0", gain=1.0), GainEdit(component=f"L{final}MLP", gain=1.0)]
     return fingerprint(cmap, probes, get_tensor, has_tensor)
@@ -187,15 +200,11 @@ def check_calibration_against(model: str | Path | Checkpoint | nn.Module, calibr
     """The variant of `calibration` for `patch` (None: the base model) on `model` (a loaded model, a `Checkpoint`,
     or a checkpoint directory or hub name; only the final block's output projections are read). A file fitted on
     another model, or without a calibrator for this patch, is refused with a CalibrationError that says why."""
-    if isinstance(model, nn.Module):
-        cmap, (get_tensor, has_tensor) = ComponentMap(model), model_tensors(model)
-    else:
-        ckpt = model if isinstance(model, Checkpoint) else Checkpoint.open(model)
-        cmap, get_tensor, has_tensor = ckpt.cmap, ckpt.get, ckpt.has
+    cmap, get_tensor, has_tensor = _final_block_access(model)
     expected = calibration.model
     try:
         check_shape(expected, cmap, "the calibration file was fitted on")
-        ours = final_block_fingerprint(cmap, get_tensor, has_tensor)
+        ours = _fingerprint(cmap, get_tensor, has_tensor)
         if sorted(ours.tensors) != sorted(expected.tensors):
             raise FingerprintMismatchError(f"model.tensors: the file fingerprints {sorted(expected.tensors)}, this "
                                            f"model's final block writes through {sorted(ours.tensors)}")

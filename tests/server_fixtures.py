@@ -260,11 +260,9 @@ def calibration_file() -> Path:
             VariantCalibration,
             final_block_fingerprint,
         )
-        from recallfix.patches.checkpoint import Checkpoint
         from recallfix.patches.patch import Provenance
 
-        ckpt = Checkpoint.open(smollm2_dir())
-        CalibrationFile(model=final_block_fingerprint(ckpt.cmap, ckpt.get, ckpt.has), fitted_on="tests",
+        CalibrationFile(model=final_block_fingerprint(smollm2_dir()), fitted_on="tests",
                         variants={"base": VariantCalibration(patch_id=None, calibrator=Calibrator(**BASE_CALIBRATOR)),
                                   "gains": VariantCalibration(patch_id=Patch.load(patch_file("learned")).id,
                                                               calibrator=Calibrator(**PATCHED_CALIBRATOR))},

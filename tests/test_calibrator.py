@@ -27,7 +27,6 @@ from recallfix.patches.calibrator import (
     final_block_fingerprint,
     json_schema,
 )
-from recallfix.patches.checkpoint import Checkpoint
 from recallfix.patches.patch import Provenance
 
 RNG = np.random.default_rng(0)
@@ -123,11 +122,10 @@ def test_the_family_is_chosen_on_relations_held_out_of_its_fit() -> None:
 
 
 def calibration_file(model_dir: Path, patch_id: str | None = None) -> CalibrationFile:
-    ckpt = Checkpoint.open(model_dir)
     variants = {"base": VariantCalibration(patch_id=None, calibrator=Calibrator(family="platt", coef=[1.5, -0.2]))}
     if patch_id:
         variants["gains"] = VariantCalibration(patch_id=patch_id, calibrator=Calibrator(family="identity"))
-    return CalibrationFile(model=final_block_fingerprint(ckpt.cmap, ckpt.get, ckpt.has), fitted_on="test",
+    return CalibrationFile(model=final_block_fingerprint(model_dir), fitted_on="test",
                            variants=variants, provenance=Provenance(tool_version="test"))
 
 

@@ -14,9 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from torch import nn
 
-from recallfix.patches import ComponentMap, Patch, __version__
+from recallfix.patches import Patch, __version__
 from recallfix.patches.calibrator import CALIBRATION_TOP_K, CalibrationFile, VariantCalibration, final_block_fingerprint
-from recallfix.patches.checkpoint import model_tensors
 from recallfix.patches.patch import Provenance
 
 from .. import calibration as cal
@@ -70,7 +69,7 @@ def calibrate(model: nn.Module, dev: dict[str, Dist], test: dict[str, Dist], pat
                                      calibrator=choice.calibrator)
         variants[name], folds = variant, choice.folds
         summaries[name] = measure(choice, variant.id, test[name], test_groups, test_relations, n_boot, seed)
-    file = CalibrationFile(model=final_block_fingerprint(ComponentMap(model), *model_tensors(model)),
+    file = CalibrationFile(model=final_block_fingerprint(model),
                            fitted_on=fitted_on, variants=variants, recommended=recommended,
                            provenance=Provenance(tool_version=__version__, command=command))
     return file, CalibrationSummary(file="calibration.json", top_k=CALIBRATION_TOP_K, n_dev=len(dev_groups),
