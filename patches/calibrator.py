@@ -3,17 +3,20 @@
 `recallfix analyze` fits one calibrator per variant (the base model, each patch) on the dev split and writes
 them to RUN/calibration.json; `recallfix serve --calibration` applies the one of the variant that answered to the
 top-K log-probabilities vLLM returns for the first generated token (K = `CALIBRATION_TOP_K`, sorted, most likely
-first). With p1, p2 the two largest probabilities and H the entropy of the top K renormalised:
+first). Its families, with p1 the largest probability:
 
-    identity   c = p1
-    platt      c = sigmoid(a logit(p1) + b)                    (Platt scaling of the raw confidence)
-    isotonic   c = the monotone step fit of correctness on p1, linear between its knots (pool adjacent violators)
-    logistic   c = sigmoid(w . [logit(p1), log p1 - log p2, H] + b)
+    identity       c = p1
+    platt          c = sigmoid(a logit(p1) + b)              (Platt scaling of the raw confidence)
+    isotonic       c = the monotone step fit of correctness on p1, linear between its knots (pool adjacent violators)
+    logistic       c = sigmoid(w . phi + b), phi: logit(p1), the runner-up's distance, the spread of the top K
+    logistic-tail  the same on log p1 and log(1 - p1) (beta calibration's terms, which contain logit(p1)), the
+                   runner-up, the spread, and the probability left outside the top K
 
-identity, platt and isotonic only re-map p1, so they keep its order of answers (what abstention and the
-risk-coverage curve rank by); logistic also reads how far the runner-up is and how spread the top K are, and
+The file names the features each weighted calibrator reads (`FEATURES`). identity, platt and isotonic only re-map
+p1, so they keep its order of answers (what abstention and the risk-coverage curve rank by); the logistic families
 can re-rank. The file is fingerprinted like a patch: the model's shape and the sha256 of its final block's output
 projections, and per variant the id of the patch it was fitted with. A file for another model or patch is refused.
+Schema 1 files (features unnamed) are read as the same calibrators with their features named.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -36,12 +39,27 @@ from .patch import FingerprintMismatchError, GainEdit, ModelFingerprint, Patch, 
 from .rule import GetTensor, HasTensor, fingerprint
 
 CALIBRATION_TOP_K = 20  # the first token's log-probabilities a calibrator reads (vLLM: logprobs=20)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before the features were named
 SCHEMA_PATH = Path(__file__).with_name("calibration.schema.json")
-Family = Literal["identity", "platt", "isotonic", "logistic"]
-FAMILIES: tuple[Family, ...] = ("identity", "platt", "isotonic", "logistic")
-N_COEF = {"identity": 0, "platt": 2, "isotonic": 0, "logistic": 4}
-P_CLIP = 1e-6  # logit(p1) and the calibrated probability stay in [P_CLIP, 1 - P_CLIP]
+Family = Literal["identity", "platt", "isotonic", "logistic", "logistic-tail"]
+FAMILIES: tuple[Family, ...] = ("identity", "platt", "isotonic", "logistic", "logistic-tail")
+Feature = Literal["logit_p1", "log_p1", "log1m_p1", "margin", "entropy", "log_tail"]
+FEATURES: dict[Feature, str] = {
+    "logit_p1": "logit(p1)",
+    "log_p1": "log p1",
+    "log1m_p1": "log(1 - p1)",
+    "margin": "log p1 - log p2, the runner-up's distance",
+    "entropy": "the entropy of the top K renormalised",
+    "log_tail": "log(1 - the top K's total probability), the mass outside them",
+}
+# What each weighted family reads (and schema 1 files, which left them unnamed: platt and logistic as here).
+FAMILY_FEATURES: dict[str, tuple[Feature, ...]] = {
+    "platt": ("logit_p1",),
+    "logistic": ("logit_p1", "margin", "entropy"),
+    "logistic-tail": ("log_p1", "log1m_p1", "margin", "entropy", "log_tail"),
+}
+P_CLIP = 1e-6  # p1, 1 - p1, the tail and the calibrated probability stay in [P_CLIP, 1 - P_CLIP]
 MAX_MARGIN = 30.0  # log p1 - log p2 when only one log-probability came back
 
 
@@ -49,24 +67,40 @@ class CalibrationError(ValueError):
     """A calibration file that cannot be read, or does not belong to the served model or patch."""
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, P_CLIP, 1 - P_CLIP)
-    return np.log(p) - np.log1p(-p)
-
-
-def features(top_logprobs: np.ndarray) -> np.ndarray:
-    """[N, k] log-probabilities, most likely first (-inf pads missing ones) -> [N, 3]: logit(p1), the margin
-    log p1 - log p2, and the entropy of the top k renormalised."""
+def feature_columns(top_logprobs: np.ndarray, names: Sequence[Feature]) -> np.ndarray:
+    """[N, k] log-probabilities, most likely first (-inf pads missing ones) -> [N, len(names)] (`FEATURES`)."""
     top = np.asarray(top_logprobs, dtype=np.float64)
     if top.ndim != 2 or top.shape[1] < 1:
         raise ValueError(f"top_logprobs: expected [N, k] with k >= 1, got shape {top.shape}")
+    p1 = np.clip(np.exp(top[:, 0]), P_CLIP, 1 - P_CLIP)
+    return np.stack([_FEATURE_FNS[name](top, p1) for name in names], axis=1).reshape(len(top), len(names))
+
+
+def _margin(top: np.ndarray, p1: np.ndarray) -> np.ndarray:
     margin = np.minimum(top[:, 0] - top[:, 1], MAX_MARGIN) if top.shape[1] > 1 else np.full(len(top), MAX_MARGIN)
-    finite = np.isfinite(top)
-    shifted = np.where(finite, top - top[:, :1], -np.inf)
+    return np.where(np.isfinite(margin), margin, MAX_MARGIN)
+
+
+def _entropy(top: np.ndarray, p1: np.ndarray) -> np.ndarray:
+    shifted = np.where(np.isfinite(top), top - top[:, :1], -np.inf)
     q = np.exp(shifted)
     q /= q.sum(axis=1, keepdims=True)
-    entropy = -np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0).sum(axis=1)
-    return np.stack([_logit(np.exp(top[:, 0])), np.where(np.isfinite(margin), margin, MAX_MARGIN), entropy], axis=1)
+    return -np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0).sum(axis=1)
+
+
+def _log_tail(top: np.ndarray, p1: np.ndarray) -> np.ndarray:
+    inside = np.exp(top).sum(axis=1)  # exp(-inf) = 0: a missing log-probability adds nothing
+    return np.log(np.clip(1.0 - inside, P_CLIP, 1.0))
+
+
+_FEATURE_FNS: dict[Feature, Any] = {
+    "logit_p1": lambda top, p1: np.log(p1) - np.log1p(-p1),
+    "log_p1": lambda top, p1: np.log(p1),
+    "log1m_p1": lambda top, p1: np.log1p(-p1),
+    "margin": _margin,
+    "entropy": _entropy,
+    "log_tail": _log_tail,
+}
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -79,15 +113,26 @@ class Strict(BaseModel):
 
 class Calibrator(Strict):
     family: Family
-    coef: list[float] = Field(default_factory=list, description="platt: [a, b]; logistic: [w_logit, w_margin, "
-                                                                "w_entropy, b]; others: []")
+    features: list[Feature] = Field(default_factory=list, description="platt: [logit_p1]; logistic, logistic-tail: "
+                                                                      "the features weighed, in coef's order; "
+                                                                      "others: []")
+    coef: list[float] = Field(default_factory=list, description="platt, logistic, logistic-tail: a weight per "
+                                                                "feature, then the intercept; others: []")
     knots_x: list[float] = Field(default_factory=list, description="isotonic: p1 at the knots, increasing")
     knots_y: list[float] = Field(default_factory=list, description="isotonic: P(right) at the knots, non-decreasing")
 
     @model_validator(mode="after")
     def _consistent(self) -> Calibrator:
-        if len(self.coef) != N_COEF[self.family]:
-            raise ValueError(f"coef: {self.family} takes {N_COEF[self.family]} numbers, got {len(self.coef)}")
+        weighted = self.family in FAMILY_FEATURES
+        if self.family == "platt" and tuple(self.features) != FAMILY_FEATURES["platt"]:
+            raise ValueError(f"features: platt reads {list(FAMILY_FEATURES['platt'])}, got {self.features}")
+        if weighted and (not self.features or len(set(self.features)) != len(self.features)):
+            raise ValueError(f"features: {self.family} needs distinct features to weigh, got {self.features}")
+        if not weighted and self.features:
+            raise ValueError(f"features: {self.family} reads p1 only, got {self.features}")
+        if len(self.coef) != (len(self.features) + 1 if weighted else 0):
+            want = f"{len(self.features) + 1} (a weight per feature, then the intercept)" if weighted else "none"
+            raise ValueError(f"coef: {self.family} takes {want}, got {len(self.coef)}")
         if (self.family == "isotonic") != bool(self.knots_x):
             raise ValueError("knots_x: isotonic needs knots, the other families take none")
         if len(self.knots_x) != len(self.knots_y):
@@ -102,15 +147,13 @@ class Calibrator(Strict):
 
     def predict(self, top_logprobs: np.ndarray) -> np.ndarray:
         """P(answer right) for each row of [N, k] first-token log-probabilities (most likely first)."""
-        x = features(top_logprobs)
+        top = np.asarray(top_logprobs, dtype=np.float64)
         if self.family == "identity":
-            out = np.exp(np.asarray(top_logprobs, dtype=np.float64)[:, 0])
-        elif self.family == "platt":
-            out = _sigmoid(self.coef[0] * x[:, 0] + self.coef[1])
+            out = np.exp(top[:, 0])
         elif self.family == "isotonic":
-            out = np.interp(np.exp(np.asarray(top_logprobs, dtype=np.float64)[:, 0]), self.knots_x, self.knots_y)
+            out = np.interp(np.exp(top[:, 0]), self.knots_x, self.knots_y)
         else:
-            out = _sigmoid(x @ np.asarray(self.coef[:3]) + self.coef[3])
+            out = _sigmoid(feature_columns(top, self.features) @ np.asarray(self.coef[:-1]) + self.coef[-1])
         return np.clip(out, P_CLIP, 1 - P_CLIP)
 
     def apply(self, top_logprobs: Sequence[float]) -> float:
@@ -130,7 +173,7 @@ class VariantCalibration(Strict):
 
 
 class CalibrationFile(Strict):
-    schema_version: int = Field(SCHEMA_VERSION, description="1 is the only version so far")
+    schema_version: int = Field(SCHEMA_VERSION, description="2; 1 (features unnamed) is read as 2")
     model: ModelFingerprint = Field(description="the model's shape and the sha256 of its final block's output "
                                                 "projections, as a patch fingerprints what it touches")
     top_k: int = Field(CALIBRATION_TOP_K, ge=2, description="first-token log-probabilities the calibrators read")
@@ -140,11 +183,25 @@ class CalibrationFile(Strict):
                                                       "(what `recallfix router` serves as the patched one)")
     provenance: Provenance
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_schema_1(cls, data: Any) -> Any:
+        """A schema 1 file's platt and logistic calibrators, with the features they read named."""
+        if not isinstance(data, dict) or data.get("schema_version") != 1 or not isinstance(data.get("variants"), dict):
+            return data
+        variants = {}
+        for name, v in data["variants"].items():
+            c = v.get("calibrator") if isinstance(v, dict) else None
+            if isinstance(c, dict) and c.get("family") in ("platt", "logistic") and "features" not in c:
+                v = {**v, "calibrator": {**c, "features": list(FAMILY_FEATURES[c["family"]])}}
+            variants[name] = v
+        return {**data, "schema_version": SCHEMA_VERSION, "variants": variants}
+
     @model_validator(mode="after")
     def _known_version(self) -> CalibrationFile:
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(f"schema_version: {self.schema_version} is not one this recallfix reads "
-                             f"({SCHEMA_VERSION})")
+                             f"({', '.join(map(str, READABLE_VERSIONS))})")
         return self
 
     def for_patch(self, patch: Patch | None) -> tuple[str, VariantCalibration]:
@@ -165,9 +222,9 @@ class CalibrationFile(Strict):
             version = json.loads(text).get("schema_version")
         except (ValueError, AttributeError):
             version = SCHEMA_VERSION  # not a JSON object: the validation says so
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CalibrationError(f"{path}: schema_version: {version} is not one this recallfix reads "
-                                   f"({SCHEMA_VERSION})")
+                                   f"({', '.join(map(str, READABLE_VERSIONS))})")
         return load_document(cls, path, "calibration file", CalibrationError, text)
 
     def save(self, path: str | Path) -> Path:

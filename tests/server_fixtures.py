@@ -244,8 +244,9 @@ def vllm_server(model: Path, served_name: str, log_name: str) -> Process:
 
 # The calibrators serve-lora applies (`calibration_file`): a Platt map for the base model, a logistic one for the
 # learned gains; their numbers are arbitrary but fixed, so a test can compute what each reply must say.
-BASE_CALIBRATOR = {"family": "platt", "coef": [0.8, -0.6]}
-PATCHED_CALIBRATOR = {"family": "logistic", "coef": [0.7, 0.2, -0.3, -0.4]}
+BASE_CALIBRATOR = {"family": "platt", "features": ["logit_p1"], "coef": [0.8, -0.6]}
+PATCHED_CALIBRATOR = {"family": "logistic-tail", "features": ["log_p1", "log1m_p1", "margin", "entropy", "log_tail"],
+                      "coef": [0.7, -0.2, 0.2, -0.3, -0.1, -0.4]}
 
 
 def calibration_file() -> Path:

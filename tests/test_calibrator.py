@@ -23,7 +23,7 @@ from recallfix.patches.calibrator import (
     Calibrator,
     VariantCalibration,
     check_calibration_against,
-    features,
+    feature_columns,
     final_block_fingerprint,
     json_schema,
 )
@@ -64,16 +64,40 @@ def test_risk_coverage_counts_ties_as_broken_at_random() -> None:
 
 
 def test_features_and_apply_read_the_sorted_top_k() -> None:
-    top = np.log(np.array([[0.5, 0.25, 0.125, 0.125]]))
-    f = features(top)[0]
-    assert f[0] == pytest.approx(0.0)  # logit(0.5)
-    assert f[1] == pytest.approx(math.log(2))
-    assert f[2] == pytest.approx(-(0.5 * math.log(0.5) + 0.25 * math.log(0.25) + 2 * 0.125 * math.log(0.125)))
+    top = np.log(np.array([[0.5, 0.25, 0.125, 0.0625]]))
+    names = ["logit_p1", "log_p1", "log1m_p1", "margin", "entropy", "log_tail"]
+    f = dict(zip(names, feature_columns(top, names)[0], strict=True))
+    assert f["logit_p1"] == pytest.approx(0.0)  # logit(0.5)
+    assert f["log_p1"] == f["log1m_p1"] == pytest.approx(math.log(0.5))
+    assert f["margin"] == pytest.approx(math.log(2))
+    q = np.array([8, 4, 2, 1]) / 15  # the top 4 renormalised
+    assert f["entropy"] == pytest.approx(-(q * np.log(q)).sum())
+    assert f["log_tail"] == pytest.approx(math.log(0.0625))  # 1 - (0.5 + 0.25 + 0.125 + 0.0625)
     padded = np.c_[np.log([[0.6]]), np.full((1, 3), -np.inf)]  # one log-probability came back
-    assert np.isfinite(features(padded)).all()
-    c = Calibrator(family="logistic", coef=[1.0, -0.3, 0.2, -0.5])
+    assert np.isfinite(feature_columns(padded, names)).all()
+    assert feature_columns(padded, ["log_tail"])[0, 0] == pytest.approx(math.log(0.4))
+    c = Calibrator(family="logistic", features=["log_p1", "margin", "log_tail"], coef=[1.0, -0.3, 0.2, -0.5])
+    assert c.predict(top)[0] == pytest.approx(1 / (1 + math.exp(-(math.log(0.5) - 0.3 * math.log(2)
+                                                                   + 0.2 * math.log(0.0625) - 0.5))))
     shuffled = [float(v) for v in top[0][::-1]]
     assert c.apply(shuffled) == pytest.approx(float(c.predict(top)[0]))  # apply sorts what the server read
+
+
+def test_logistic_tail_reads_the_mass_outside_the_top_k() -> None:
+    """Where answers are less often right the more probability lies outside the top k, logistic-tail weighs
+    that tail against them, and ranks them better than p1 alone (platt) does."""
+    n, k = 6000, 20
+    p1 = RNG.uniform(0.2, 0.6, n)
+    tail = RNG.uniform(0.01, 0.35, n) * (1 - p1)
+    rest = (1 - p1 - tail) / (k - 1)
+    top = np.log(np.c_[p1, np.repeat(rest[:, None], k - 1, axis=1)])
+    correct = RNG.random(n) < 1 / (1 + np.exp(-(-6.0 * tail / (1 - p1) + 0.5)))
+    fitted = fit_calibrator("logistic-tail", top[:4000], correct[:4000])
+    assert fitted.features == ["log_p1", "log1m_p1", "margin", "entropy", "log_tail"]
+    assert fitted.coef[fitted.features.index("log_tail")] < 0  # more mass outside: less often right
+    platt = fit_calibrator("platt", top[:4000], correct[:4000])
+    assert cal.aurc(fitted.predict(top[4000:]), correct[4000:]) < cal.aurc(platt.predict(top[4000:]),
+                                                                           correct[4000:]) - 0.02
 
 
 def test_platt_recovers_a_known_map_and_calibrates_fresh_data() -> None:
@@ -122,7 +146,8 @@ def test_the_family_is_chosen_on_relations_held_out_of_its_fit() -> None:
 
 
 def calibration_file(model_dir: Path, patch_id: str | None = None) -> CalibrationFile:
-    variants = {"base": VariantCalibration(patch_id=None, calibrator=Calibrator(family="platt", coef=[1.5, -0.2]))}
+    platt = Calibrator(family="platt", features=["logit_p1"], coef=[1.5, -0.2])
+    variants = {"base": VariantCalibration(patch_id=None, calibrator=platt)}
     if patch_id:
         variants["gains"] = VariantCalibration(patch_id=patch_id, calibrator=Calibrator(family="identity"))
     return CalibrationFile(model=final_block_fingerprint(model_dir), fitted_on="test",
@@ -154,11 +179,16 @@ def test_a_bad_file_is_refused_with_the_field_named(tiny_dirs: dict[str, Path], 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(doc))
     with pytest.raises(CalibrationError, match=r"bad.json: invalid calibration file:\n  variants.base.calibrator: "
-                                               r"coef: platt takes 2 numbers, got 1"):
+                                               r"coef: platt takes 2 \(a weight per feature, then the intercept\), "
+                                               r"got 1"):
         CalibrationFile.load(bad)
     doc["variants"]["base"]["calibrator"] = {"family": "isotonic", "knots_x": [0.5, 0.2], "knots_y": [0.1, 0.2]}
     bad.write_text(json.dumps(doc))
     with pytest.raises(CalibrationError, match="knots_x must be strictly increasing"):
+        CalibrationFile.load(bad)
+    doc["variants"]["base"]["calibrator"] = {"family": "logistic", "features": ["margin", "p2"], "coef": [0, 0, 0]}
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(CalibrationError, match=r"variants.base.calibrator.features.1: Input should be 'logit_p1'"):
         CalibrationFile.load(bad)
     doc["schema_version"] = 9  # a newer file is refused by its version, whatever else it holds
     bad.write_text(json.dumps(doc))
@@ -171,3 +201,21 @@ def test_a_bad_file_is_refused_with_the_field_named(tiny_dirs: dict[str, Path], 
 def test_committed_schema_is_up_to_date() -> None:
     assert json.loads(SCHEMA_PATH.read_text()) == json_schema(), (
         "run `make schema` after editing CalibrationFile (patches/calibration.schema.json)")
+
+
+def test_a_schema_1_file_reads_as_the_calibrators_it_held(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Schema 1 left the features unnamed: platt read logit(p1); logistic logit(p1), the margin and the entropy."""
+    doc = json.loads(calibration_file(tiny_dirs["llama"]).model_dump_json())
+    doc["schema_version"] = 1
+    doc["variants"]["base"]["calibrator"] = {"family": "logistic", "coef": [1.0, -0.3, 0.2, -0.5]}
+    doc["variants"]["platt"] = {"patch_id": "x", "calibrator": {"family": "platt", "coef": [1.5, -0.2]}}
+    old = tmp_path / "schema1.json"
+    old.write_text(json.dumps(doc))
+    loaded = CalibrationFile.load(old)
+    assert loaded.schema_version == 2
+    logistic, platt = loaded.variants["base"].calibrator, loaded.variants["platt"].calibrator
+    assert logistic.features == ["logit_p1", "margin", "entropy"] and platt.features == ["logit_p1"]
+    top = np.log(np.array([[0.5, 0.25, 0.125, 0.125]]))
+    h = -(0.5 * math.log(0.5) + 0.25 * math.log(0.25) + 2 * 0.125 * math.log(0.125))
+    assert logistic.predict(top)[0] == pytest.approx(1 / (1 + math.exp(-(0.0 - 0.3 * math.log(2) + 0.2 * h - 0.5))))
+    assert platt.predict(top)[0] == pytest.approx(1 / (1 + math.exp(0.2)))

@@ -241,7 +241,8 @@ def test_the_confidence_section_measures_both_models_raw_and_calibrated(tmp_path
     assert c.calibrated is None and c.calibration is None
     assert c.raw.models["A"]["aurc"].value == pytest.approx(cal.aurc(a.confidence.numpy(), a.correct.numpy()))
     assert c.raw.difference["aurc"].value > 0 and c.raw.difference["aurc"].ci_low is not None
-    flat = VariantCalibration(patch_id=None, calibrator=Calibrator(family="platt", coef=[0.0, 0.0]))  # 0.5 always
+    always_half = Calibrator(family="platt", features=["logit_p1"], coef=[0.0, 0.0])
+    flat = VariantCalibration(patch_id=None, calibrator=always_half)
     c = confidence_comparison({"A": a, "B": b}, groups, 200, 0, tmp_path / "c.json", {"A": ("base", flat),
                                                                                       "B": ("base", flat)})
     assert c.calibrated is not None and c.calibrated.models["A"]["brier"].value == pytest.approx(0.25)

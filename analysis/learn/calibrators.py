@@ -2,7 +2,8 @@
 
 Each family of `recallfix.patches.calibrator` is fitted to (first-token top-K log-probabilities, answer right) pairs:
 
-    platt, logistic   logistic regression (Newton on the mean log loss, a small L2 on the weights)
+    platt, logistic,  logistic regression (Newton on the mean log loss, a small L2 on the weights) on the
+    logistic-tail     features of `FAMILY_FEATURES`
     isotonic          pool adjacent violators on p1; the knots are the pooled blocks' mean p1 and accuracy
 
 A served calibrator meets every kind of question, so the family is chosen by how it does on relations left out
@@ -18,7 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from recallfix.patches.calibrator import FAMILIES, Calibrator, Family, features
+from recallfix.patches.calibrator import (
+    FAMILIES,
+    FAMILY_FEATURES,
+    Calibrator,
+    Family,
+    feature_columns,
+)
 
 from .. import calibration as cal
 
@@ -69,9 +76,9 @@ def fit_calibrator(family: Family, top_logprobs: np.ndarray, correct: np.ndarray
     if family == "isotonic":
         knots_x, knots_y = _isotonic(np.exp(top_logprobs[:, 0]), y)
         return Calibrator(family="isotonic", knots_x=knots_x, knots_y=knots_y)
-    x = features(top_logprobs)
-    w = _logistic(x[:, :1] if family == "platt" else x, y)
-    return Calibrator(family=family, coef=[float(v) for v in w])
+    names = FAMILY_FEATURES[family]
+    w = _logistic(feature_columns(top_logprobs, names), y)
+    return Calibrator(family=family, features=list(names), coef=[float(v) for v in w])
 
 
 def folds_of(relations: Sequence[str], subjects: Sequence[str], seed: int) -> tuple[list[np.ndarray], str]:

@@ -55,7 +55,8 @@ def confidence_section(d: AnalysisResult) -> list[str]:
            f"{c.folds}: a served calibrator meets questions of kinds it was not fitted on, so the family that holds "
            "there is preferred over the one that fits dev best. identity, platt and isotonic re-map the top-1 "
            "probability and keep its order of answers; logistic also reads the runner-up and the spread of the top "
-           "k, and can re-rank them (the risk-coverage area changes only then).\n",
+           "k, logistic-tail besides the probability left outside them, and both can re-rank answers (the "
+           "risk-coverage area changes only then).\n",
            _families(c), "\n" + "\n".join(f"* {MODEL_LABELS[name]}: {v.choice}." for name, v in c.variants.items()),
            "\nOn the held-out test split, with paired 95% intervals over subjects:\n", _measures(c), _floors(c),
            f"\n#### Per test relation, base model ({d.data.split_by} split)\n\n" + _relations(d, c),
