@@ -1,7 +1,7 @@
 """What the calibrated confidence costs: `recallfix router` with and without `--calibration`, side by side.
 
 One vLLM server of the base checkpoint; two fronts before it, the same `recallfix router` but for `--calibration`
-(a calibration file of the model with a logistic calibrator, the family that reads the most of the top-20
+(a calibration file of the model with a logistic-tail calibrator, the family that reads the most of the top-20
 logprobs). Both fronts already ask vLLM for the top-20 logprobs of each generated token (for their metrics), so the
 difference is the calibrator applied to every answer, the `recallfix` field written into each reply and its
 histogram observed. Each round runs both in turn, in alternating order (ABBA), so that a drift of the machine's

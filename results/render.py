@@ -14,6 +14,7 @@ from recallfix.analysis.calibration import ece_floor
 from recallfix.analysis.learn.methods import choose
 from recallfix.analysis.report.format import MODEL_LABELS, estimate, md_table, number, percent
 from recallfix.analysis.schema import AnalysisResult, EstimateModel, Evaluation
+from recallfix.patches.calibrator import FAMILIES
 from recallfix.patches.io import atomic_write_text
 from recallfix.patches.registry.models import load_registry
 
@@ -205,7 +206,8 @@ def _confidence_table(plan: Plan, runs: dict[tuple[str, str], tuple[AnalysisResu
                and aurc.ci_high is not None and aurc.ci_high < 0)
         below_floor = " (the floor is above the goal)" if floor > CALIBRATED_ECE_GOAL else ""
         verdict = "met" if met else "not met" + below_floor
-        rows.append([model, protocol, v.family, estimate(v.raw["ece"]), estimate(ece), number(floor), _est(aurc),
+        chosen = v.family if len(v.families) == len(FAMILIES) else f"{v.family} (of {len(v.families)} families)"
+        rows.append([model, protocol, chosen, estimate(v.raw["ece"]), estimate(ece), number(floor), _est(aurc),
                      _est(v.difference["selective_accuracy_80"]),
                      verdict if plan.protocols[protocol].facts == "lre" else "(LRE only)"])
     if not rows:
@@ -213,7 +215,8 @@ def _confidence_table(plan: Plan, runs: dict[tuple[str, str], tuple[AnalysisResu
     return ["\n### Calibrated confidence (calibration.json), base model, test split\n",
             f"Goal (on the LRE test splits): calibrated ECE at most {CALIBRATED_ECE_GOAL} and a risk-coverage area "
             "lower than the raw top-1 probability's, with its interval below 0. The family is chosen on dev by its "
-            "log loss on relations held out of its fit; identity means no fitted family held there. The floor is "
+            "log loss on relations held out of its fit; identity means no fitted family held there (a run made "
+            f"before the {len(FAMILIES)}th family, {FAMILIES[-1]}, says of how many it chose). The floor is "
             "the ECE that a perfectly calibrated confidence would show in expectation on the same test prompts "
             "(`calibration.ece_floor`: each bin's right answers drawn Binomial(count, confidence)); ECE is biased "
             "upward at a few hundred prompts, and a goal below the floor cannot be shown met at this size.\n",

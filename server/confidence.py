@@ -9,8 +9,8 @@ probability that each choice's answer is right, from the calibrator of the varia
 
 `raw_confidence` is the probability the model gave that token; `confidence` the calibrated one (null where the
 reply has no generated token, or the variant has no calibrator: a patch swapped in that the file does not know).
-The calibrator reads the token's probability as p1 and the alternatives the reply carries (the front asks for 20
-where the client asks for none, and takes them out again), as it was fitted on greedy answers. OpenAI's clients
+The calibrator reads the token's probability as p1 and the top 20 alternatives (the front asks for 20 where the
+client asks for fewer, and takes the extra ones out again), as it was fitted on greedy answers. OpenAI's clients
 ignore the field (the Python client keeps it: `reply.model_extra["recallfix"]`); a stream carries it in one
 last chunk before `data: [DONE]`, with `"choices": []` like the usage chunk.
 

@@ -53,8 +53,9 @@ class FrontConfig:
     max_prompts: int = option(256, "most prompts (times `n` choices) one completion request may ask for (400 over "
                                    "it): the work of one request stays bounded, as --max-concurrency bounds the "
                                    "requests", metavar="N")
-    metrics_logprobs: int = option(20, "top logprobs asked from the upstream for the confidence and entropy "
-                                       "metrics when the client asks for none (0: never ask)", metavar="N")
+    metrics_logprobs: int = option(20, "top logprobs asked from the upstream for the calibrated confidence and "
+                                       "the confidence and entropy metrics when the client asks for fewer (the "
+                                       "extra ones are taken out of the reply; 0: never ask)", metavar="N")
     calibration: Path | None = option(None, "calibration.json of `recallfix analyze`: every completion and chat "
                                             "reply carries the answering variant's calibrated confidence",
                                       type=Path, metavar="FILE")

@@ -2,8 +2,8 @@
 with only the model name rewritten, and the reply comes back as vLLM wrote it, streaming included.
 
 On the way, completions and chats feed the calibration metrics: token confidence and entropy from the
-logprobs (asked for, then stripped, where the client asked for none), usage, time to first token,
-shadow scoring by the other variant, and the answers that `/v1/feedback` can rate later.
+logprobs (the top 20 asked for, and the extra ones taken out, where the client asked for fewer), usage,
+time to first token, shadow scoring by the other variant, and the answers that `/v1/feedback` can rate later.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from .observe import (
     rename_model,
     requested_logprobs,
     sequences,
-    strip_logprobs,
     tokens_of,
+    trim_logprobs,
     unreadable_input_part,
 )
 from .routing import Route, Router, UnknownModel, Variant
@@ -183,10 +183,10 @@ class Front:
             body["model"] = target.model
             if path in GENERATION_PATHS:
                 judge = self.judge(variant, body)
-                injected = ask_logprobs(path, body, self.config.metrics_logprobs)
+                asked = ask_logprobs(path, body, self.config.metrics_logprobs)
                 entropy = requested_logprobs(path, body) >= max(self.config.metrics_logprobs, 1)
                 shadow = self.shadow.draw(self.patched)
-                watch = Watch(self, variant, path, body, injected, entropy, shadow, judge)
+                watch = Watch(self, variant, path, body, asked, entropy, shadow, judge)
             raw = dumps(body).encode()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         headers.update(target.upstream.headers())
@@ -320,10 +320,11 @@ class _Choice:
 class Watch:
     """The calibration side of one completion or chat: what its reply says, recorded once it is whole."""
 
-    def __init__(self, front: Front, variant: Variant, path: str, body: dict[str, Any], injected: bool,
+    def __init__(self, front: Front, variant: Variant, path: str, body: dict[str, Any], asked: int | None,
                  entropy: bool, shadow: bool, judge: Judge | None = None) -> None:
         self.front, self.variant, self.path, self.body = front, variant, path, body
-        self.injected, self.entropy, self.shadow, self.judge = injected, entropy, shadow, judge
+        self.asked = asked  # what the client asked for, where the front asked for more (`ask_logprobs`)
+        self.entropy, self.shadow, self.judge = entropy, shadow, judge
         self.event: dict[str, Any] | None = None  # the latest streamed chunk: the last one's shape
         self.arrival = time.perf_counter()
         self.choices: dict[int, _Choice] = {}
@@ -364,8 +365,8 @@ class Watch:
         for choice in () if self.body.get("echo") else reply.get("choices") or ():
             if isinstance(choice, dict):
                 self._tokens(choice)
-        if self.injected:
-            strip_logprobs(reply)
+        if self.asked is not None:
+            trim_logprobs(self.path, reply, self.asked)
 
     def whole(self, reply: dict[str, Any]) -> None:
         self._read(reply)

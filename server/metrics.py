@@ -7,8 +7,8 @@ refused before a variant was chosen). The calibration metrics:
   `recallfix_first_token_confidence` the same for the first token (the answer, for a factual prompt).
 - `recallfix_token_entropy`: entropy (nats) of each generated position's next-token distribution,
   estimated from its 20 most likely tokens with the remaining mass counted as one outcome (a lower
-  bound of the true entropy; exact when those 20 hold all the mass). Positions where the client asked
-  for fewer than the front's `--metrics-logprobs` alternatives are not counted in it.
+  bound of the true entropy; exact when those 20 hold all the mass). Positions with fewer than the
+  front's `--metrics-logprobs` alternatives (echo requests, `--metrics-logprobs 0`) are not counted in it.
 - `recallfix_confidence_shift`: for shadowed requests, patched minus base top-1 probability at the
   first generated position; `recallfix_shadow_agreement_total{agree}` whether their top-1 tokens agree.
   Its negative buckets mean no `_sum` (Prometheus sums only grow), so the mean shift comes from

@@ -1,8 +1,9 @@
 """What the front reads in and writes over OpenAI requests and replies: pure functions over their JSON.
 
-- The only change to a request is its model name, plus, for completions and chats that ask for no
-  logprobs, a request for the top-N logprobs of each generated token (the confidence and entropy
-  metrics need them). `strip_logprobs` takes them out again, so the client gets what vLLM would give.
+- The only change to a request is its model name, plus, for completions and chats that ask for fewer
+  than N logprobs (none included), a request for the top N of each generated token (the calibrated
+  confidence, and the confidence and entropy metrics, read them). `trim_logprobs` takes the extra ones
+  out again, so the client gets what vLLM would give for its own request.
 - `tokens_of` reads the generated tokens' logprobs out of a completion or chat choice (whole or a
   streamed piece) in one shape, `TokenLogprobs`.
 
@@ -36,26 +37,61 @@ class TokenLogprobs:
         return max(self.top, key=lambda t: t[1]) if self.top else (self.token, self.logprob)
 
 
-def ask_logprobs(path: str, body: dict[str, Any], n: int) -> bool:
-    """Ask for the top-`n` logprobs where the client asked for none. Returns whether the body changed."""
+NONE_ASKED = -1  # what `ask_logprobs` returns where the client asked for no logprobs at all
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def ask_logprobs(path: str, body: dict[str, Any], n: int) -> int | None:
+    """Ask for the top-`n` logprobs of each generated token where the client asked for fewer. Returns what the
+    client asked for (`NONE_ASKED`, or its own count), for `trim_logprobs`; None where the body is unchanged."""
     if n <= 0:
-        return False
-    if path == COMPLETIONS and body.get("logprobs") is None and not body.get("echo"):
-        body["logprobs"] = n
-        return True
-    if path == CHAT and not body.get("logprobs") and body.get("top_logprobs") is None:
-        body["logprobs"] = True
-        body["top_logprobs"] = n
-        return True
-    return False
+        return None
+    if path == COMPLETIONS and not body.get("echo"):
+        asked = body.get("logprobs")
+        if asked is None or ((k := _count(asked)) is not None and 0 <= k < n):
+            body["logprobs"] = n
+            return NONE_ASKED if asked is None else asked
+    if path == CHAT:
+        if not body.get("logprobs") and body.get("top_logprobs") is None:
+            body["logprobs"], body["top_logprobs"] = True, n
+            return NONE_ASKED
+        asked = 0 if body.get("top_logprobs") is None else _count(body.get("top_logprobs"))
+        if body.get("logprobs") is True and asked is not None and 0 <= asked < n:
+            body["top_logprobs"] = n
+            return asked
+    return None
 
 
-def strip_logprobs(reply: dict[str, Any]) -> None:
-    """Undo `ask_logprobs` in a reply or a streamed chunk: vLLM sends `"logprobs": null` when none were
-    asked for."""
+def trim_logprobs(path: str, reply: dict[str, Any], asked: int) -> None:
+    """Undo `ask_logprobs` in a reply or a streamed chunk: what vLLM gives for the client's own request.
+
+    None asked: `"logprobs": null`. k asked: vLLM orders each position's candidates as the generated token, then
+    the rest by rank; a chat entry lists the first k of them, a completion the generated token and the top k
+    (k + 1 entries, or k where the generated token is among the top k)."""
     for choice in reply.get("choices") or ():
-        if isinstance(choice, dict) and "logprobs" in choice:
+        if not isinstance(choice, dict) or "logprobs" not in choice:
+            continue
+        logprobs = choice["logprobs"]
+        if asked == NONE_ASKED or not isinstance(logprobs, dict):
             choice["logprobs"] = None
+        elif path == CHAT:
+            for entry in logprobs.get("content") or ():
+                if isinstance(entry, dict) and isinstance(entry.get("top_logprobs"), list):
+                    entry["top_logprobs"] = entry["top_logprobs"][:asked]
+        elif isinstance(logprobs.get("top_logprobs"), list):
+            logprobs["top_logprobs"] = [_top_of_completion(top, asked) for top in logprobs["top_logprobs"]]
+
+
+def _top_of_completion(top: Any, asked: int) -> Any:
+    if not isinstance(top, dict) or len(top) <= asked:
+        return top
+    items = list(top.items())
+    values = sorted((v for _, v in items), reverse=True)
+    generated_in_top = asked > 0 and items[0][1] >= values[asked - 1]
+    return dict(items[: asked if generated_in_top else asked + 1])
 
 
 def requested_logprobs(path: str, body: dict[str, Any]) -> int:

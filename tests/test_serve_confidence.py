@@ -1,6 +1,6 @@
 """The calibrated confidence of every served answer, and abstention, through `recallfix serve --calibration`
-(serve-lora, with server_fixtures' calibrators: a Platt map for the base model, a logistic one for the learned
-gains): what each reply says is the calibrator of the variant that answered applied to the logprobs of its first
+(serve-lora, with server_fixtures' calibrators: a Platt map for the base model, a logistic-tail one for the
+learned gains): what each reply says is the calibrator of the variant that answered applied to the logprobs of its first
 generated token, in replies and streams, for the `openai` client as for a plain HTTP client; a request may ask to
 abstain below a threshold and still gets a reply of OpenAI's shape; the metrics and /v1/feedback see it.
 lm-evaluation-harness through the same server: tests/test_compare_vllm.py."""
@@ -67,6 +67,11 @@ def test_a_completion_carries_the_calibrated_confidence_of_its_variant(server: P
     plain = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0.0)
     assert plain.choices[0].logprobs is None and plain.choices[0].text == reply.choices[0].text
     assert plain.model_extra["recallfix"]["choices"][0]["confidence"] == pytest.approx(entry["confidence"], rel=1e-6)
+    # Asking for fewer alternatives than the calibrator reads: the client gets its 2 (and the generated token), the
+    # calibrator still its 20.
+    few = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0.0, logprobs=2)
+    assert all(len(top) <= 3 for top in few.choices[0].logprobs.top_logprobs)
+    assert few.model_extra["recallfix"]["choices"][0]["confidence"] == pytest.approx(entry["confidence"], rel=1e-6)
 
 
 def test_a_chat_and_a_stream_carry_it_too(server: Process) -> None:
@@ -85,6 +90,10 @@ def test_a_chat_and_a_stream_carry_it_too(server: Process) -> None:
     assert last.model_extra["recallfix"]["choices"][0]["confidence"] == pytest.approx(entry["confidence"], rel=1e-6)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks[:-1] if c.choices)
     assert streamed == chat.choices[0].message.content
+    one = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, temperature=0.0,
+                                         logprobs=True, top_logprobs=1)
+    assert [len(e.top_logprobs) for e in one.choices[0].logprobs.content] == [1] * len(one.choices[0].logprobs.content)
+    assert one.model_extra["recallfix"]["choices"][0]["confidence"] == pytest.approx(entry["confidence"], rel=1e-6)
 
 
 def test_a_request_may_ask_to_abstain_and_still_gets_openais_shape(server: Process) -> None:

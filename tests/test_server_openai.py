@@ -33,6 +33,8 @@ BATTERY: list[tuple[str, str, dict[str, Any]]] = [
     ("structured_json", "completions", {"extra_body": {"structured_outputs": {"json": CITY}}}),
     ("echo_prompt_logprobs", "completions", {"echo": True, "logprobs": 2, "max_tokens": 2}),
     ("logprobs", "completions", {"logprobs": 3}),
+    ("logprobs_zero", "completions", {"logprobs": 0}),
+    ("logprobs_stream", "completions", {"logprobs": 3, "stream": True}),
     ("n_streaming", "completions", {"n": 2, "stream": True, "temperature": 0.8, "seed": 7}),
     ("stream_usage", "completions", {"stream": True, "stream_options": {"include_usage": True}}),
     ("chat_penalties_top_k", "chat", {"presence_penalty": 0.3, "extra_body": {"top_k": 3,
@@ -43,6 +45,8 @@ BATTERY: list[tuple[str, str, dict[str, Any]]] = [
     ("chat_structured_choice", "chat", {"extra_body": {"structured_outputs": {"choice": ["Paris", "Lyon"]}}}),
     ("chat_tools", "chat", {"tools": [WEATHER_TOOL], "tool_choice": "auto"}),
     ("chat_logprobs", "chat", {"logprobs": True, "top_logprobs": 2}),
+    ("chat_logprobs_no_top", "chat", {"logprobs": True}),
+    ("chat_logprobs_stream", "chat", {"logprobs": True, "top_logprobs": 2, "stream": True}),
     ("chat_n_streaming", "chat", {"n": 2, "stream": True, "temperature": 0.8, "seed": 7}),
 ]
 
@@ -95,6 +99,21 @@ def call(server: Process, model: str, endpoint: str, arguments: dict[str, Any]) 
     return parsed.to_dict(), raw.headers.get("x-recallfix-variant")
 
 
+def candidates(reply: Any) -> dict[int, list[list[tuple[str, float]]]]:
+    """Per choice index, each generated position's logprob candidates as the reply lists them (a stream's, in
+    order): the front asks vLLM for 20 and must hand back exactly what vLLM gives for the client's own count."""
+    out: dict[int, list[list[tuple[str, float]]]] = {}
+    for event in reply if isinstance(reply, list) else [reply]:
+        for choice in event.get("choices", []):
+            logprobs = choice.get("logprobs") or {}
+            if "content" in logprobs:
+                rows = [[(t["token"], t["logprob"]) for t in e["top_logprobs"]] for e in logprobs["content"] or []]
+            else:  # an echo's first prompt token has none
+                rows = [list((top or {}).items()) for top in logprobs.get("top_logprobs") or []]
+            out.setdefault(choice.get("index", 0), []).extend(rows)
+    return out
+
+
 def per_choice(reply: Any) -> Any:
     """A streamed reply as its events per choice, in order ("usage": the events with no choice); a whole
     reply as it is. vLLM interleaves the choices of an n > 1 stream as they come, which no client may rely
@@ -141,6 +160,11 @@ def test_battery_matches_vllms_own_server(peers: dict[str, Process], case: str, 
     if arguments.get("temperature", 0.0) == 0.0:  # whole texts: how a stream splits them into events is timing
         joined = [{i: "".join(t) for i, t in texts(r).items()} for r in (ours, theirs)]
         assert joined[0] == joined[1], f"{case}: the same greedy call gave other text"
+        ours_c, theirs_c = candidates(ours), candidates(theirs)
+        assert [[[t for t, _ in row] for row in rows] for rows in ours_c.values()] == \
+            [[[t for t, _ in row] for row in rows] for rows in theirs_c.values()], f"{case}: other logprob candidates"
+        assert [lp for rows in ours_c.values() for row in rows for _, lp in row] == pytest.approx(
+            [lp for rows in theirs_c.values() for row in rows for _, lp in row], abs=1e-3)
     else:  # vLLM's seeded sampling is not batch-invariant (seen to differ run to run for n > 1 streams)
         assert texts(ours).keys() == texts(theirs).keys(), f"{case}: other choices than vLLM's"
         assert all("".join(t) for t in texts(ours).values()), f"{case}: a choice without text"

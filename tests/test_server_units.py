@@ -20,12 +20,13 @@ from recallfix.server.metrics import Metrics, describe_edits, relayed_families
 from recallfix.server.observe import (
     CHAT,
     COMPLETIONS,
+    NONE_ASKED,
     TokenLogprobs,
     ask_logprobs,
     requested_logprobs,
-    strip_logprobs,
     tokens_of,
     top_k_entropy,
+    trim_logprobs,
 )
 from recallfix.server.patching import PatchRefused, vllm_lora_rank
 from recallfix.server.routing import Router, UnknownModel, user_bucket
@@ -62,28 +63,54 @@ def test_ab_routing_is_a_fixed_function_of_the_user() -> None:
 
 
 # -- what the front changes in requests and replies ------------------------------------------------------
-def test_logprobs_are_asked_only_where_the_client_asked_none() -> None:
+def test_logprobs_are_asked_where_the_client_asked_fewer() -> None:
     body = {"prompt": "x"}
-    assert ask_logprobs(COMPLETIONS, body, 20) and body["logprobs"] == 20
+    assert ask_logprobs(COMPLETIONS, body, 20) == NONE_ASKED and body["logprobs"] == 20
     assert requested_logprobs(COMPLETIONS, body) == 20
     mine = {"prompt": "x", "logprobs": 3}
-    assert not ask_logprobs(COMPLETIONS, mine, 20) and mine["logprobs"] == 3
+    assert ask_logprobs(COMPLETIONS, mine, 20) == 3 and mine["logprobs"] == 20
+    many = {"prompt": "x", "logprobs": 20}
+    assert ask_logprobs(COMPLETIONS, many, 20) is None and many["logprobs"] == 20
     echo = {"prompt": "x", "echo": True}  # the reply would carry prompt logprobs: left alone
-    assert not ask_logprobs(COMPLETIONS, echo, 20) and "logprobs" not in echo
+    assert ask_logprobs(COMPLETIONS, echo, 20) is None and "logprobs" not in echo
     chat = {"messages": []}
-    assert ask_logprobs(CHAT, chat, 20) and chat == {"messages": [], "logprobs": True, "top_logprobs": 20}
-    assert not ask_logprobs(CHAT, {"messages": [], "logprobs": True, "top_logprobs": 2}, 20)
-    assert not ask_logprobs(COMPLETIONS, {"prompt": "x"}, 0)  # --metrics-logprobs 0: never
+    assert ask_logprobs(CHAT, chat, 20) == NONE_ASKED and chat == {"messages": [], "logprobs": True,
+                                                                   "top_logprobs": 20}
+    two = {"messages": [], "logprobs": True, "top_logprobs": 2}
+    assert ask_logprobs(CHAT, two, 20) == 2 and two["top_logprobs"] == 20
+    bare = {"messages": [], "logprobs": True}  # the generated tokens' logprobs, no alternatives
+    assert ask_logprobs(CHAT, bare, 20) == 0 and bare["top_logprobs"] == 20
+    assert ask_logprobs(CHAT, {"messages": [], "logprobs": False, "top_logprobs": 2}, 20) is None  # vLLM refuses it
+    assert ask_logprobs(COMPLETIONS, {"prompt": "x"}, 0) is None  # --metrics-logprobs 0: never
 
 
-def test_stripping_restores_vllms_null_and_token_reading() -> None:
+def test_trimming_gives_what_vllm_gives_for_the_clients_request() -> None:
+    # vLLM's candidates at a position: the generated token first, then the rest by rank
+    sampled_third = {" c": -1.5, " a": -0.5, " b": -1.0, " d": -2.0}
+    greedy = {" a": -0.5, " b": -1.0, " c": -1.5, " d": -2.0}
+    completion = {"choices": [{"index": 0, "text": " c a", "logprobs": {
+        "tokens": [" c", " a"], "token_logprobs": [-1.5, -0.5], "text_offset": [0, 2],
+        "top_logprobs": [dict(sampled_third), dict(greedy)]}}]}
+    trim_logprobs(COMPLETIONS, completion, 2)  # the generated token and the top 2: 3 entries, or 2 where it is one
+    assert completion["choices"][0]["logprobs"]["top_logprobs"] == [{" c": -1.5, " a": -0.5, " b": -1.0},
+                                                                    {" a": -0.5, " b": -1.0}]
+    zero = {"choices": [{"index": 0, "logprobs": {"tokens": [" c"], "top_logprobs": [dict(sampled_third)]}}]}
+    trim_logprobs(COMPLETIONS, zero, 0)
+    assert zero["choices"][0]["logprobs"]["top_logprobs"] == [{" c": -1.5}]
+    chat = {"choices": [{"index": 0, "logprobs": {"content": [{"token": "Hi", "logprob": -0.5, "top_logprobs": [
+        {"token": "Hi", "logprob": -0.5}, {"token": "Hey", "logprob": -1.0}, {"token": "Yo", "logprob": -2.0}]}]}}]}
+    trim_logprobs(CHAT, chat, 1)
+    assert chat["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == [{"token": "Hi", "logprob": -0.5}]
+
+
+def test_trimming_none_asked_restores_vllms_null_and_token_reading() -> None:
     completion = {"choices": [{"index": 0, "text": " Paris", "logprobs": {
         "tokens": [" Paris", "."], "token_logprobs": [-0.25, -1.0], "text_offset": [0, 6],
         "top_logprobs": [{" Paris": -0.25, " the": -2.8}, {".": -1.0, ",": -1.2}]}}]}
     tokens = tokens_of(COMPLETIONS, completion["choices"][0])
     assert [t.token for t in tokens] == [" Paris", "."] and tokens[0].top1 == (" Paris", -0.25)
     assert tokens[1].top == ((".", -1.0), (",", -1.2))
-    strip_logprobs(completion)
+    trim_logprobs(COMPLETIONS, completion, NONE_ASKED)
     assert completion["choices"][0]["logprobs"] is None
     chat = {"choices": [{"index": 0, "logprobs": {"content": [
         {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [{"token": "Hi", "logprob": -0.5}]}]}}]}
