@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,14 +45,6 @@ SCHEMA_PATH = Path(__file__).with_name("calibration.schema.json")
 Family = Literal["identity", "platt", "isotonic", "logistic", "logistic-tail"]
 FAMILIES: tuple[Family, ...] = ("identity", "platt", "isotonic", "logistic", "logistic-tail")
 Feature = Literal["logit_p1", "log_p1", "log1m_p1", "margin", "entropy", "log_tail"]
-FEATURES: dict[Feature, str] = {
-    "logit_p1": "logit(p1)",
-    "log_p1": "log p1",
-    "log1m_p1": "log(1 - p1)",
-    "margin": "log p1 - log p2, the runner-up's distance",
-    "entropy": "the entropy of the top K renormalised",
-    "log_tail": "log(1 - the top K's total probability), the mass outside them",
-}
 # What each weighted family reads (and schema 1 files, which left them unnamed: platt and logistic as here).
 FAMILY_FEATURES: dict[str, tuple[Feature, ...]] = {
     "platt": ("logit_p1",),
@@ -73,7 +65,7 @@ def feature_columns(top_logprobs: np.ndarray, names: Sequence[Feature]) -> np.nd
     if top.ndim != 2 or top.shape[1] < 1:
         raise ValueError(f"top_logprobs: expected [N, k] with k >= 1, got shape {top.shape}")
     p1 = np.clip(np.exp(top[:, 0]), P_CLIP, 1 - P_CLIP)
-    return np.stack([_FEATURE_FNS[name](top, p1) for name in names], axis=1).reshape(len(top), len(names))
+    return np.stack([FEATURES[name](top, p1) for name in names], axis=1).reshape(len(top), len(names))
 
 
 def _margin(top: np.ndarray, p1: np.ndarray) -> np.ndarray:
@@ -93,13 +85,13 @@ def _log_tail(top: np.ndarray, p1: np.ndarray) -> np.ndarray:
     return np.log(np.clip(1.0 - inside, P_CLIP, 1.0))
 
 
-_FEATURE_FNS: dict[Feature, Any] = {
+FEATURES: dict[Feature, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {  # (top [N, k], p1 [N]) -> [N]
     "logit_p1": lambda top, p1: np.log(p1) - np.log1p(-p1),
     "log_p1": lambda top, p1: np.log(p1),
     "log1m_p1": lambda top, p1: np.log1p(-p1),
-    "margin": _margin,
-    "entropy": _entropy,
-    "log_tail": _log_tail,
+    "margin": _margin,  # log p1 - log p2: how far the runner-up is
+    "entropy": _entropy,  # of the top K renormalised: how spread they are
+    "log_tail": _log_tail,  # log(1 - their total probability): the mass outside them
 }
 
 
