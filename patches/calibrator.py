@@ -55,6 +55,10 @@ P_CLIP = 1e-6  # p1, 1 - p1, the tail and the calibrated probability stay in [P_
 MAX_MARGIN = 30.0  # log p1 - log p2 when only one log-probability came back
 
 
+def _unreadable(version: object) -> str:
+    return f"schema_version: {version} is not one this recallfix reads ({', '.join(map(str, READABLE_VERSIONS))})"
+
+
 class CalibrationError(ValueError):
     """A calibration file that cannot be read, or does not belong to the served model or patch."""
 
@@ -192,8 +196,7 @@ class CalibrationFile(Strict):
     @model_validator(mode="after")
     def _known_version(self) -> CalibrationFile:
         if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"schema_version: {self.schema_version} is not one this recallfix reads "
-                             f"({', '.join(map(str, READABLE_VERSIONS))})")
+            raise ValueError(_unreadable(self.schema_version))
         return self
 
     def for_patch(self, patch: Patch | None) -> tuple[str, VariantCalibration]:
@@ -215,8 +218,7 @@ class CalibrationFile(Strict):
         except (ValueError, AttributeError):
             version = SCHEMA_VERSION  # not a JSON object: the validation says so
         if version not in READABLE_VERSIONS:
-            raise CalibrationError(f"{path}: schema_version: {version} is not one this recallfix reads "
-                                   f"({', '.join(map(str, READABLE_VERSIONS))})")
+            raise CalibrationError(f"{path}: {_unreadable(version)}")
         return load_document(cls, path, "calibration file", CalibrationError, text)
 
     def save(self, path: str | Path) -> Path:

@@ -97,11 +97,9 @@ def _top_of_completion(top: Any, asked: int) -> Any:
 def requested_logprobs(path: str, body: dict[str, Any]) -> int:
     """How many top logprobs per token the (possibly rewritten) request asks for."""
     if path == COMPLETIONS:
-        value = body.get("logprobs")
-        return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
+        return _count(body.get("logprobs")) or 0
     if path == CHAT and body.get("logprobs"):
-        value = body.get("top_logprobs")
-        return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
+        return _count(body.get("top_logprobs")) or 0
     return 0
 
 
